@@ -1,0 +1,47 @@
+"""The command line: `key=value` overrides plus a few flags, the same under python and torchrun."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.errors import UserError
+
+USAGE = """\
+usage: python -m launcher recipe=NAME [key=value ...] [--config FILE] [--cfg]
+       torchrun [torchrun options] -m launcher recipe=NAME [key=value ...]
+
+  recipe=NAME     a recipe: a short name from recipes/ (digits, lenet, ...), a dotted module path, or a .py file
+  key=value       set a config key, e.g. train.epochs=3 optim.lr=0.05 dist.nproc_per_node=2
+  --config FILE   a YAML file of keys, applied before the key=value overrides
+  --cfg           print the fully resolved config and exit
+  -h, --help      this text
+
+Keys, their types and defaults: python -m launcher recipe=NAME --cfg
+"""
+
+
+@dataclass
+class CommandLine:
+    overrides: list[str] = field(default_factory=list)
+    config_file: str | None = None
+    print_config: bool = False
+    help: bool = False
+
+
+def parse_command_line(argv: list[str]) -> CommandLine:
+    parsed = CommandLine()
+    items = iter(argv)
+    for item in items:
+        if item in ("-h", "--help"):
+            parsed.help = True
+        elif item == "--cfg":
+            parsed.print_config = True
+        elif item == "--config" or item.startswith("--config="):
+            parsed.config_file = item.partition("=")[2] or next(items, None)
+            if not parsed.config_file:
+                raise UserError("--config needs a file: --config my_run.yaml")
+        elif item.startswith("-"):
+            raise UserError(f"unknown option '{item}': options are --config FILE, --cfg, --help")
+        else:
+            parsed.overrides.append(item)
+    return parsed

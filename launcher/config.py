@@ -1,0 +1,209 @@
+"""One configuration: engine defaults -> recipe defaults -> YAML file -> key=value overrides, validated, read-only.
+
+Every key has a type, taken from its default value; a value of another type, or a key that does not exist,
+fails with a message naming the key, the value and what would work.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
+
+from launcher.dist_env import BACKENDS, check_backend
+from launcher.errors import UserError
+
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "recipe": "",
+    "run": {"dir": ""},  # "" = runs/<recipe>/<run id>
+    "train": {"epochs": 10, "batch_size": 256, "seed": 0, "log_every": 50},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+    "data": {"root": "data", "num_workers": 0, "download": False},
+    "eval": {"batch_size": 512, "sharded": False},
+    # 30 min: long enough for rank 0 to evaluate while the others wait, short enough to end a hung job.
+    "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800},
+    "model": {},
+}
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+_NODE_TYPES = {bool: BooleanNode, int: IntegerNode, float: FloatNode, str: StringNode}
+
+
+def _typed_node(value: Any):
+    """A node that keeps the type of its default: later values are converted to it or rejected."""
+    if isinstance(value, Mapping):
+        section = OmegaConf.create({})
+        for key, sub in value.items():
+            section[key] = _typed_node(sub)
+        return section
+    if isinstance(value, (list, tuple)):
+        kinds = {type(v) for v in value}
+        element_type = kinds.pop() if len(kinds) == 1 and next(iter(kinds), None) in (int, float, str, bool) else Any
+        return ListConfig(list(value), element_type=element_type)
+    node_type = _NODE_TYPES.get(type(value))
+    return node_type(value) if node_type else AnyNode(value)
+
+
+def _leaves(tree: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a nested mapping."""
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def leaf_keys(cfg: DictConfig) -> list[str]:
+    """Every settable key of a config, dotted."""
+    return [key for key, _ in _leaves(OmegaConf.to_container(cfg))]
+
+
+def _type_name(node) -> str:
+    if isinstance(node, ListConfig):
+        element_type = node._metadata.element_type
+        of = {int: " of integers", float: " of numbers", str: " of strings", bool: " of true/false"}.get(element_type, "")
+        return f"a list{of}, e.g. [1, 2]"
+    names = {BooleanNode: "true or false", IntegerNode: "an integer", FloatNode: "a number", StringNode: "a string"}
+    return names.get(type(node), "any value")
+
+
+def _set(cfg: DictConfig, key: str, value: Any, origin: str) -> None:
+    """Set an existing leaf, checking the key exists and the value fits its type."""
+    valid = leaf_keys(cfg)
+    if key not in valid:
+        sub_keys = [k for k in valid if k.startswith(key + ".")]
+        if sub_keys:
+            raise UserError(f"{origin}: '{key}' is a section, not a key; set one of: {', '.join(sub_keys)}")
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys are: {', '.join(valid)}"
+        raise UserError(f"{origin}: unknown key '{key}': {hint}")
+    parent_key, _, leaf = key.rpartition(".")
+    node = (OmegaConf.select(cfg, parent_key) if parent_key else cfg)._get_node(leaf)
+    try:
+        if isinstance(node, ListConfig) and not isinstance(value, list):
+            raise ValueError("a list key takes a list")
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (OmegaConfBaseException, ValueError):
+        raise UserError(f"{origin}: {key}={value!r} is not {_type_name(node)}") from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"expected key=value, got '{item}' (e.g. recipe={item} or train.epochs=3)")
+    # YAML rules give "3" -> 3, "true" -> True, "[1,2]" -> a list, as OmegaConf's own dotlist does.
+    parsed = OmegaConf.from_dotlist([f"value={text}"])
+    return key.strip(), OmegaConf.to_container(parsed)["value"]
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings from the command line, in order (a later one wins)."""
+    return [_parse_override(item) for item in items]
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML config file as a plain nested dict."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        loaded = OmegaConf.load(file)
+    except Exception as error:  # the YAML parser's message says where the syntax is wrong
+        raise UserError(f"--config {path}: not valid YAML: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"--config {path}: expected a mapping of keys to values at the top level")
+    return OmegaConf.to_container(loaded)
+
+
+def recipe_name_from(yaml_values: Mapping, overrides: list[tuple[str, Any]]) -> str:
+    """The recipe named on the command line, else in the YAML file."""
+    named = [value for key, value in overrides if key == "recipe"]
+    recipe = str(named[-1]) if named else str(yaml_values.get("recipe") or "")
+    if not recipe:
+        raise UserError("no recipe given: add recipe=<name>, e.g. `python -m launcher recipe=digits`")
+    return recipe
+
+
+def build_config(
+    recipe_defaults: Mapping, yaml_values: Mapping, overrides: list[tuple[str, Any]], recipe_origin: str
+) -> DictConfig:
+    """Merge the four layers into one config (not yet validated, still writable)."""
+    cfg = _typed_node(ENGINE_DEFAULTS)
+    for key, value in _leaves(recipe_defaults):
+        _add_recipe_default(cfg, key, value, recipe_origin)
+    OmegaConf.set_struct(cfg, True)
+    for key, value in _leaves(yaml_values):
+        _set(cfg, key, value, "config file")
+    for key, value in overrides:
+        _set(cfg, key, value, "command line")
+    return cfg
+
+
+def _add_recipe_default(cfg: DictConfig, key: str, value: Any, origin: str) -> None:
+    """A recipe default either changes an engine key (keeping its type) or adds a key of its own."""
+    if key in leaf_keys(cfg):
+        _set(cfg, key, value, origin)
+        return
+    *sections, leaf = key.split(".")
+    parent = cfg
+    for section in sections:
+        if section not in parent:
+            parent[section] = OmegaConf.create({})
+        parent = parent[section]
+        if not isinstance(parent, DictConfig):
+            raise UserError(f"{origin}: '{key}' puts a key under '{section}', which is a value, not a section")
+    parent[leaf] = _typed_node(value)
+
+
+def validate(cfg: DictConfig, world_size: int, procs_per_node: int) -> None:
+    """Check values against each other and against the world the job will run in."""
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs", "at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
+        (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
+        (cfg.optim.lr > 0, "optim.lr", "greater than 0"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "0 or more"),
+        (cfg.data.num_workers >= 0, "data.num_workers", "0 or more"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size", "at least 1"),
+        (cfg.dist.nproc_per_node >= 1, "dist.nproc_per_node", "at least 1"),
+        (cfg.dist.timeout_s >= 1, "dist.timeout_s", "at least 1 (seconds)"),
+    ]
+    for ok, key, wanted in checks:
+        if not ok:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be {wanted}")
+    _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _check_choice("dist.backend", cfg.dist.backend, BACKENDS)
+    if cfg.train.batch_size % world_size:
+        below = cfg.train.batch_size - cfg.train.batch_size % world_size
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {world_size} "
+            f"processes: use a multiple of {world_size}, e.g. {below or world_size} or {below + world_size}"
+        )
+    check_backend(cfg.dist.backend, procs_per_node)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+
+
+def freeze(cfg: DictConfig) -> DictConfig:
+    """Make the config read-only: nothing downstream changes what the user asked for."""
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def with_run_dir(cfg: DictConfig, run_dir: str) -> DictConfig:
+    """A read-only copy of ``cfg`` with ``run.dir`` filled in."""
+    resolved = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(resolved, False)
+    resolved.run.dir = run_dir
+    return freeze(resolved)

@@ -1,0 +1,57 @@
+"""Data loaders: each rank's share of the global batch for training, whole batches for evaluation."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from launcher.dist_env import DistEnv
+from launcher.errors import UserError
+
+
+def _loader_options(num_workers: int, device: torch.device) -> dict:
+    return dict(
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device):
+    """A loader of per-rank batches (global batch / world size) and its sampler (call ``set_epoch`` each epoch).
+
+    Each step's global batch is the same set of samples whatever the number of processes: the sampler shuffles
+    with the same seed everywhere, rank r takes every world-size-th index, and incomplete batches are dropped.
+    """
+    per_rank_batch = cfg.train.batch_size // dist_env.world_size
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=dist_env.world_size,
+        rank=dist_env.rank,
+        shuffle=True,
+        seed=cfg.train.seed,
+        drop_last=True,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        drop_last=True,
+        **_loader_options(cfg.data.num_workers, device),
+    )
+    if len(loader) == 0:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the training set ({len(dataset)} samples): "
+            f"use at most {len(dataset) - len(dataset) % dist_env.world_size}"
+        )
+    return loader, sampler
+
+
+def eval_batches(num_samples: int, batch_size: int) -> list[list[int]]:
+    """The evaluation set cut into fixed batches, the same however many ranks evaluate it."""
+    return [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
+
+
+def build_eval_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, device: torch.device):
+    """A loader over the given batches, in order."""
+    return DataLoader(dataset, batch_sampler=batches, **_loader_options(num_workers, device))

@@ -1,0 +1,103 @@
+"""The distributed environment, read once from the process environment and passed around as a value."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from launcher.errors import UserError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job: its ranks, the world, and the id that names the job.
+
+    ``job_id`` is stable for the whole job (torchrun's rendezvous id, or the Slurm job id), so a restarted job
+    finds the same run directory; ``None`` when nothing names the job.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    under_torchrun: bool = False
+    job_id: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "DistEnv":
+        """Read the variables torchrun (and Slurm) set; the only place the engine looks at them."""
+        under_torchrun = "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
+        job_id = environ.get("SLURM_JOB_ID") or environ.get("TORCHELASTIC_RUN_ID")
+        return cls(
+            rank=int(environ.get("RANK", 0)),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            world_size=int(environ.get("WORLD_SIZE", 1)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
+            under_torchrun=under_torchrun,
+            # plain `torchrun` without --rdzv-id names every job "none": that names nothing.
+            job_id=None if job_id in (None, "", "none") else job_id,
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` means nccl where there are GPUs, gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def check_backend(backend: str, procs_per_node: int) -> None:
+    """Fail early when the backend cannot serve ``procs_per_node`` processes on this machine."""
+    if resolve_backend(backend) != "nccl":
+        return
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise UserError(
+            f"dist.backend={backend} needs CUDA GPUs, and this machine has none: use dist.backend=gloo "
+            "(or auto, which picks gloo without GPUs)"
+        )
+    if procs_per_node > gpus:
+        raise UserError(
+            f"{procs_per_node} processes per node with dist.backend={backend}, but this machine has {gpus} GPU(s): "
+            f"use at most {gpus} processes per node (one per GPU), or dist.backend=gloo"
+        )
+
+
+def device_for(dist_env: DistEnv, backend: str) -> torch.device:
+    """One GPU per process (by local rank) under nccl; the CPU otherwise."""
+    if resolve_backend(backend) == "nccl":
+        return torch.device("cuda", dist_env.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int) -> None:
+    """Join the job's process group (torchrun's env:// rendezvous); a no-op for a single process."""
+    if not dist_env.is_distributed:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=resolve_backend(backend),
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_process_group(dist_env: DistEnv) -> None:
+    if dist_env.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,22 @@
+"""Logging: rank 0 tells the story on stdout; the other ranks speak only of errors, on stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from launcher.dist_env import DistEnv
+
+
+def setup_logging(dist_env: DistEnv) -> None:
+    logger = logging.getLogger("launcher")
+    logger.handlers.clear()
+    if dist_env.is_main:
+        handler = logging.StreamHandler(sys.stdout)
+        logger.setLevel(logging.INFO)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {dist_env.rank}] %(message)s"))
+        logger.setLevel(logging.ERROR)
+    logger.addHandler(handler)
+    logger.propagate = False

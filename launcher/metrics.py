@@ -1,0 +1,29 @@
+"""Metrics: one JSON object per line in <run.dir>/metrics.jsonl, and the human-readable epoch line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsFile:
+    """Appends metric records to ``metrics.jsonl``; rank 0 owns it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def format_epoch(record: dict, epochs: int) -> str:
+    """The per-epoch line: train loss, eval loss and accuracy, seconds per epoch, samples per second."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train/loss']:.4f}"]
+    if "eval/loss" in record:
+        parts.append(f"eval loss {record['eval/loss']:.4f}")
+    if "eval/accuracy" in record:
+        parts.append(f"eval accuracy {record['eval/accuracy']:.4f}")
+    parts.append(f"{record['time/epoch_s']:.2f} s/epoch")
+    parts.append(f"{record['throughput/samples_per_s']:,.0f} samples/s")
+    return " | ".join(parts)

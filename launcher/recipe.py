@@ -1,0 +1,126 @@
+"""Finding and loading recipes: short names from `recipes/`, dotted module paths, or paths to `.py` files.
+
+A recipe is a plain module. It must define ``build_model(cfg)`` and ``build_datasets(cfg)``; it may define
+``DEFAULTS`` (a nested dict: engine keys it changes and keys of its own, typed by their default values),
+``param_groups(model, cfg)`` and ``loss(outputs, targets)``. It never touches ranks, devices, samplers or process
+groups: the engine owns those.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+import torch.nn.functional as F
+from torch import nn
+
+import recipes
+from launcher.errors import UserError
+
+REQUIRED = ("build_model", "build_datasets")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe module with the engine's defaults for what it leaves out."""
+
+    name: str  # short name, used in run directories
+    module: ModuleType
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        return getattr(self.module, "DEFAULTS", {})
+
+    def build_model(self, cfg) -> nn.Module:
+        model = self.module.build_model(cfg)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"recipe {self.name}: build_model(cfg) returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    def build_datasets(self, cfg):
+        """(train, eval) datasets of (input, target) pairs; eval may be None (no evaluation)."""
+        datasets = self.module.build_datasets(cfg)
+        if not (isinstance(datasets, (tuple, list)) and len(datasets) == 2 and datasets[0] is not None):
+            raise UserError(f"recipe {self.name}: build_datasets(cfg) must return (train, eval), eval may be None")
+        return tuple(datasets)
+
+    def param_groups(self, model: nn.Module, cfg) -> list[dict]:
+        """The recipe's optimizer groups, or one group holding every parameter."""
+        if hasattr(self.module, "param_groups"):
+            return list(self.module.param_groups(model, cfg))
+        return [{"params": list(model.parameters())}]
+
+    @property
+    def loss(self) -> Callable:
+        """The recipe's ``loss(outputs, targets)`` (a mean over the batch), else cross-entropy."""
+        return getattr(self.module, "loss", F.cross_entropy)
+
+
+def available_recipes() -> list[str]:
+    """Short names of the recipes shipped in `recipes/` (modules starting with `_` are helpers)."""
+    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+
+
+def load_recipe(spec: str) -> Recipe:
+    """Import the recipe named by ``spec`` and check it defines what the engine calls."""
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        module = _import_file(Path(spec))
+        name = Path(spec).stem
+    else:
+        module_name = spec if "." in spec else f"recipes.{spec}"
+        module = _import_module(module_name, spec)
+        name = spec.rsplit(".", 1)[-1]
+    missing = [fn for fn in REQUIRED if not callable(getattr(module, fn, None))]
+    if missing:
+        raise UserError(
+            f"recipe={spec} ({module.__file__}) does not define {' and '.join(f'{fn}(cfg)' for fn in missing)}; "
+            "a recipe needs build_model(cfg) -> nn.Module and build_datasets(cfg) -> (train, eval)"
+        )
+    if not isinstance(getattr(module, "DEFAULTS", {}), Mapping):
+        raise UserError(f"recipe={spec}: DEFAULTS must be a dict of config sections, e.g. {{'train': {{'epochs': 5}}}}")
+    return Recipe(name=name, module=module)
+
+
+def _unknown(spec: str) -> UserError:
+    return UserError(
+        f"unknown recipe '{spec}': use a short name ({', '.join(available_recipes())}), "
+        "a dotted module path (my_project.my_recipe) or a path to a .py file"
+    )
+
+
+def _import_module(module_name: str, spec: str) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        # Only a missing recipe module means "unknown recipe"; a missing import inside the recipe is its own error.
+        if error.name and module_name.startswith(error.name):
+            raise _unknown(spec) from None
+        raise
+    except SyntaxError as error:
+        raise _syntax_error(spec, error) from None
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise _unknown(str(path))
+    module_name = f"launcher_recipe_{path.stem}"
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        loader_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        del sys.modules[module_name]
+        raise _syntax_error(str(path), error) from None
+    return module
+
+
+def _syntax_error(spec: str, error: SyntaxError) -> UserError:
+    line = (error.text or "").strip()
+    return UserError(f"recipe={spec}: syntax error in {error.filename}, line {error.lineno}: {error.msg}: {line}")
