@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from launcher.dist_env import DistEnv
 
@@ -18,5 +19,6 @@ def setup_logging(dist_env: DistEnv) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"[rank {dist_env.rank}] %(message)s"))
         logger.setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")  # rank 0 shows them; the same warning from every rank is noise
     logger.addHandler(handler)
     logger.propagate = False

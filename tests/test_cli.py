@@ -113,3 +113,17 @@ def test_data_error_on_one_rank_only_fails_the_job_once(tmp_path):
     """))
     result = launch(["recipe=half.py"], tmp_path, nproc=2)
     assert_user_error(result, "rank 1: no data on this node", torchrun=True)
+
+
+def test_failed_download_says_where_to_put_the_files(tmp_path):
+    # A proxy on a closed local port makes every download fail at once, with or without a network.
+    closed = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    result = launch(["recipe=mlp", f"data.root={tmp_path}", "data.download=true"], tmp_path, env=closed)
+    assert_user_error(result, "downloading Fashion-MNIST into")
+    assert "copy the four files train-images-idx3-ubyte" in error_lines(result)[0]
+    assert str(tmp_path / "FashionMNIST" / "raw") in error_lines(result)[0]
+
+
+def test_help_lists_usage(tmp_path):
+    result = check_ok(launch(["--help"], tmp_path))
+    assert "usage: python -m launcher recipe=NAME" in result.stdout and "--cfg" in result.stdout
