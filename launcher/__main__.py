@@ -69,7 +69,7 @@ def report(error: LauncherError, dist_env: DistEnv) -> int:
     """Print the error once (rank 0) when every rank has it, else from the rank that has it; give the exit code."""
     if dist_env.is_main or not error.same_on_all_ranks:
         where = f"[rank {dist_env.rank}] " if dist_env.is_distributed else ""
-        print(f"{where}launcher: error: {error}", file=sys.stderr)
+        print(f"{where}launcher: {error.prefix}{error}", file=sys.stderr)
     return error.exit_code
 
 

@@ -24,7 +24,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 10, "batch_size": 256, "seed": 0, "log_every": 50},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
     "data": {"root": "data", "num_workers": 0, "download": False},
-    "eval": {"batch_size": 512, "sharded": False},
+    "eval": {"batch_size": 512, "sharded": False, "only": False},
+    # resume: auto = the newest good checkpoint in run.dir, if any; never; or a checkpoint's path.
+    "ckpt": {"every_epochs": 1, "every_steps": 0, "keep": 3, "best_metric": "", "best_mode": "max", "resume": "auto"},
     # 30 min: long enough for rank 0 to evaluate while the others wait, short enough to end a hung job.
     "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800},
     "model": {},
@@ -175,12 +177,20 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int) -> None:
         (cfg.eval.batch_size >= 1, "eval.batch_size", "at least 1"),
         (cfg.dist.nproc_per_node >= 1, "dist.nproc_per_node", "at least 1"),
         (cfg.dist.timeout_s >= 1, "dist.timeout_s", "at least 1 (seconds)"),
+        (cfg.ckpt.every_epochs >= 0, "ckpt.every_epochs", "0 (off) or more"),
+        (cfg.ckpt.every_steps >= 0, "ckpt.every_steps", "0 (off) or more"),
+        (cfg.ckpt.keep >= 1, "ckpt.keep", "at least 1"),
+        (cfg.ckpt.best_metric == "" or cfg.ckpt.best_metric.startswith("eval/"), "ckpt.best_metric",
+         "an eval metric such as eval/accuracy or eval/loss, or '' (off)"),
     ]
     for ok, key, wanted in checks:
         if not ok:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be {wanted}")
     _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _check_choice("dist.backend", cfg.dist.backend, BACKENDS)
+    _check_choice("ckpt.best_mode", cfg.ckpt.best_mode, ("max", "min"))
+    if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).is_file():
+        raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file; use auto, never, or a checkpoint's path")
     if cfg.train.batch_size % world_size:
         below = cfg.train.batch_size - cfg.train.batch_size % world_size
         raise UserError(

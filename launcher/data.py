@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from launcher.dist_env import DistEnv
 from launcher.errors import UserError
+from launcher.sampler import ResumableDistributedSampler
 
 
 def _loader_options(num_workers: int, device: torch.device) -> dict:
@@ -14,23 +15,21 @@ def _loader_options(num_workers: int, device: torch.device) -> dict:
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
+        # Its own generator: creating an iterator then draws worker seeds from it, not from the global RNG,
+        # which would shift every random number after it (and break exact resume).
+        generator=torch.Generator(),
     )
 
 
-def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device):
-    """A loader of per-rank batches (global batch / world size) and its sampler (call ``set_epoch`` each epoch).
+def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device) -> DataLoader:
+    """A loader of per-rank batches (global batch / world size); position it with ``start_epoch``.
 
     Each step's global batch is the same set of samples whatever the number of processes: the sampler shuffles
     with the same seed everywhere, rank r takes every world-size-th index, and incomplete batches are dropped.
     """
     per_rank_batch = cfg.train.batch_size // dist_env.world_size
-    sampler = DistributedSampler(
-        dataset,
-        num_replicas=dist_env.world_size,
-        rank=dist_env.rank,
-        shuffle=True,
-        seed=cfg.train.seed,
-        drop_last=True,
+    sampler = ResumableDistributedSampler(
+        dataset, dist_env.world_size, dist_env.rank, seed=cfg.train.seed, global_batch=cfg.train.batch_size
     )
     loader = DataLoader(
         dataset,
@@ -44,7 +43,18 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
             f"train.batch_size={cfg.train.batch_size} is larger than the training set ({len(dataset)} samples): "
             f"use at most {len(dataset) - len(dataset) % dist_env.world_size}"
         )
-    return loader, sampler
+    return loader
+
+
+def start_epoch(loader: DataLoader, epoch: int, consumed: int) -> int:
+    """Position ``loader`` ``consumed`` samples into ``epoch``; returns the epoch's number of steps.
+
+    Worker seeds depend only on (seed, epoch, rank), so a resumed epoch's workers start as the original's did.
+    """
+    sampler = loader.sampler
+    sampler.set_epoch(epoch, consumed)
+    loader.generator.manual_seed((sampler.seed * 1_000_003 + epoch) * 1_009 + sampler.rank)
+    return sampler.usable // (loader.batch_size * sampler.num_replicas)
 
 
 def eval_batches(num_samples: int, batch_size: int) -> list[list[int]]:

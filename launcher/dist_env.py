@@ -29,6 +29,10 @@ class DistEnv:
     local_world_size: int = 1
     under_torchrun: bool = False
     job_id: str | None = None
+    master_addr: str = "localhost"
+    master_port: int = 0
+    restart_count: int = 0  # torchrun's restarts of this worker group so far
+    agent_store: bool = False  # torchrun's agent serves the store that init_process_group uses
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "DistEnv":
@@ -43,6 +47,10 @@ class DistEnv:
             under_torchrun=under_torchrun,
             # plain `torchrun` without --rdzv-id names every job "none": that names nothing.
             job_id=None if job_id in (None, "", "none") else job_id,
+            master_addr=environ.get("MASTER_ADDR", "localhost"),
+            master_port=int(environ.get("MASTER_PORT", 0)),
+            restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
 
     @property
@@ -91,11 +99,32 @@ def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, ti
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = resolve_backend(backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
-        backend=resolve_backend(backend),
-        timeout=datetime.timedelta(seconds=timeout_s),
+        **_store_per_attempt(dist_env, timeout),
+        # CPU tensors (stop flags, small agreements) go through gloo on the same group, even on GPUs: a separate
+        # group made with new_group would find stale rendezvous keys after an elastic restart and hang.
+        backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def _store_per_attempt(dist_env: DistEnv, timeout: datetime.timedelta) -> dict:
+    """Arguments that give each torchrun restart its own key space in the agent's store.
+
+    torchrun shares one store across restarts of the worker group and nothing separates them (pytorch#135712):
+    a restarted group reads the dead group's addresses and fails to connect. On one node the restart count is
+    the same for every worker, so it can name the attempt. Across nodes it is not: there, start torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a fresh store (and turns this off).
+    """
+    if not (dist_env.agent_store and dist_env.world_size == dist_env.local_world_size):
+        return {}
+    client = dist.TCPStore(dist_env.master_addr, dist_env.master_port, dist_env.world_size, is_master=False,
+                           timeout=timeout)
+    store = dist.PrefixStore(f"launcher/attempt_{dist_env.restart_count}", client)
+    return {"store": store, "rank": dist_env.rank, "world_size": dist_env.world_size}
 
 
 def destroy_process_group(dist_env: DistEnv) -> None:

@@ -9,6 +9,7 @@ class LauncherError(Exception):
     """
 
     exit_code = 1
+    prefix = "error: "
 
     def __init__(self, message: str, same_on_all_ranks: bool = False):
         super().__init__(message)

@@ -12,6 +12,13 @@ class MetricsFile:
     def __init__(self, path: Path):
         self.path = path
 
+    def drop_after(self, step: int) -> None:
+        """Forget records past ``step``: after a resume from ``step`` they are written again."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, record: dict) -> None:
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")

@@ -1,92 +1,169 @@
-"""The training loop: one epoch of DDP steps, and the epochs around it with evaluation and metrics."""
+"""The training loop: DDP steps, step and epoch checkpoints, graceful stops, evaluation and metrics."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from launcher.checkpoint import Checkpointer
+from launcher.data import start_epoch
 from launcher.dist_env import DistEnv
 from launcher.evaluate import evaluate
 from launcher.metrics import MetricsFile, format_epoch
+from launcher.rng import capture_rng
+from launcher.stop import GracefulStop, StopRequested
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainState:
-    """What the loop needs beyond the config: the model twice (DDP wrapper to train, module to evaluate)."""
+    """Everything training changes, and where it stands: epoch in progress, steps of it done, steps overall."""
 
-    ddp_model: nn.Module
-    model: nn.Module
+    ddp_model: nn.Module  # what trains (the DDP wrapper, or the model itself on one process)
+    model: nn.Module  # the unwrapped model: evaluated and saved
     optimizer: torch.optim.Optimizer
     loss_fn: object
     train_loader: object
-    sampler: object
     eval_set: object
     device: torch.device
+    epoch: int = 1
+    step_in_epoch: int = 0
     global_step: int = 0
+    best: float | None = None
+    loss_sum: torch.Tensor = field(default=None)  # this rank's summed step losses in the epoch, on the device
+    saved_step: int = -1  # global step of the last checkpoint
+
+    def __post_init__(self):
+        if self.loss_sum is None:
+            self.loss_sum = torch.zeros((), device=self.device)
+
+    def training_state(self, cfg) -> dict:
+        """What rank 0 writes: the same on every rank."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "samples_in_epoch": self.step_in_epoch * cfg.train.batch_size,
+            "global_step": self.global_step,
+            "best": self.best,
+        }
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: random streams and the partial epoch loss."""
+        return {"rng": capture_rng(self.device), "loss_sum": self.loss_sum.item()}
 
 
-def train_one_epoch(state: TrainState, epoch: int, cfg, dist_env: DistEnv, metrics: MetricsFile | None) -> torch.Tensor:
-    """One pass over this rank's shard; returns the sum of its step losses, still on the device.
+def save_checkpoint(state: TrainState, cfg, checkpointer: Checkpointer):
+    """Collective: every rank calls it at the same step."""
+    path = checkpointer.save(state.training_state(cfg), state.rank_state())
+    state.saved_step = state.global_step
+    return path
+
+
+def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop: GracefulStop) -> bool:
+    """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint).
 
     The only host syncs are rank 0's, every ``train.log_every`` steps.
     """
     state.ddp_model.train()
-    loss_sum = torch.zeros((), device=state.device)
-    window = torch.zeros((), device=state.device)
-    steps_per_epoch = len(state.train_loader)
-    for step, (inputs, targets) in enumerate(state.train_loader, 1):
+    steps_per_epoch = start_epoch(state.train_loader, state.epoch, state.step_in_epoch * cfg.train.batch_size)
+    window, window_steps = torch.zeros((), device=state.device), 0
+    for inputs, targets in state.train_loader:
         inputs = inputs.to(state.device, non_blocking=True)
         targets = targets.to(state.device, non_blocking=True)
         loss = state.loss_fn(state.ddp_model(inputs), targets)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
+        state.step_in_epoch += 1
         state.global_step += 1
-        loss_sum += loss.detach()
+        state.loss_sum += loss.detach()
         window += loss.detach()
-        if step % cfg.train.log_every == 0 and dist_env.is_main:
-            record = {
-                "step": state.global_step,
-                "epoch": epoch,
-                "train/loss": window.item() / cfg.train.log_every,
-                "lr": state.optimizer.param_groups[0]["lr"],
-            }
+        window_steps += 1
+        if state.global_step % cfg.train.log_every == 0 and dist_env.is_main:
+            _log_step(state, window.item() / window_steps, steps_per_epoch, metrics)
             window.zero_()
-            metrics.write(record)
-            log.info("epoch %d step %d/%d | loss %.4f", epoch, step, steps_per_epoch, record["train/loss"])
-    return loss_sum
+            window_steps = 0
+        every = cfg.ckpt.every_steps
+        if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
+            save_checkpoint(state, cfg, checkpointer)  # the epoch's last step is saved after its evaluation
+        if stop.should_stop():
+            if state.saved_step != state.global_step:
+                save_checkpoint(state, cfg, checkpointer)
+            return True
+    return False
 
 
-def fit(state: TrainState, cfg, dist_env: DistEnv, metrics: MetricsFile | None) -> dict:
-    """Train ``train.epochs`` epochs, evaluating after each; returns the last epoch's record (on rank 0)."""
+def _log_step(state: TrainState, loss: float, steps_per_epoch: int, metrics: MetricsFile) -> None:
+    record = {"step": state.global_step, "epoch": state.epoch, "train/loss": loss,
+              "lr": state.optimizer.param_groups[0]["lr"]}
+    metrics.write(record)
+    log.info("epoch %d step %d/%d | loss %.4f", state.epoch, state.step_in_epoch, steps_per_epoch, record["train/loss"])
+
+
+def _new_best(state: TrainState, cfg, record: dict, dist_env: DistEnv) -> float | None:
+    """Rank 0 judges the new eval metric against the best so far; every rank learns the new best, or None."""
+    verdict = [None]
+    if dist_env.is_main and cfg.ckpt.best_metric in record:
+        value, best = record[cfg.ckpt.best_metric], state.best
+        if best is None or (value > best if cfg.ckpt.best_mode == "max" else value < best):
+            verdict = [value]
+    if dist_env.is_distributed:
+        dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
+def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, start: float, steps_run: int):
+    """Average the epoch's loss over ranks, evaluate, checkpoint, and write the epoch's record."""
+    steps_per_epoch = state.train_loader.sampler.usable // cfg.train.batch_size
+    loss_sum = state.loss_sum.clone()
+    if dist_env.is_distributed:
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (steps_per_epoch * dist_env.world_size)  # also waits for the device
+    seconds = time.perf_counter() - start
+    record = {
+        "step": state.global_step,
+        "epoch": state.epoch,
+        "train/loss": train_loss,
+        "time/epoch_s": seconds,
+        "throughput/samples_per_s": steps_run * cfg.train.batch_size / seconds,
+    }
+    if state.eval_set is not None and (cfg.eval.sharded or dist_env.is_main):
+        args = (state.model, state.eval_set, state.loss_fn, cfg, state.device, dist_env)
+        record.update(evaluate(*args, sharded=cfg.eval.sharded))
+    new_best = _new_best(state, cfg, record, dist_env) if cfg.ckpt.best_metric else None
+    improved = new_best is not None
+    if improved:
+        state.best = new_best
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    state.loss_sum.zero_()
+    every = cfg.ckpt.every_epochs
+    if improved or (every and record["epoch"] % every == 0) or record["epoch"] == cfg.train.epochs:
+        path = save_checkpoint(state, cfg, checkpointer)
+        if improved and dist_env.is_main:
+            checkpointer.save_best(path)
+    if dist_env.is_main:
+        metrics.write(record)
+        log.info(format_epoch(record, cfg.train.epochs))
+    return record
+
+
+def fit(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop: GracefulStop) -> dict:
+    """Train from where ``state`` stands to the end of ``train.epochs``; returns the last epoch's record."""
     record: dict = {}
-    steps = len(state.train_loader)
-    for epoch in range(1, cfg.train.epochs + 1):
-        state.sampler.set_epoch(epoch)
-        start = time.perf_counter()
-        loss_sum = train_one_epoch(state, epoch, cfg, dist_env, metrics)
-        if dist_env.is_distributed:
-            dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item() / (steps * dist_env.world_size)  # also waits for the device
-        seconds = time.perf_counter() - start
-        record = {
-            "step": state.global_step,
-            "epoch": epoch,
-            "train/loss": train_loss,
-            "time/epoch_s": seconds,
-            "throughput/samples_per_s": steps * cfg.train.batch_size / seconds,
-        }
-        if state.eval_set is not None and (cfg.eval.sharded or dist_env.is_main):
-            args = (state.model, state.eval_set, state.loss_fn, cfg, state.device, dist_env)
-            record.update(evaluate(*args, sharded=cfg.eval.sharded))
-        if dist_env.is_main:
-            metrics.write(record)
-            log.info(format_epoch(record, cfg.train.epochs))
+    while state.epoch <= cfg.train.epochs:
+        start, first_step = time.perf_counter(), state.step_in_epoch
+        if run_steps(state, cfg, dist_env, metrics, checkpointer, stop):
+            raise StopRequested(
+                f"stopped after step {state.global_step} ({stop.signal_name or 'a signal on another rank'}): "
+                f"checkpoint written to {checkpointer.path_for(state.global_step)}; run the same command to continue",
+                same_on_all_ranks=True,
+            )
+        record = finish_epoch(state, cfg, dist_env, metrics, checkpointer, start, state.step_in_epoch - first_step)
     return record

@@ -15,14 +15,17 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.checkpoint import save_atomic
+from launcher.checkpoint import Checkpointer, check_model_fits, save_atomic
 from launcher.config import with_run_dir
 from launcher.data import build_train_loader
 from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group, resolve_backend
 from launcher.errors import LauncherError, UserError
 from launcher.metrics import MetricsFile
 from launcher.optim import build_optimizer
+from launcher.evaluate import evaluate
 from launcher.recipe import Recipe
+from launcher.resume import choose_checkpoint, is_checkpoint, load_for_resume, restore
+from launcher.stop import GracefulStop
 from launcher.summary import model_summary, parameter_counts
 from launcher.train import TrainState, fit
 
@@ -123,13 +126,50 @@ def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> Non
         (run_dir / "summary.txt").write_text(text)
 
 
+def _evaluate_only(cfg, model, eval_set, loss_fn, checkpointer: Checkpointer, dist_env: DistEnv, device) -> None:
+    """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``) and print the metrics."""
+    path, payload = choose_checkpoint(cfg, checkpointer, dist_env, allow_model=True)
+    if path is None:
+        raise UserError(f"eval.only=true found no checkpoint or model.pt in run.dir={checkpointer.folder.parent}: "
+                        "pass ckpt.resume=<checkpoint or model.pt>", same_on_all_ranks=True)
+    if eval_set is None:
+        raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
+
+    def load_weights():
+        loaded = payload or load_for_resume(path)
+        weights = loaded["model"] if is_checkpoint(loaded) else loaded
+        check_model_fits(model, weights, path)
+        model.load_state_dict(weights)
+
+    run_agreed(dist_env, load_weights)
+    if cfg.eval.sharded or dist_env.is_main:
+        metrics = evaluate(model, eval_set, loss_fn, cfg, device, dist_env, sharded=cfg.eval.sharded)
+    if dist_env.is_main:
+        log.info("evaluated %s | %s", path, " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+
+
+def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEnv, metrics: MetricsFile | None):
+    path, payload = choose_checkpoint(cfg, checkpointer, dist_env)
+    if path is None:
+        return
+    run_agreed(dist_env, lambda: restore(state, payload or load_for_resume(path), path, cfg, dist_env))
+    if dist_env.is_main:
+        metrics.drop_after(state.global_step)
+        log.info("resumed from %s: epoch %d, step %d of it, global step %d", path, state.epoch,
+                 state.step_in_epoch, state.global_step)
+
+
 def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
     run_dir = choose_run_dir(cfg, recipe, dist_env)
     cfg = with_run_dir(cfg, str(run_dir))
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
     model = run_agreed(dist_env, lambda: recipe.build_model(cfg)).to(device)
     train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
-    train_loader, sampler = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
+    checkpointer = Checkpointer(run_dir, cfg, dist_env)
+    if cfg.eval.only:
+        _evaluate_only(cfg, model, eval_set, recipe.loss, checkpointer, dist_env, device)
+        return
+    train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
     metrics = None
     if dist_env.is_main:
@@ -139,12 +179,16 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
         _log_header(cfg, recipe, dist_env, device, model, run_dir)
         _write_summary(model, train_set, device, run_dir)
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
-    ddp_model = model
+    state = TrainState(model, model, optimizer, recipe.loss, train_loader, eval_set, device)
+    _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which then broadcasts rank 0's weights
     if dist_env.is_distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = TrainState(ddp_model, model, optimizer, recipe.loss, train_loader, sampler, eval_set, device)
+        state.ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    stop = GracefulStop(dist_env)
     start = time.perf_counter()
-    final = fit(state, cfg, dist_env, metrics)
+    try:
+        final = fit(state, cfg, dist_env, metrics, checkpointer, stop)
+    finally:
+        stop.close()
     if dist_env.is_main:
         save_atomic(model.state_dict(), run_dir / "model.pt")
         results = ", ".join(f"{key} {value:.4f}" for key, value in final.items() if key.startswith("eval/"))

@@ -14,10 +14,11 @@ import torch
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-def launch(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None, timeout: float = 300):
+def launch(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None, timeout: float = 300,
+           torchrun_args: tuple = ()):
     """`torchrun --standalone --nproc_per_node N -m launcher ARGS` (nproc given) or `python -m launcher ARGS`."""
     if nproc:
-        command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "launcher", *args]
+        command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", "launcher", *args]
     else:
         command = [sys.executable, "-m", "launcher", *args]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

@@ -22,7 +22,9 @@ def test_digits_on_two_processes_reaches_95_percent(tmp_path):
     assert {"epoch", "eval/loss", "eval/accuracy", "train/loss", "time/epoch_s", "throughput/samples_per_s"} <= set(
         epochs[-1]
     )
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "model.pt", "summary.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.txt"
+    ]
     assert "Total params: 14,698" in (run_dir / "summary.txt").read_text()
     assert "2 process(es), backend gloo" in result.stdout
     assert result.stdout.count("epoch 20/20") == 1  # rank 1 prints nothing

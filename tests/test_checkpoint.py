@@ -1,0 +1,170 @@
+"""Checkpoints that survive anything: kills, signals, torn writes, truncated files; exact resume; retention."""
+
+import signal
+import textwrap
+
+import pytest
+import torch
+
+from conftest import check_ok, epoch_records, launch, load_weights, read_metrics
+from launcher.sampler import ResumableDistributedSampler
+
+# Digits with dropout (so the random streams matter), and test stand-ins for the accidents of real clusters:
+# INTERRUPT="<rank>:<step>:<signal>" sends the signal to that rank during that step, once (a marker file
+# remembers), KILL_IN_SAVE=<n> kills rank 0 while it writes its n-th checkpoint, once.
+RECIPE = textwrap.dedent("""
+    import os, signal
+    from pathlib import Path
+    import torch.nn.functional as F
+    from torch import nn
+    from recipes.digits import build_datasets
+
+    DEFAULTS = {"train": {"epochs": 3, "batch_size": 64, "log_every": 10}, "optim": {"lr": 0.05, "momentum": 0.9},
+                "data": {"eval_fraction": 0.2}}
+    MARKER = Path("interrupted.marker")
+
+    class KillWhenPickled:
+        def __reduce_ex__(self, protocol):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def build_model(cfg):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
+        if os.environ.get("KILL_IN_SAVE") and os.environ["RANK"] == "0" and not MARKER.exists():
+            saves = []
+            def kill_in_nth_save(module, state_dict, prefix, metadata):
+                saves.append(1)
+                if len(saves) == int(os.environ["KILL_IN_SAVE"]):
+                    MARKER.touch()
+                    state_dict["zz_kill"] = KillWhenPickled()
+            model._register_state_dict_hook(kill_in_nth_save)
+        return model
+
+    calls = 0
+    def loss(outputs, targets):
+        global calls
+        calls += 1
+        if os.environ.get("INTERRUPT") and not MARKER.exists():
+            rank, step, name = os.environ["INTERRUPT"].split(":")
+            if rank == os.environ.get("RANK", "0") and calls == int(step):
+                MARKER.touch()
+                os.kill(os.getpid(), getattr(signal, name))
+        return F.cross_entropy(outputs, targets)
+""")
+
+ARGS = ["recipe=interruptible.py", "ckpt.every_steps=5"]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "interruptible.py").write_text(RECIPE)
+    return tmp_path
+
+
+def reference_weights(workdir, nproc=2, extra=()):
+    """The same run, uninterrupted."""
+    check_ok(launch([*ARGS, "run.dir=reference", *extra], workdir, nproc=nproc))
+    return load_weights(workdir / "reference")
+
+
+def assert_identical(weights, reference):
+    assert weights.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(weights[key], reference[key]), f"{key} differs"
+
+
+def assert_steps_increase(run_dir):
+    steps = [record["step"] for record in read_metrics(run_dir)]
+    assert steps == sorted(set(steps)), steps
+
+
+def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_identical(workdir):
+    reference = reference_weights(workdir)
+    # Step 30 is the 8th step of epoch 2; the newest checkpoint is step 25's.
+    result = check_ok(launch(
+        [*ARGS, "run.dir=run"], workdir, nproc=2, env={"INTERRUPT": "1:30:SIGKILL"}, torchrun_args=["--max-restarts=1"]
+    ))
+    assert "resumed from run/checkpoints/step_000000025.pt: epoch 2, step 3 of it, global step 25" in result.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert_steps_increase(workdir / "run")
+
+
+def test_sigterm_stops_all_ranks_with_a_checkpoint_and_the_same_command_continues(workdir):
+    reference = reference_weights(workdir)
+    command = [*ARGS, "run.dir=run", "dist.nproc_per_node=2"]
+    stopped = launch(command, workdir, env={"INTERRUPT": "1:30:SIGTERM"})
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    # Rank 1 got the signal during step 30; all ranks agreed after step 31 and wrote its checkpoint.
+    assert "launcher: stopped after step 31 (a signal on another rank)" in stopped.stderr
+    assert (workdir / "run" / "checkpoints" / "step_000000031.pt").exists()
+    resumed = check_ok(launch(command, workdir, env={"INTERRUPT": "1:30:SIGTERM"}))
+    assert "resumed from run/checkpoints/step_000000031.pt: epoch 2, step 9 of it" in resumed.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert_steps_increase(workdir / "run")
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_from(workdir):
+    reference = reference_weights(workdir)
+    result = check_ok(launch(
+        [*ARGS, "run.dir=run"], workdir, nproc=2, env={"KILL_IN_SAVE": "3"}, torchrun_args=["--max-restarts=1"]
+    ))
+    assert "resumed from run/checkpoints/step_000000010.pt" in result.stdout  # the 2nd save; the 3rd was torn
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert not list((workdir / "run" / "checkpoints").glob(".*.tmp"))  # the torn file was cleaned up
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(workdir):
+    reference = reference_weights(workdir, nproc=None)
+    check_ok(launch([*ARGS, "run.dir=run", "train.epochs=2"], workdir))
+    newest = workdir / "run" / "checkpoints" / "step_000000044.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = check_ok(launch([*ARGS, "run.dir=run", "train.epochs=3"], workdir))  # longer than before: allowed
+    warnings = [line for line in result.stdout.splitlines() if "is unreadable" in line]
+    assert len(warnings) == 1 and "step_000000044.pt" in warnings[0]
+    assert "resumed from run/checkpoints/step_000000040.pt" in result.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+
+
+def test_retention_keeps_the_newest_and_the_best_and_everything_loads_weights_only(workdir):
+    check_ok(launch([*ARGS, "run.dir=run", "ckpt.keep=2", "ckpt.best_metric=eval/accuracy"], workdir, nproc=2))
+    folder = workdir / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "step_000000065.pt", "step_000000066.pt"]
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert best["best"] == max(record["eval/accuracy"] for record in epoch_records(workdir / "run"))
+    last = torch.load(folder / "step_000000066.pt", weights_only=True)
+    assert {"model", "optimizer", "epoch", "samples_in_epoch", "global_step", "rank_states", "config", "versions"} <= set(last)
+    assert len(last["rank_states"]) == 2 and set(last["rank_states"][1]["rng"]) == {"torch", "cuda", "python", "numpy"}
+    assert last["config"]["ckpt"]["keep"] == 2 and last["versions"]["torch"] == str(torch.__version__)
+    assert not any(key.startswith("module.") for key in last["model"])
+
+
+def test_resuming_with_a_different_model_names_the_first_mismatch(tmp_path):
+    check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=1"], tmp_path))
+    result = launch(["recipe=digits", "run.dir=run", "model.channels=16"], tmp_path)
+    assert result.returncode == 2
+    assert "'0.weight' is [32, 1, 3, 3] there but [16, 1, 3, 3] in the model this config builds" in result.stderr
+
+
+def test_eval_only_evaluates_a_checkpoint_or_model_pt(tmp_path):
+    check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=2"], tmp_path))
+    last = epoch_records(tmp_path / "run")[-1]
+    expected = f"eval/loss {last['eval/loss']:.4f} | eval/accuracy {last['eval/accuracy']:.4f}"
+    from_model = check_ok(launch(["recipe=digits", "eval.only=true", "ckpt.resume=run/model.pt"], tmp_path, nproc=2))
+    assert f"evaluated run/model.pt | {expected}" in from_model.stdout
+    from_run = check_ok(launch(["recipe=digits", "eval.only=true", "run.dir=run", "eval.sharded=true"], tmp_path, nproc=2))
+    assert f"evaluated run/checkpoints/step_000000044.pt | {expected}" in from_run.stdout
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_resumed_epoch_yields_exactly_the_samples_not_yet_seen(world_size):
+    dataset = list(range(103))
+    def order(consumed):
+        per_rank = []
+        for rank in range(world_size):
+            sampler = ResumableDistributedSampler(dataset, world_size, rank, seed=7, global_batch=10)
+            sampler.set_epoch(3, consumed)
+            per_rank.append(list(sampler))
+            assert len(sampler) == len(per_rank[-1])
+        return [index for step in zip(*per_rank) for index in step]  # the global order, rank by rank
+    whole = order(0)
+    assert len(whole) == 100 and len(set(whole)) == 100
+    assert order(40) == whole[40:]
