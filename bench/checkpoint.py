@@ -55,7 +55,8 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     from launcher.dist_env import DistEnv
 
     width = 4096
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(max(1, round(params / (width * width))))])
+    layers = max(1, round(params / (width * width)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model(torch.randn(2, width)).sum().backward()
     optimizer.step()

@@ -16,8 +16,8 @@ from launcher.logs import setup_logging
 from launcher.recipe import load_recipe
 
 
-def load(argv: list[str], dist_env: DistEnv):
-    """The command line -> (parsed command line, recipe, validated read-only config)."""
+def load(argv: list[str]):
+    """The command line -> (parsed command line, recipe, merged config: not yet validated, still writable)."""
     command = parse_command_line(argv)
     if command.help:
         return command, None, None
@@ -27,6 +27,14 @@ def load(argv: list[str], dist_env: DistEnv):
     recipe = load_recipe(recipe_spec)
     cfg = build_config(recipe.defaults, yaml_values, overrides, f"recipe {recipe.name} DEFAULTS")
     cfg.recipe = recipe_spec
+    return command, recipe, cfg
+
+
+def load_validated(argv: list[str], dist_env: DistEnv):
+    """``load``, then validated for the world this process is in (or will start) and made read-only."""
+    command, recipe, cfg = load(argv)
+    if command.help:
+        return command, recipe, cfg
     if dist_env.under_torchrun:
         validate(cfg, dist_env.world_size, dist_env.local_world_size)
     else:
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_env = DistEnv.from_environ(os.environ)
     setup_logging(dist_env)
     try:
-        command, recipe, cfg = load(argv, dist_env)
+        command, recipe, cfg = load_validated(argv, dist_env)
     except LauncherError as error:
         error.same_on_all_ranks = True  # every rank reads the same command line and files
         return report(error, dist_env)
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             run_worker(cfg, recipe, dist_env)
             return 0
         from launcher.spawn import launch_workers
-        from launcher.worker import new_run_id
+        from launcher.run_dir import new_run_id
 
         return launch_workers(argv, cfg.dist.nproc_per_node, new_run_id())
     except LauncherError as error:

@@ -70,7 +70,8 @@ def leaf_keys(cfg: DictConfig) -> list[str]:
 def _type_name(node) -> str:
     if isinstance(node, ListConfig):
         element_type = node._metadata.element_type
-        of = {int: " of integers", float: " of numbers", str: " of strings", bool: " of true/false"}.get(element_type, "")
+        names = {int: " of integers", float: " of numbers", str: " of strings", bool: " of true/false"}
+        of = names.get(element_type, "")
         return f"a list{of}, e.g. [1, 2]"
     names = {BooleanNode: "true or false", IntegerNode: "an integer", FloatNode: "a number", StringNode: "a string"}
     return names.get(type(node), "any value")
@@ -164,8 +165,11 @@ def _add_recipe_default(cfg: DictConfig, key: str, value: Any, origin: str) -> N
     parent[leaf] = _typed_node(value)
 
 
-def validate(cfg: DictConfig, world_size: int, procs_per_node: int) -> None:
-    """Check values against each other and against the world the job will run in."""
+def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: bool = True) -> None:
+    """Check values against each other and against the world the job will run in.
+
+    ``local_gpus``: the job runs on this machine, so its GPUs can be counted (not so when submitting to Slurm).
+    """
     checks = [
         (cfg.train.epochs >= 1, "train.epochs", "at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
@@ -197,7 +201,8 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int) -> None:
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {world_size} "
             f"processes: use a multiple of {world_size}, e.g. {below or world_size} or {below + world_size}"
         )
-    check_backend(cfg.dist.backend, procs_per_node)
+    if local_gpus:
+        check_backend(cfg.dist.backend, procs_per_node)
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -19,8 +19,8 @@ BACKENDS = ("auto", "gloo", "nccl")
 class DistEnv:
     """Where this process stands in the job: its ranks, the world, and the id that names the job.
 
-    ``job_id`` is stable for the whole job (torchrun's rendezvous id, or the Slurm job id), so a restarted job
-    finds the same run directory; ``None`` when nothing names the job.
+    ``job_id`` is stable for the whole job (the Slurm job id, <array job>_<task> for array tasks, else torchrun's
+    rendezvous id), so a restarted or requeued job finds the same run directory; ``None`` when nothing names it.
     """
 
     rank: int = 0
@@ -38,7 +38,9 @@ class DistEnv:
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "DistEnv":
         """Read the variables torchrun (and Slurm) set; the only place the engine looks at them."""
         under_torchrun = "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
-        job_id = environ.get("SLURM_JOB_ID") or environ.get("TORCHELASTIC_RUN_ID")
+        array_job, array_task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+        slurm_id = f"{array_job}_{array_task}" if array_job and array_task else environ.get("SLURM_JOB_ID")
+        job_id = slurm_id or environ.get("TORCHELASTIC_RUN_ID")
         return cls(
             rank=int(environ.get("RANK", 0)),
             local_rank=int(environ.get("LOCAL_RANK", 0)),

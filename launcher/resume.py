@@ -64,8 +64,10 @@ def restore(state, payload: dict, path: Path, cfg, dist_env: DistEnv) -> None:
                         f"and the recipe's param_groups ({error})") from None
     samples = payload["samples_in_epoch"]
     if samples % cfg.train.batch_size:
-        raise UserError(f"checkpoint {path} stopped {samples} samples into an epoch, which is not a whole number of "
-                        f"train.batch_size={cfg.train.batch_size} batches: resume with the batch size it was saved with")
+        raise UserError(
+            f"checkpoint {path} stopped {samples} samples into an epoch, which is not a whole number of "
+            f"train.batch_size={cfg.train.batch_size} batches: resume with the batch size it was saved with"
+        )
     state.epoch, state.step_in_epoch = payload["epoch"], samples // cfg.train.batch_size
     state.global_step, state.best = payload["global_step"], payload["best"]
     state.saved_step = state.global_step

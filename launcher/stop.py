@@ -1,4 +1,4 @@
-"""Graceful stop: SIGTERM or SIGUSR1 on any rank becomes a stop every rank makes after the same step."""
+"""Graceful stop: SIGTERM, SIGUSR1 or SIGUSR2 on any rank becomes a stop every rank makes after the same step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch.distributed as dist
 from launcher.dist_env import DistEnv
 from launcher.errors import LauncherError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGUSR2 is what the Slurm templates relay through srun and torchrun (both pass it on without killing anything).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, run the same command to continue
 
 

@@ -33,7 +33,8 @@ def model_summary(model: nn.Module, sample_input: torch.Tensor, device: torch.de
             with contextlib.redirect_stdout(text):
                 summary(model, tuple(sample_input.shape), device=device.type)
     except Exception as error:  # torchsummary only knows float tensor inputs and tensor (or list) outputs
-        log.warning("model summary skipped: torchsummary cannot handle this model (%s: %s)", type(error).__name__, error)
+        reason = f"{type(error).__name__}: {error}"
+        log.warning("model summary skipped: torchsummary cannot handle this model (%s)", reason)
         return None
     finally:
         model.train(was_training)

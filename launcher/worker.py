@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -15,26 +13,23 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.checkpoint import Checkpointer, check_model_fits, save_atomic
+from launcher.agree import run_agreed
+from launcher.checkpoint import Checkpointer, save_atomic
 from launcher.config import with_run_dir
 from launcher.data import build_train_loader
 from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group, resolve_backend
-from launcher.errors import LauncherError, UserError
+from launcher.errors import LauncherError
+from launcher.eval_only import evaluate_checkpoint
 from launcher.metrics import MetricsFile
 from launcher.optim import build_optimizer
-from launcher.evaluate import evaluate
 from launcher.recipe import Recipe
-from launcher.resume import choose_checkpoint, is_checkpoint, load_for_resume, restore
+from launcher.resume import choose_checkpoint, load_for_resume, restore
+from launcher.run_dir import choose_run_dir
 from launcher.stop import GracefulStop
 from launcher.summary import model_summary, parameter_counts
 from launcher.train import TrainState, fit
 
 log = logging.getLogger(__name__)
-
-
-def new_run_id() -> str:
-    """A fresh run id: readable, sortable, and unlikely to collide."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def seed_everything(seed: int) -> None:
@@ -59,39 +54,6 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv) -> None:
         raise
     finally:
         destroy_process_group(dist_env)
-
-
-def run_agreed(dist_env: DistEnv, build: Callable | None):
-    """Run ``build`` (None: nothing) on this rank; if a UserError happens on any rank, every rank raises it.
-
-    So a bad data path fails the job once, with one message from rank 0, instead of once per process or with
-    the healthy ranks waiting forever in their next collective.
-    """
-    result, error = None, None
-    try:
-        result = build() if build else None
-    except UserError as caught:
-        error = str(caught)
-    errors = [error]
-    if dist_env.is_distributed:
-        errors = [None] * dist_env.world_size
-        dist.all_gather_object(errors, error)
-    failures = [(rank, message) for rank, message in enumerate(errors) if message]
-    if failures:
-        rank, message = failures[0]
-        where = f"rank {rank}: " if dist_env.is_distributed and len(failures) < dist_env.world_size else ""
-        raise UserError(where + message, same_on_all_ranks=True)
-    return result
-
-
-def choose_run_dir(cfg, recipe: Recipe, dist_env: DistEnv) -> Path:
-    """``run.dir`` if set, else runs/<recipe>/<job id>; rank 0 picks a new id when nothing names the job."""
-    if cfg.run.dir:
-        return Path(cfg.run.dir)
-    run_id = [dist_env.job_id or new_run_id()]
-    if dist_env.is_distributed and dist_env.job_id is None:
-        dist.broadcast_object_list(run_id, src=0)
-    return Path("runs") / recipe.name / run_id[0]
 
 
 def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
@@ -126,28 +88,6 @@ def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> Non
         (run_dir / "summary.txt").write_text(text)
 
 
-def _evaluate_only(cfg, model, eval_set, loss_fn, checkpointer: Checkpointer, dist_env: DistEnv, device) -> None:
-    """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``) and print the metrics."""
-    path, payload = choose_checkpoint(cfg, checkpointer, dist_env, allow_model=True)
-    if path is None:
-        raise UserError(f"eval.only=true found no checkpoint or model.pt in run.dir={checkpointer.folder.parent}: "
-                        "pass ckpt.resume=<checkpoint or model.pt>", same_on_all_ranks=True)
-    if eval_set is None:
-        raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
-
-    def load_weights():
-        loaded = payload or load_for_resume(path)
-        weights = loaded["model"] if is_checkpoint(loaded) else loaded
-        check_model_fits(model, weights, path)
-        model.load_state_dict(weights)
-
-    run_agreed(dist_env, load_weights)
-    if cfg.eval.sharded or dist_env.is_main:
-        metrics = evaluate(model, eval_set, loss_fn, cfg, device, dist_env, sharded=cfg.eval.sharded)
-    if dist_env.is_main:
-        log.info("evaluated %s | %s", path, " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-
-
 def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEnv, metrics: MetricsFile | None):
     path, payload = choose_checkpoint(cfg, checkpointer, dist_env)
     if path is None:
@@ -167,7 +107,7 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
     train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
     checkpointer = Checkpointer(run_dir, cfg, dist_env)
     if cfg.eval.only:
-        _evaluate_only(cfg, model, eval_set, recipe.loss, checkpointer, dist_env, device)
+        evaluate_checkpoint(cfg, model, eval_set, recipe.loss, checkpointer, dist_env, device)
         return
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))

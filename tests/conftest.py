@@ -69,3 +69,22 @@ def fashion_root(tmp_path_factory) -> Path:
     write_idx(raw, "train", *synthetic_fashion(256, seed=0))
     write_idx(raw, "t10k", *synthetic_fashion(64, seed=1))
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real Slurm cluster on localhost (two nodes on this host); needs root and Debian's slurm-wlm and munge."""
+    from slurm_cluster import SlurmCluster, missing_daemons
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the Slurm tests need root on CI (they start munged, slurmctld and slurmd)")
+        pytest.skip("the Slurm tests start munged, slurmctld and slurmd, which needs root")
+    missing = missing_daemons()
+    assert not missing, f"{missing} not installed: apt-get install -y slurm-wlm munge (as .ci/run does)"
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

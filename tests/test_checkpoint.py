@@ -1,6 +1,5 @@
 """Checkpoints that survive anything: kills, signals, torn writes, truncated files; exact resume; retention."""
 
-import signal
 import textwrap
 
 import pytest
@@ -131,7 +130,8 @@ def test_retention_keeps_the_newest_and_the_best_and_everything_loads_weights_on
     best = torch.load(folder / "best.pt", weights_only=True)
     assert best["best"] == max(record["eval/accuracy"] for record in epoch_records(workdir / "run"))
     last = torch.load(folder / "step_000000066.pt", weights_only=True)
-    assert {"model", "optimizer", "epoch", "samples_in_epoch", "global_step", "rank_states", "config", "versions"} <= set(last)
+    expected = {"model", "optimizer", "epoch", "samples_in_epoch", "global_step", "rank_states", "config", "versions"}
+    assert expected <= set(last)
     assert len(last["rank_states"]) == 2 and set(last["rank_states"][1]["rng"]) == {"torch", "cuda", "python", "numpy"}
     assert last["config"]["ckpt"]["keep"] == 2 and last["versions"]["torch"] == str(torch.__version__)
     assert not any(key.startswith("module.") for key in last["model"])
@@ -150,7 +150,8 @@ def test_eval_only_evaluates_a_checkpoint_or_model_pt(tmp_path):
     expected = f"eval/loss {last['eval/loss']:.4f} | eval/accuracy {last['eval/accuracy']:.4f}"
     from_model = check_ok(launch(["recipe=digits", "eval.only=true", "ckpt.resume=run/model.pt"], tmp_path, nproc=2))
     assert f"evaluated run/model.pt | {expected}" in from_model.stdout
-    from_run = check_ok(launch(["recipe=digits", "eval.only=true", "run.dir=run", "eval.sharded=true"], tmp_path, nproc=2))
+    sharded = ["recipe=digits", "eval.only=true", "run.dir=run", "eval.sharded=true"]
+    from_run = check_ok(launch(sharded, tmp_path, nproc=2))
     assert f"evaluated run/checkpoints/step_000000044.pt | {expected}" in from_run.stdout
 
 

@@ -16,7 +16,9 @@ def test_shipped_recipes():
     assert available_recipes() == ["digits", "lenet", "linreg", "mlp"]
 
 
-@pytest.mark.parametrize("name, input_shape", [("lenet", (1, 1, 28, 28)), ("mlp", (1, 1, 28, 28)), ("digits", (1, 1, 8, 8))])
+@pytest.mark.parametrize(
+    "name, input_shape", [("lenet", (1, 1, 28, 28)), ("mlp", (1, 1, 28, 28)), ("digits", (1, 1, 8, 8))]
+)
 def test_classifiers_build_and_map_images_to_ten_logits(name, input_shape):
     recipe = load_recipe(name)
     model = recipe.build_model(config_for(recipe))

@@ -1,0 +1,33 @@
+"""Agreeing on failure: an error on any rank during setup fails every rank, once, instead of hanging the rest."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.distributed as dist
+
+from launcher.dist_env import DistEnv
+from launcher.errors import UserError
+
+
+def run_agreed(dist_env: DistEnv, build: Callable | None):
+    """Run ``build`` (None: nothing) on this rank; if a UserError happens on any rank, every rank raises it.
+
+    So a bad data path fails the job once, with one message from rank 0, instead of once per process or with
+    the healthy ranks waiting forever in their next collective.
+    """
+    result, error = None, None
+    try:
+        result = build() if build else None
+    except UserError as caught:
+        error = str(caught)
+    errors = [error]
+    if dist_env.is_distributed:
+        errors = [None] * dist_env.world_size
+        dist.all_gather_object(errors, error)
+    failures = [(rank, message) for rank, message in enumerate(errors) if message]
+    if failures:
+        rank, message = failures[0]
+        where = f"rank {rank}: " if dist_env.is_distributed and len(failures) < dist_env.world_size else ""
+        raise UserError(where + message, same_on_all_ranks=True)
+    return result

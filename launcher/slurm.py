@@ -1,0 +1,123 @@
+"""`python -m launcher.slurm`: check a run's config and recipe here, then render a template of `slurm/` and submit.
+
+A typo fails in a second at the prompt, not after hours in the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.__main__ import load
+from launcher.config import freeze, validate
+from launcher.errors import LauncherError, UserError
+
+SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATES = {"single": "single_node.sbatch", "multi": "multi_node.sbatch", "array": "array.sbatch"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher.slurm",
+        description="Validate a launcher run, then submit it to Slurm with a template from slurm/.",
+        epilog="example: python -m launcher.slurm multi --nodes 2 --gpus-per-node 8 --time 04:00:00 recipe=lenet",
+    )
+    parser.add_argument("template", choices=sorted(TEMPLATES), help="single node, multi node, or array sweep")
+    parser.add_argument("overrides", nargs="*", help="the launcher's key=value overrides, e.g. recipe=lenet")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (multi; default 2)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs to ask for on each node")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes per node (default: --gpus-per-node, else 1)")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--time", help="time limit, e.g. 04:00:00")
+    parser.add_argument("--account", help="Slurm account")
+    parser.add_argument("--job-name", help="job name (logs are logs/<job name>-<job id>.out)")
+    parser.add_argument("--sweep", help="array: a file with one line of overrides per task")
+    parser.add_argument("--sbatch-arg", action="append", default=[], help="any other sbatch option, repeatable")
+    parser.add_argument("--dry-run", action="store_true", help="print the script and sbatch command; submit nothing")
+    return parser.parse_intermixed_args(argv)
+
+
+def sweep_lines(path: str) -> list[str]:
+    """The sweep file's task lines: neither blank nor a # comment (as array.sbatch reads them)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--sweep {path}: no such file")
+    lines = [line.strip() for line in file.read_text().splitlines()]
+    tasks = [line for line in lines if line and not line.startswith("#")]
+    if not tasks:
+        raise UserError(f"--sweep {path}: no task lines (one line of key=value overrides per task)")
+    return tasks
+
+
+def check_run(overrides: list[str], world_size: int, nproc: int) -> str:
+    """Build and validate the config (loading the recipe) as the job's workers will; returns the recipe name."""
+    command, recipe, cfg = load(overrides)
+    if command.help or command.print_config:
+        raise UserError("pass only key=value overrides after the template")
+    validate(cfg, world_size, nproc, local_gpus=False)  # the GPUs are on the compute nodes, not here
+    freeze(cfg)
+    return recipe.name
+
+
+def sbatch_options(args: argparse.Namespace, nodes: int, tasks: int | None) -> dict[str, str]:
+    options = {"nodes": str(nodes)}
+    for key in ("partition", "time", "account", "job_name"):
+        if getattr(args, key):
+            options[key.replace("_", "-")] = getattr(args, key)
+    if args.gpus_per_node:
+        options["gpus-per-node"] = str(args.gpus_per_node)
+    if tasks:
+        options["array"] = f"1-{tasks}"
+    return options
+
+
+def render(template: str, options: dict[str, str], nproc: int) -> str:
+    """The template with its #SBATCH options replaced or added, and the repository and process count fixed."""
+    lines = (SLURM_DIR / template).read_text().splitlines()
+    directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH ")]
+    remaining = dict(options)
+    for i in directives:
+        key = lines[i].split()[1].lstrip("-").split("=")[0]
+        if key in remaining:
+            lines[i] = f"#SBATCH --{key}={remaining.pop(key)}"
+    extra = [f"#SBATCH --{key}={value}" for key, value in remaining.items()]
+    exports = [f"export LAUNCHER_HOME={shlex.quote(str(SLURM_DIR.parent))}", f"export LAUNCHER_NPROC={nproc}"]
+    last = directives[-1] + 1
+    return "\n".join(lines[:last] + extra + lines[last:last + 1] + exports + lines[last + 1:]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    nodes = args.nodes or (2 if args.template == "multi" else 1)
+    nproc = args.nproc_per_node or args.gpus_per_node or 1
+    try:
+        if args.template != "multi" and nodes != 1:
+            raise UserError(f"--nodes {nodes}: the {args.template} template runs on one node; use `multi`")
+        tasks = sweep_lines(args.sweep) if args.template == "array" else None
+        if args.template == "array" and not args.sweep:
+            raise UserError("the array template needs --sweep FILE")
+        for task in tasks or [""]:
+            check_run(args.overrides + shlex.split(task), nodes * nproc, nproc)
+    except LauncherError as error:
+        print(f"launcher.slurm: error: {error}", file=sys.stderr)
+        return error.exit_code
+    script = render(TEMPLATES[args.template], sbatch_options(args, nodes, len(tasks) if tasks else None), nproc)
+    script_args = ([str(Path(args.sweep).resolve())] if tasks else []) + args.overrides
+    logs = Path("logs")
+    script_file = logs / f"{args.job_name or 'launcher'}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    command = ["sbatch", *args.sbatch_arg, str(script_file), *script_args]
+    if args.dry_run:
+        print(f"# {shlex.join(command)}\n{script}", end="")
+        return 0
+    logs.mkdir(exist_ok=True)
+    script_file.write_text(script)
+    return subprocess.run(command).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
