@@ -22,7 +22,7 @@ def load(argv: list[str]):
     if command.help:
         return command, None, None
     yaml_values = load_yaml(command.config_file) if command.config_file else {}
-    overrides = parse_overrides(command.overrides)
+    overrides = parse_overrides(command.overrides + (["log.level=warning"] if command.quiet else []))
     recipe_spec = recipe_name_from(yaml_values, overrides)
     recipe = load_recipe(recipe_spec)
     cfg = build_config(recipe.defaults, yaml_values, overrides, f"recipe {recipe.name} DEFAULTS")
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if command.help:
             print(USAGE)
             return 0
+        setup_logging(dist_env, cfg.log.level)
         if command.print_config:
             print("# run.dir '' means runs/<recipe>/<run id>, the id chosen when the run starts")
             print(OmegaConf.to_yaml(cfg), end="")

@@ -14,6 +14,7 @@ usage: python -m launcher recipe=NAME [key=value ...] [--config FILE] [--cfg]
   key=value       set a config key, e.g. train.epochs=3 optim.lr=0.05 dist.nproc_per_node=2
   --config FILE   a YAML file of keys, applied before the key=value overrides
   --cfg           print the fully resolved config and exit
+  --quiet         only warnings and errors (log.level=warning)
   -h, --help      this text
 
 Keys, their types and defaults: python -m launcher recipe=NAME --cfg
@@ -25,6 +26,7 @@ class CommandLine:
     overrides: list[str] = field(default_factory=list)
     config_file: str | None = None
     print_config: bool = False
+    quiet: bool = False
     help: bool = False
 
 
@@ -36,12 +38,14 @@ def parse_command_line(argv: list[str]) -> CommandLine:
             parsed.help = True
         elif item == "--cfg":
             parsed.print_config = True
+        elif item in ("-q", "--quiet"):
+            parsed.quiet = True
         elif item == "--config" or item.startswith("--config="):
             parsed.config_file = item.partition("=")[2] or next(items, None)
             if not parsed.config_file:
                 raise UserError("--config needs a file: --config my_run.yaml")
         elif item.startswith("-"):
-            raise UserError(f"unknown option '{item}': options are --config FILE, --cfg, --help")
+            raise UserError(f"unknown option '{item}': options are --config FILE, --cfg, --quiet, --help")
         else:
             parsed.overrides.append(item)
     return parsed

@@ -29,10 +29,15 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "ckpt": {"every_epochs": 1, "every_steps": 0, "keep": 3, "best_metric": "", "best_mode": "max", "resume": "auto"},
     # 30 min: long enough for rank 0 to evaluate while the others wait, short enough to end a hung job.
     "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800},
+    "log": {"level": "info"},
+    # auto: online when W&B credentials are configured, else offline (upload later with `wandb sync`).
+    "wandb": {"mode": "auto", "project": "launcher", "entity": "", "name": "", "group": "", "tags": []},
     "model": {},
 }
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 _NODE_TYPES = {bool: BooleanNode, int: IntegerNode, float: FloatNode, str: StringNode}
 
@@ -193,6 +198,8 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _check_choice("dist.backend", cfg.dist.backend, BACKENDS)
     _check_choice("ckpt.best_mode", cfg.ckpt.best_mode, ("max", "min"))
+    _check_choice("log.level", cfg.log.level, LOG_LEVELS)
+    _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).is_file():
         raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file; use auto, never, or a checkpoint's path")
     if cfg.train.batch_size % world_size:

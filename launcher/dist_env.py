@@ -29,6 +29,7 @@ class DistEnv:
     local_world_size: int = 1
     under_torchrun: bool = False
     job_id: str | None = None
+    job_group: str | None = None  # the Slurm array job a task belongs to: its sweep
     master_addr: str = "localhost"
     master_port: int = 0
     restart_count: int = 0  # torchrun's restarts of this worker group so far
@@ -49,6 +50,7 @@ class DistEnv:
             under_torchrun=under_torchrun,
             # plain `torchrun` without --rdzv-id names every job "none": that names nothing.
             job_id=None if job_id in (None, "", "none") else job_id,
+            job_group=array_job if array_job and array_task else None,
             master_addr=environ.get("MASTER_ADDR", "localhost"),
             master_port=int(environ.get("MASTER_PORT", 0)),
             restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),

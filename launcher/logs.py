@@ -9,12 +9,13 @@ import warnings
 from launcher.dist_env import DistEnv
 
 
-def setup_logging(dist_env: DistEnv) -> None:
+def setup_logging(dist_env: DistEnv, level: str = "info") -> None:
+    """Rank 0 logs at ``level`` (the ``log.level`` key) to stdout; other ranks only errors, to stderr."""
     logger = logging.getLogger("launcher")
     logger.handlers.clear()
     if dist_env.is_main:
         handler = logging.StreamHandler(sys.stdout)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(level.upper())
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"[rank {dist_env.rank}] %(message)s"))

@@ -7,21 +7,29 @@ from pathlib import Path
 
 
 class MetricsFile:
-    """Appends metric records to ``metrics.jsonl``; rank 0 owns it."""
+    """Appends metric records to ``metrics.jsonl`` and passes them on to wandb when it runs; rank 0 owns it."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.wandb = None  # a launcher.tracking.WandbRun, once started
+
+    def _records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+    def last_step(self) -> int:
+        """The step of the newest record (0 for none): what an earlier attempt of this run logged through."""
+        return max((record["step"] for record in self._records()), default=0)
 
     def drop_after(self, step: int) -> None:
         """Forget records past ``step``: after a resume from ``step`` they are written again."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in self._records() if record["step"] <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record)
 
 
 def format_epoch(record: dict, epochs: int) -> str:

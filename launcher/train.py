@@ -38,6 +38,7 @@ class TrainState:
     best: float | None = None
     loss_sum: torch.Tensor = field(default=None)  # this rank's summed step losses in the epoch, on the device
     saved_step: int = -1  # global step of the last checkpoint
+    progress: bool = False  # a progress bar (rank 0, on a terminal) instead of periodic lines
 
     def __post_init__(self):
         if self.loss_sum is None:
@@ -73,7 +74,16 @@ def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, 
     """
     state.ddp_model.train()
     steps_per_epoch = start_epoch(state.train_loader, state.epoch, state.step_in_epoch * cfg.train.batch_size)
-    window, window_steps = torch.zeros((), device=state.device), 0
+    bar = _progress_bar(state, cfg, steps_per_epoch) if state.progress else None
+    try:
+        return _steps(state, cfg, dist_env, metrics, checkpointer, stop, steps_per_epoch, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop, steps_per_epoch: int, bar) -> bool:
+    window = _Window(state.device)
     for inputs, targets in state.train_loader:
         inputs = inputs.to(state.device, non_blocking=True)
         targets = targets.to(state.device, non_blocking=True)
@@ -84,12 +94,11 @@ def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, 
         state.step_in_epoch += 1
         state.global_step += 1
         state.loss_sum += loss.detach()
-        window += loss.detach()
-        window_steps += 1
+        window.add(loss.detach())
+        if bar is not None:
+            bar.update()
         if state.global_step % cfg.train.log_every == 0 and dist_env.is_main:
-            _log_step(state, window.item() / window_steps, steps_per_epoch, metrics)
-            window.zero_()
-            window_steps = 0
+            _log_step(state, window.take(cfg.train.batch_size), steps_per_epoch, metrics, bar)
         every = cfg.ckpt.every_steps
         if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
             save_checkpoint(state, cfg, checkpointer)  # the epoch's last step is saved after its evaluation
@@ -100,11 +109,42 @@ def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, 
     return False
 
 
-def _log_step(state: TrainState, loss: float, steps_per_epoch: int, metrics: MetricsFile) -> None:
-    record = {"step": state.global_step, "epoch": state.epoch, "train/loss": loss,
-              "lr": state.optimizer.param_groups[0]["lr"]}
-    metrics.write(record)
-    log.info("epoch %d step %d/%d | loss %.4f", state.epoch, state.step_in_epoch, steps_per_epoch, record["train/loss"])
+class _Window:
+    """Loss and time since the last progress report; read (a host sync) only when reporting."""
+
+    def __init__(self, device: torch.device):
+        self.loss, self.steps, self.start = torch.zeros((), device=device), 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def take(self, batch_size: int) -> dict:
+        """Mean loss and samples per second over the window, then start a new one."""
+        now = time.perf_counter()
+        report = {"train/loss": self.loss.item() / self.steps,
+                  "throughput/samples_per_s": self.steps * batch_size / (now - self.start)}
+        self.loss.zero_()
+        self.steps, self.start = 0, now
+        return report
+
+
+def _progress_bar(state: TrainState, cfg, steps_per_epoch: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}/{cfg.train.epochs}",
+                unit="step", leave=False, dynamic_ncols=True)
+
+
+def _log_step(state: TrainState, report: dict, steps_per_epoch: int, metrics: MetricsFile, bar) -> None:
+    lrs = {f"lr/group{i}": group["lr"] for i, group in enumerate(state.optimizer.param_groups)}
+    metrics.write({"step": state.global_step, "epoch": state.epoch, **report, **lrs})
+    loss, speed = report["train/loss"], report["throughput/samples_per_s"]
+    if bar is not None:
+        bar.set_postfix_str(f"loss {loss:.4f}, {speed:,.0f} samples/s")
+    else:
+        log.info("epoch %d step %d/%d | loss %.4f | %s samples/s", state.epoch, state.step_in_epoch, steps_per_epoch,
+                 loss, f"{speed:,.0f}")
 
 
 def _new_best(state: TrainState, cfg, record: dict, dist_env: DistEnv) -> float | None:

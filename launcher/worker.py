@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from launcher.resume import choose_checkpoint, load_for_resume, restore
 from launcher.run_dir import choose_run_dir
 from launcher.stop import GracefulStop
 from launcher.summary import model_summary, parameter_counts
+from launcher.tracking import WandbRun, start_wandb
 from launcher.train import TrainState, fit
 
 log = logging.getLogger(__name__)
@@ -89,14 +91,33 @@ def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> Non
 
 
 def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEnv, metrics: MetricsFile | None):
+    """Continue from the checkpoint ``ckpt.resume`` names, if any; returns what it held (None: a fresh start)."""
     path, payload = choose_checkpoint(cfg, checkpointer, dist_env)
     if path is None:
-        return
-    run_agreed(dist_env, lambda: restore(state, payload or load_for_resume(path), path, cfg, dist_env))
+        return None
+    payload = run_agreed(dist_env, lambda: payload or load_for_resume(path))
+    run_agreed(dist_env, lambda: restore(state, payload, path, cfg, dist_env))
     if dist_env.is_main:
         metrics.drop_after(state.global_step)
         log.info("resumed from %s: epoch %d, step %d of it, global step %d", path, state.epoch,
                  state.step_in_epoch, state.global_step)
+    return payload
+
+
+def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile, checkpointer: Checkpointer,
+                 resumed: dict | None, logged_through: int, model) -> WandbRun | None:
+    """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir and checkpoints)."""
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else (resumed or {}).get("wandb_id")
+    wandb_run = start_wandb(cfg, run_dir, dist_env.job_group, run_id, logged_through)
+    if wandb_run is None:
+        return None
+    id_file.write_text(wandb_run.id)
+    checkpointer.extra["wandb_id"] = wandb_run.id
+    metrics.wandb = wandb_run
+    summary = run_dir / "summary.txt"
+    wandb_run.save_summary(*parameter_counts(model), summary.read_text() if summary.exists() else None)
+    return wandb_run
 
 
 def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
@@ -111,16 +132,21 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
         return
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
-    metrics = None
+    metrics, logged_through = None, 0
     if dist_env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
         metrics = MetricsFile(run_dir / "metrics.jsonl")
+        logged_through = metrics.last_step()  # by an earlier attempt of this run
         _log_header(cfg, recipe, dist_env, device, model, run_dir)
         _write_summary(model, train_set, device, run_dir)
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
-    state = TrainState(model, model, optimizer, recipe.loss, train_loader, eval_set, device)
-    _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which then broadcasts rank 0's weights
+    progress = dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
+    state = TrainState(model, model, optimizer, recipe.loss, train_loader, eval_set, device, progress=progress)
+    resumed = _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
+    wandb_run = None
+    if dist_env.is_main:
+        wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics, checkpointer, resumed, logged_through, model)
     if dist_env.is_distributed:
         state.ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     stop = GracefulStop(dist_env)
@@ -129,13 +155,13 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
         final = fit(state, cfg, dist_env, metrics, checkpointer, stop)
     finally:
         stop.close()
+        if wandb_run:
+            wandb_run.finish()
     if dist_env.is_main:
         save_atomic(model.state_dict(), run_dir / "model.pt")
-        results = ", ".join(f"{key} {value:.4f}" for key, value in final.items() if key.startswith("eval/"))
-        log.info(
-            "done in %.1f s%s | model: %s", time.perf_counter() - start, f" | {results}" if results else "",
-            run_dir / "model.pt",
-        )
+        results = " | ".join(f"{key} {value:.4f}" for key, value in final.items() if key.startswith("eval/"))
+        log.info("done: %d steps in %.1f s%s | model: %s", state.global_step, time.perf_counter() - start,
+                 f" | {results}" if results else "", run_dir / "model.pt")
     if dist_env.is_distributed:
         # Leave together: a rank tearing down its connections while rank 0 still evaluates can abort in gloo.
         dist.barrier()

@@ -21,7 +21,9 @@ def launch(args: list[str], cwd: Path, nproc: int | None = None, env: dict | Non
         command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", "launcher", *args]
     else:
         command = [sys.executable, "-m", "launcher", *args]
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # No W&B credentials: wandb.mode=auto then logs offline, never to a server.
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, **(env or {})}
+    environ = {key: value for key, value in merged.items() if value is not None}  # None: unset it
     return subprocess.run(command, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
 
 

@@ -23,7 +23,7 @@ def test_digits_on_two_processes_reaches_95_percent(tmp_path):
         epochs[-1]
     )
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.txt"
+        "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.txt", "wandb", "wandb_id"
     ]
     assert "Total params: 14,698" in (run_dir / "summary.txt").read_text()
     assert "2 process(es), backend gloo" in result.stdout
@@ -55,7 +55,7 @@ def test_python_starts_its_workers_through_torchrun_and_linreg_recovers_w_and_b(
     torch.testing.assert_close(weights["bias"], torch.tensor([4.2]), atol=5e-3, rtol=0)
     assert epoch_records(run_dir)[-1]["eval/loss"] < 1e-3
     assert "eval/accuracy" not in epoch_records(run_dir)[-1]  # regression: no accuracy
-    assert any("lr" in record for record in read_metrics(run_dir))  # per-step lines every train.log_every
+    assert any("lr/group0" in record for record in read_metrics(run_dir))  # per-step lines every train.log_every
 
 
 def test_sharded_evaluation_equals_rank_zero_evaluation_exactly(tmp_path):

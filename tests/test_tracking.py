@@ -1,0 +1,108 @@
+"""Experiment tracking with the real wandb library (offline, read back with wandb's own reader), the terminal,
+and the plot command."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import check_ok, epoch_records, launch
+from test_checkpoint import ARGS, RECIPE
+
+WANDB = str(Path(sys.executable).parent / "wandb")
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def wandb_records(offline_run: Path) -> list[dict]:
+    """The run's transaction log, as wandb's own reader (`wandb leet inspect --json`) gives it."""
+    (log_file,) = offline_run.glob("run-*.wandb")
+    output = subprocess.run([WANDB, "leet", "inspect", "--json", str(log_file)], capture_output=True, text=True,
+                            check=True).stdout
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def history(records: list[dict]) -> list[dict]:
+    return [record["history"]["item"] for record in records if record["type"] == "history"]
+
+
+def run_id(records: list[dict]) -> str:
+    return next(record["run"]["run_id"] for record in records if record["type"] == "run")
+
+
+def without_credentials(tmp_path: Path) -> dict:
+    """No W&B API key anywhere (a fresh home), so wandb.mode=auto means offline."""
+    return {"HOME": str(tmp_path), "WANDB_API_KEY": None, "WANDB_MODE": None}
+
+
+def test_two_processes_make_one_offline_wandb_run_with_config_and_eval_metrics(tmp_path):
+    result = check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=3", "train.log_every=10"], tmp_path,
+                             nproc=2, env=without_credentials(tmp_path)))
+    (offline,) = offline_runs(tmp_path / "run")  # one run, from rank 0 only
+    assert f"upload it with `wandb sync {offline.relative_to(tmp_path)}`" in result.stdout
+    records = wandb_records(offline)
+    config = next(record["run"]["config"]["update"] for record in records if record["type"] == "run")
+    assert config["recipe"] == "digits" and config["train"]["epochs"] == 3
+    rows = history(records)
+    epochs = [row for row in rows if "eval/accuracy" in row]
+    assert [row["_step"] for row in epochs] == [22, 44, 66]
+    assert epochs[-1]["eval/accuracy"] == epoch_records(tmp_path / "run")[-1]["eval/accuracy"]
+    assert any("lr/group0" in row and "throughput/samples_per_s" in row for row in rows)
+    summary = [record["summary"]["update"] for record in records if record["type"] == "summary"]
+    assert any(update.get("parameters") == 14_698 and "Total params" in update.get("model_summary", "")
+               for update in summary)
+    assert (tmp_path / "run" / "wandb_id").read_text() == run_id(records)
+
+
+def test_an_elastic_restart_continues_the_same_wandb_run_with_steps_never_going_back(tmp_path):
+    (tmp_path / "interruptible.py").write_text(RECIPE)
+    env = {**without_credentials(tmp_path), "INTERRUPT": "1:30:SIGKILL"}
+    check_ok(launch([*ARGS, "run.dir=run"], tmp_path, nproc=2, env=env, torchrun_args=["--max-restarts=1"]))
+    first, second = (wandb_records(run) for run in offline_runs(tmp_path / "run"))  # one per attempt
+    assert run_id(first) == run_id(second)
+    steps = [row["_step"] for row in history(first) + history(second)]
+    assert steps == sorted(set(steps)) and steps[-1] == 66, steps
+    assert "eval/accuracy" in history(second)[-1]
+
+
+def test_wandb_online_without_network_or_key_warns_and_training_completes(tmp_path):
+    result = launch(["recipe=digits", "run.dir=run", "train.epochs=1", "wandb.mode=online"], tmp_path,
+                    env=without_credentials(tmp_path))
+    check_ok(result)
+    assert "wandb could not start in online mode (UsageError: No API key configured" in result.stdout
+    assert (tmp_path / "run" / "model.pt").exists() and epoch_records(tmp_path / "run")
+
+
+def test_a_terminal_gets_a_progress_bar_and_a_log_gets_plain_lines(tmp_path):
+    args = ["recipe=digits", "train.epochs=2", "train.log_every=10", "wandb.mode=disabled"]
+    piped = check_ok(launch([*args, "run.dir=piped"], tmp_path))
+    assert "epoch 1 step 10/22 | loss" in piped.stdout and "step/s" not in piped.stdout
+    # A pseudo-terminal of a real size (a 0-column one gets no bar from tqdm), as a person's terminal has.
+    command = " ".join(["stty cols 120 rows 40;", sys.executable, "-m", "launcher", *args, "run.dir=tty"])
+    terminal = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert terminal.returncode == 0, terminal.stdout
+    assert "epoch 1/2:" in terminal.stdout and "step/s" in terminal.stdout  # tqdm's bar, with its ETA
+    assert "epoch 1 step 10/22 | loss" not in terminal.stdout
+    assert "epoch 2/2 | train loss" in terminal.stdout and "done: 44 steps" in terminal.stdout
+
+
+def test_quiet_prints_nothing_but_warnings(tmp_path):
+    result = check_ok(launch(["recipe=digits", "train.epochs=1", "wandb.mode=disabled", "--quiet"], tmp_path))
+    assert result.stdout == ""
+
+
+def test_plot_writes_a_png_of_a_real_run(tmp_path):
+    check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=3", "train.log_every=5", "wandb.mode=disabled"],
+                    tmp_path))
+    result = subprocess.run([sys.executable, "-m", "launcher.plot", "run"], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "wrote run/metrics.png" in result.stdout
+    png = (tmp_path / "run" / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert width >= 800 and height >= 300
