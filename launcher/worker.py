@@ -47,7 +47,7 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv) -> None:
     try:
         _train(cfg, recipe, dist_env, device)
     except RuntimeError as error:
-        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+        if _is_collective_timeout(error):
             raise LauncherError(
                 f"a collective operation did not finish within dist.timeout_s="
                 f"{cfg.dist.timeout_s} s, so another rank is stuck or has died (see its output); "
@@ -56,6 +56,11 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv) -> None:
         raise
     finally:
         destroy_process_group(dist_env)
+
+
+def _is_collective_timeout(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return ("gloo" in text or "nccl" in text) and ("timed out" in text or "timeout" in text)
 
 
 def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
@@ -70,12 +75,13 @@ def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
 
 def _log_header(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, model, run_dir: Path) -> None:
     total, trainable = parameter_counts(model)
+    devices = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
     per_rank = cfg.train.batch_size // dist_env.world_size
     log.info(
         "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %d per rank | "
         "%s parameters (%s trainable) | run dir %s",
         recipe.name, dist_env.world_size, resolve_backend(cfg.dist.backend) if dist_env.is_distributed else "none",
-        device.type, cfg.train.batch_size, per_rank, f"{total:,}", f"{trainable:,}", run_dir,
+        devices, cfg.train.batch_size, per_rank, f"{total:,}", f"{trainable:,}", run_dir,
     )
 
 
@@ -95,13 +101,13 @@ def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEn
     path, payload = choose_checkpoint(cfg, checkpointer, dist_env)
     if path is None:
         return None
-    payload = run_agreed(dist_env, lambda: payload or load_for_resume(path))
-    run_agreed(dist_env, lambda: restore(state, payload, path, cfg, dist_env))
+    loaded = run_agreed(dist_env, lambda: payload or load_for_resume(path))
+    run_agreed(dist_env, lambda: restore(state, loaded, path, cfg, dist_env))
     if dist_env.is_main:
         metrics.drop_after(state.global_step)
         log.info("resumed from %s: epoch %d, step %d of it, global step %d", path, state.epoch,
                  state.step_in_epoch, state.global_step)
-    return payload
+    return loaded
 
 
 def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile, checkpointer: Checkpointer,

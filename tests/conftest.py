@@ -81,7 +81,7 @@ def slurm(tmp_path_factory):
     if os.geteuid() != 0:
         if os.environ.get("CI"):
             pytest.fail("the Slurm tests need root on CI (they start munged, slurmctld and slurmd)")
-        pytest.skip("the Slurm tests start munged, slurmctld and slurmd, which needs root")
+        pytest.skip("not root: the Slurm tests start munged, slurmctld and slurmd")
     missing = missing_daemons()
     assert not missing, f"{missing} not installed: apt-get install -y slurm-wlm munge (as .ci/run does)"
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from conftest import check_ok, launch, load_weights
+from test_tracking import offline_runs, wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,3 +129,7 @@ def test_array_template_runs_one_task_per_sweep_line(slurm, tmp_path):
     assert "seed: 1" in first and "lr: 0.05" in first
     assert "seed: 2" in second and "lr: 0.1" in second
     assert "sweep task 2: train.seed=2 optim.lr=0.1" in log_of(tmp_path, f"launcher-sweep-{job}_2.out")
+    # Each task is its own wandb run, in one group: the sweep.
+    groups = {record["run"]["run_group"] for run in runs for record in wandb_records(*offline_runs(run))
+              if record["type"] == "run"}
+    assert groups == {str(job)}
