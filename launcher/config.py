@@ -21,7 +21,14 @@ from launcher.errors import UserError
 ENGINE_DEFAULTS: dict[str, Any] = {
     "recipe": "",
     "run": {"dir": ""},  # "" = runs/<recipe>/<run id>
-    "train": {"epochs": 10, "batch_size": 256, "seed": 0, "log_every": 50},
+    "train": {
+        "epochs": 10, "batch_size": 256, "seed": 0, "log_every": 50,
+        "grad_accum": 1,  # micro-batches per optimizer step; the global batch (and so the math) stays batch_size
+        "clip_grad_norm": 0.0,  # 0: off
+        "max_steps": 0,  # 0: no limit; else stop after this many optimizer steps (smoke runs)
+        "limit_eval_batches": 0,  # 0: the whole eval set; else only its first N batches
+    },
+    "sched": {"name": "constant", "warmup_steps": 0, "step_size": 1000, "gamma": 0.1, "min_lr_ratio": 0.0},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
     "data": {"root": "data", "num_workers": 0, "download": False},
     "eval": {"batch_size": 512, "sharded": False, "only": False},
@@ -36,6 +43,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -179,6 +187,13 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
         (cfg.train.epochs >= 1, "train.epochs", "at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
+        (cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "0 (off) or more"),
+        (cfg.train.max_steps >= 0, "train.max_steps", "0 (no limit) or more"),
+        (cfg.train.limit_eval_batches >= 0, "train.limit_eval_batches", "0 (all) or more"),
+        (cfg.sched.warmup_steps >= 0, "sched.warmup_steps", "0 or more"),
+        (cfg.sched.step_size >= 1, "sched.step_size", "at least 1"),
+        (0 <= cfg.sched.min_lr_ratio <= 1, "sched.min_lr_ratio", "in [0, 1]"),
         (cfg.optim.lr > 0, "optim.lr", "greater than 0"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", "0 or more"),
@@ -197,16 +212,20 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be {wanted}")
     _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _check_choice("dist.backend", cfg.dist.backend, BACKENDS)
+    _check_choice("sched.name", cfg.sched.name, SCHEDULES)
     _check_choice("ckpt.best_mode", cfg.ckpt.best_mode, ("max", "min"))
     _check_choice("log.level", cfg.log.level, LOG_LEVELS)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).is_file():
         raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file; use auto, never, or a checkpoint's path")
-    if cfg.train.batch_size % world_size:
-        below = cfg.train.batch_size - cfg.train.batch_size % world_size
+    parts = world_size * cfg.train.grad_accum
+    if cfg.train.batch_size % parts:
+        below = cfg.train.batch_size - cfg.train.batch_size % parts
+        accum = cfg.train.grad_accum
+        over = f"{world_size} processes" + (f" x {accum} micro-batches" if accum > 1 else "")
         raise UserError(
-            f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {world_size} "
-            f"processes: use a multiple of {world_size}, e.g. {below or world_size} or {below + world_size}"
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {over}: "
+            f"use a multiple of {parts}, e.g. {below or parts} or {below + parts}"
         )
     if local_gpus:
         check_backend(cfg.dist.backend, procs_per_node)

@@ -27,7 +27,7 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     Each step's global batch is the same set of samples whatever the number of processes: the sampler shuffles
     with the same seed everywhere, rank r takes every world-size-th index, and incomplete batches are dropped.
     """
-    per_rank_batch = cfg.train.batch_size // dist_env.world_size
+    per_rank_batch = cfg.train.batch_size // (dist_env.world_size * cfg.train.grad_accum)  # one micro-batch
     sampler = ResumableDistributedSampler(
         dataset, dist_env.world_size, dist_env.rank, seed=cfg.train.seed, global_batch=cfg.train.batch_size
     )
@@ -46,15 +46,19 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     return loader
 
 
-def start_epoch(loader: DataLoader, epoch: int, consumed: int) -> int:
-    """Position ``loader`` ``consumed`` samples into ``epoch``; returns the epoch's number of steps.
+def steps_per_epoch(loader: DataLoader, global_batch: int) -> int:
+    """Optimizer steps in a whole epoch."""
+    return loader.sampler.usable // global_batch
+
+
+def start_epoch(loader: DataLoader, epoch: int, consumed: int) -> None:
+    """Position ``loader`` ``consumed`` samples into ``epoch``.
 
     Worker seeds depend only on (seed, epoch, rank), so a resumed epoch's workers start as the original's did.
     """
     sampler = loader.sampler
     sampler.set_epoch(epoch, consumed)
     loader.generator.manual_seed((sampler.seed * 1_000_003 + epoch) * 1_009 + sampler.rank)
-    return sampler.usable // (loader.batch_size * sampler.num_replicas)
 
 
 def eval_batches(num_samples: int, batch_size: int) -> list[list[int]]:

@@ -23,6 +23,9 @@ def evaluate(model: nn.Module, dataset, loss_fn, cfg, device: torch.device, dist
     Every rank must call this when ``sharded``; only rank 0 otherwise.
     """
     batches = eval_batches(len(dataset), cfg.eval.batch_size)
+    if cfg.train.limit_eval_batches:
+        batches = batches[: cfg.train.limit_eval_batches]
+    samples = sum(len(batch) for batch in batches)
     owned = range(dist_env.rank, len(batches), dist_env.world_size) if sharded else range(len(batches))
     loss_sums = torch.zeros(len(batches), dtype=torch.float64, device=device)
     correct = torch.zeros(len(batches), dtype=torch.int64, device=device)
@@ -41,7 +44,7 @@ def evaluate(model: nn.Module, dataset, loss_fn, cfg, device: torch.device, dist
     if sharded and dist_env.is_distributed:
         for tensor in (loss_sums, correct, classification):
             dist.all_reduce(tensor)  # each slot has one non-zero contributor: the sum is exact
-    metrics = {"eval/loss": (loss_sums.sum() / len(dataset)).item()}
+    metrics = {"eval/loss": (loss_sums.sum() / samples).item()}
     if classification.item():
-        metrics["eval/accuracy"] = correct.sum().item() / len(dataset)
+        metrics["eval/accuracy"] = correct.sum().item() / samples
     return metrics

@@ -62,6 +62,7 @@ def restore(state, payload: dict, path: Path, cfg, dist_env: DistEnv) -> None:
     except (ValueError, KeyError) as error:
         raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={cfg.optim.name} "
                         f"and the recipe's param_groups ({error})") from None
+    state.scheduler.load_state_dict(payload["scheduler"])
     samples = payload["samples_in_epoch"]
     if samples % cfg.train.batch_size:
         raise UserError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,9 +10,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint import Checkpointer
-from launcher.data import start_epoch
+from launcher.data import start_epoch, steps_per_epoch
 from launcher.dist_env import DistEnv
 from launcher.evaluate import evaluate
 from launcher.metrics import MetricsFile, format_epoch
@@ -28,6 +30,7 @@ class TrainState:
     ddp_model: nn.Module  # what trains (the DDP wrapper, or the model itself on one process)
     model: nn.Module  # the unwrapped model: evaluated and saved
     optimizer: torch.optim.Optimizer
+    scheduler: object  # a torch LR scheduler, stepped once per optimizer step
     loss_fn: object
     train_loader: object
     eval_set: object
@@ -49,6 +52,7 @@ class TrainState:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "samples_in_epoch": self.step_in_epoch * cfg.train.batch_size,
             "global_step": self.global_step,
@@ -67,45 +71,67 @@ def save_checkpoint(state: TrainState, cfg, checkpointer: Checkpointer):
     return path
 
 
+def reached_max_steps(state: TrainState, cfg) -> bool:
+    return bool(cfg.train.max_steps) and state.global_step >= cfg.train.max_steps
+
+
 def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop: GracefulStop) -> bool:
     """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint).
 
     The only host syncs are rank 0's, every ``train.log_every`` steps.
     """
     state.ddp_model.train()
-    steps_per_epoch = start_epoch(state.train_loader, state.epoch, state.step_in_epoch * cfg.train.batch_size)
-    bar = _progress_bar(state, cfg, steps_per_epoch) if state.progress else None
+    start_epoch(state.train_loader, state.epoch, state.step_in_epoch * cfg.train.batch_size)
+    total = steps_per_epoch(state.train_loader, cfg.train.batch_size)
+    bar = _progress_bar(state, cfg, total) if state.progress else None
     try:
-        return _steps(state, cfg, dist_env, metrics, checkpointer, stop, steps_per_epoch, bar)
+        return _steps(state, cfg, dist_env, metrics, checkpointer, stop, total, bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop, steps_per_epoch: int, bar) -> bool:
-    window = _Window(state.device)
-    for inputs, targets in state.train_loader:
+def _micro_step(state: TrainState, inputs, targets, accum: int, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
+    skip_sync = not sync and isinstance(state.ddp_model, DistributedDataParallel)
+    with state.ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
+        loss = state.loss_fn(state.ddp_model(inputs), targets)
+        (loss / accum).backward()  # the step's gradient: the mean over all its micro-batches
+    return loss.detach()
+
+
+def _steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop, total: int, bar) -> bool:
+    accum, window = cfg.train.grad_accum, _Window(state.device)
+    step_loss = torch.zeros((), device=state.device)
+    for micro, (inputs, targets) in enumerate(state.train_loader, 1):
         inputs = inputs.to(state.device, non_blocking=True)
         targets = targets.to(state.device, non_blocking=True)
-        loss = state.loss_fn(state.ddp_model(inputs), targets)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss += _micro_step(state, inputs, targets, accum, sync=micro % accum == 0) / accum
+        if micro % accum:
+            continue
+        if cfg.train.clip_grad_norm:
+            window.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_grad_norm)
         state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
         state.step_in_epoch += 1
         state.global_step += 1
-        state.loss_sum += loss.detach()
-        window.add(loss.detach())
+        state.loss_sum += step_loss
+        window.add(step_loss)
+        step_loss = torch.zeros((), device=state.device)
         if bar is not None:
             bar.update()
         if state.global_step % cfg.train.log_every == 0 and dist_env.is_main:
-            _log_step(state, window.take(cfg.train.batch_size), steps_per_epoch, metrics, bar)
+            _log_step(state, window.take(cfg.train.batch_size), total, metrics, bar)
         every = cfg.ckpt.every_steps
-        if every and state.global_step % every == 0 and state.step_in_epoch < steps_per_epoch:
+        if every and state.global_step % every == 0 and state.step_in_epoch < total:
             save_checkpoint(state, cfg, checkpointer)  # the epoch's last step is saved after its evaluation
         if stop.should_stop():
             if state.saved_step != state.global_step:
                 save_checkpoint(state, cfg, checkpointer)
             return True
+        if reached_max_steps(state, cfg):
+            break
     return False
 
 
@@ -114,6 +140,7 @@ class _Window:
 
     def __init__(self, device: torch.device):
         self.loss, self.steps, self.start = torch.zeros((), device=device), 0, time.perf_counter()
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss += loss
@@ -124,6 +151,8 @@ class _Window:
         now = time.perf_counter()
         report = {"train/loss": self.loss.item() / self.steps,
                   "throughput/samples_per_s": self.steps * batch_size / (now - self.start)}
+        if self.grad_norm is not None:
+            report["grad_norm"] = self.grad_norm.item()
         self.loss.zero_()
         self.steps, self.start = 0, now
         return report
@@ -161,11 +190,10 @@ def _new_best(state: TrainState, cfg, record: dict, dist_env: DistEnv) -> float 
 
 def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, start: float, steps_run: int):
     """Average the epoch's loss over ranks, evaluate, checkpoint, and write the epoch's record."""
-    steps_per_epoch = state.train_loader.sampler.usable // cfg.train.batch_size
     loss_sum = state.loss_sum.clone()
     if dist_env.is_distributed:
         dist.all_reduce(loss_sum)
-    train_loss = loss_sum.item() / (steps_per_epoch * dist_env.world_size)  # also waits for the device
+    train_loss = loss_sum.item() / (max(1, state.step_in_epoch) * dist_env.world_size)  # also waits for the device
     seconds = time.perf_counter() - start
     record = {
         "step": state.global_step,
@@ -184,7 +212,8 @@ def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointe
     state.epoch, state.step_in_epoch = state.epoch + 1, 0
     state.loss_sum.zero_()
     every = cfg.ckpt.every_epochs
-    if improved or (every and record["epoch"] % every == 0) or record["epoch"] == cfg.train.epochs:
+    last = record["epoch"] == cfg.train.epochs or reached_max_steps(state, cfg)
+    if improved or (every and record["epoch"] % every == 0) or last:
         path = save_checkpoint(state, cfg, checkpointer)
         if improved and dist_env.is_main:
             checkpointer.save_best(path)
@@ -197,7 +226,7 @@ def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointe
 def fit(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop: GracefulStop) -> dict:
     """Train from where ``state`` stands to the end of ``train.epochs``; returns the last epoch's record."""
     record: dict = {}
-    while state.epoch <= cfg.train.epochs:
+    while state.epoch <= cfg.train.epochs and not reached_max_steps(state, cfg):
         start, first_step = time.perf_counter(), state.step_in_epoch
         if run_steps(state, cfg, dist_env, metrics, checkpointer, stop):
             raise StopRequested(

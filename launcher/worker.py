@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from launcher.agree import run_agreed
 from launcher.checkpoint import Checkpointer, save_atomic
 from launcher.config import with_run_dir
-from launcher.data import build_train_loader
+from launcher.data import build_train_loader, steps_per_epoch
 from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group, resolve_backend
 from launcher.errors import LauncherError
 from launcher.eval_only import evaluate_checkpoint
@@ -26,6 +26,7 @@ from launcher.optim import build_optimizer
 from launcher.recipe import Recipe
 from launcher.resume import choose_checkpoint, load_for_resume, restore
 from launcher.run_dir import choose_run_dir
+from launcher.schedule import build_scheduler
 from launcher.stop import GracefulStop
 from launcher.summary import model_summary, parameter_counts
 from launcher.tracking import WandbRun, start_wandb
@@ -73,15 +74,22 @@ def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
     return first or rest
 
 
+def _total_steps(cfg, train_loader) -> int:
+    """Optimizer steps the whole run takes: what the LR schedule spans."""
+    total = steps_per_epoch(train_loader, cfg.train.batch_size) * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
 def _log_header(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, model, run_dir: Path) -> None:
     total, trainable = parameter_counts(model)
     devices = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
-    per_rank = cfg.train.batch_size // dist_env.world_size
+    per_rank, accum = cfg.train.batch_size // dist_env.world_size, cfg.train.grad_accum
+    split = f"{per_rank} per rank" if accum == 1 else f"{per_rank // accum} per rank x {accum} accumulated"
     log.info(
-        "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %d per rank | "
+        "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %s | "
         "%s parameters (%s trainable) | run dir %s",
         recipe.name, dist_env.world_size, resolve_backend(cfg.dist.backend) if dist_env.is_distributed else "none",
-        devices, cfg.train.batch_size, per_rank, f"{total:,}", f"{trainable:,}", run_dir,
+        devices, cfg.train.batch_size, split, f"{total:,}", f"{trainable:,}", run_dir,
     )
 
 
@@ -148,7 +156,9 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
         _write_summary(model, train_set, device, run_dir)
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
     progress = dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
-    state = TrainState(model, model, optimizer, recipe.loss, train_loader, eval_set, device, progress=progress)
+    scheduler = build_scheduler(optimizer, cfg, _total_steps(cfg, train_loader))
+    state = TrainState(model, model, optimizer, scheduler, recipe.loss, train_loader, eval_set, device,
+                       progress=progress)
     resumed = _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
     wandb_run = None
     if dist_env.is_main:
