@@ -27,6 +27,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "clip_grad_norm": 0.0,  # 0: off
         "max_steps": 0,  # 0: no limit; else stop after this many optimizer steps (smoke runs)
         "limit_eval_batches": 0,  # 0: the whole eval set; else only its first N batches
+        "amp": "none",  # none | bf16 | fp16 (fp16 with a GradScaler)
+        "compile": False,  # torch.compile of the DDP-wrapped model (TorchDynamo splits graphs at DDP buckets)
+        "channels_last": False,  # NHWC memory format for models and image batches
     },
     "sched": {"name": "constant", "warmup_steps": 0, "step_size": 1000, "gamma": 0.1, "min_lr_ratio": 0.0},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
@@ -44,6 +47,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
+AMP_MODES = ("none", "bf16", "fp16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -213,6 +217,7 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _check_choice("dist.backend", cfg.dist.backend, BACKENDS)
     _check_choice("sched.name", cfg.sched.name, SCHEDULES)
+    _check_choice("train.amp", cfg.train.amp, AMP_MODES)
     _check_choice("ckpt.best_mode", cfg.ckpt.best_mode, ("max", "min"))
     _check_choice("log.level", cfg.log.level, LOG_LEVELS)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)

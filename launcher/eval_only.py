@@ -14,7 +14,7 @@ from launcher.resume import choose_checkpoint, is_checkpoint, load_for_resume
 log = logging.getLogger(__name__)
 
 
-def evaluate_checkpoint(cfg, model, eval_set, loss_fn, checkpointer: Checkpointer, dist_env: DistEnv, device) -> None:
+def evaluate_checkpoint(cfg, model, eval_set, recipe, checkpointer: Checkpointer, dist_env: DistEnv, device) -> None:
     """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``) and print the metrics."""
     path, payload = choose_checkpoint(cfg, checkpointer, dist_env, allow_model=True)
     if path is None:
@@ -31,6 +31,7 @@ def evaluate_checkpoint(cfg, model, eval_set, loss_fn, checkpointer: Checkpointe
 
     run_agreed(dist_env, load_weights)
     if cfg.eval.sharded or dist_env.is_main:
-        metrics = evaluate(model, eval_set, loss_fn, cfg, device, dist_env, sharded=cfg.eval.sharded)
+        metrics = evaluate(model, eval_set, recipe.loss, cfg, device, dist_env, sharded=cfg.eval.sharded,
+                           predict=recipe.predictions)
     if dist_env.is_main:
         log.info("evaluated %s | %s", path, " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))

@@ -15,7 +15,8 @@ def _is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, loss_fn, cfg, device: torch.device, dist_env: DistEnv, sharded: bool) -> dict:
+def evaluate(model: nn.Module, dataset, loss_fn, cfg, device: torch.device, dist_env: DistEnv, sharded: bool,
+             predict=lambda outputs: outputs) -> dict:
     """Evaluate the unwrapped model (never the DDP wrapper: a DDP forward on one rank hangs the others).
 
     Sharded, rank r evaluates batches r, r + world, ...; each batch's sums land in their own slot and the slots
@@ -37,9 +38,10 @@ def evaluate(model: nn.Module, dataset, loss_fn, cfg, device: torch.device, dist
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         outputs = model(inputs)
         loss_sums[slot] = loss_fn(outputs, targets).double() * len(targets)
-        if _is_classification(outputs, targets):
+        scores = predict(outputs)
+        if isinstance(scores, torch.Tensor) and _is_classification(scores, targets):
             classification.fill_(1)
-            correct[slot] = (outputs.argmax(dim=1) == targets).sum()
+            correct[slot] = (scores.argmax(dim=1) == targets).sum()
     model.train(was_training)
     if sharded and dist_env.is_distributed:
         for tensor in (loss_sums, correct, classification):

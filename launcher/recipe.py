@@ -2,8 +2,8 @@
 
 A recipe is a plain module. It must define ``build_model(cfg)`` and ``build_datasets(cfg)``; it may define
 ``DEFAULTS`` (a nested dict: engine keys it changes and keys of its own, typed by their default values),
-``param_groups(model, cfg)`` and ``loss(outputs, targets)``. It never touches ranks, devices, samplers or process
-groups: the engine owns those.
+``param_groups(model, cfg)``, ``loss(outputs, targets)`` and ``predictions(outputs)`` (multi-output models).
+It never touches ranks, devices, samplers or process groups: the engine owns those.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import recipes
 from launcher.errors import UserError
 
 REQUIRED = ("build_model", "build_datasets")
+
+
+def _same(outputs):
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class Recipe:
     def loss(self) -> Callable:
         """The recipe's ``loss(outputs, targets)`` (a mean over the batch), else cross-entropy."""
         return getattr(self.module, "loss", F.cross_entropy)
+
+    @property
+    def predictions(self) -> Callable:
+        """The recipe's ``predictions(outputs)``: what accuracy scores when the model has several outputs."""
+        return getattr(self.module, "predictions", _same)
 
 
 def available_recipes() -> list[str]:

@@ -63,6 +63,8 @@ def restore(state, payload: dict, path: Path, cfg, dist_env: DistEnv) -> None:
         raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={cfg.optim.name} "
                         f"and the recipe's param_groups ({error})") from None
     state.scheduler.load_state_dict(payload["scheduler"])
+    if state.precision.scaler and payload.get("scaler"):
+        state.precision.scaler.load_state_dict(payload["scaler"])
     samples = payload["samples_in_epoch"]
     if samples % cfg.train.batch_size:
         raise UserError(

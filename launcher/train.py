@@ -17,6 +17,7 @@ from launcher.data import start_epoch, steps_per_epoch
 from launcher.dist_env import DistEnv
 from launcher.evaluate import evaluate
 from launcher.metrics import MetricsFile, format_epoch
+from launcher.precision import Precision
 from launcher.rng import capture_rng
 from launcher.stop import GracefulStop, StopRequested
 
@@ -31,7 +32,9 @@ class TrainState:
     model: nn.Module  # the unwrapped model: evaluated and saved
     optimizer: torch.optim.Optimizer
     scheduler: object  # a torch LR scheduler, stepped once per optimizer step
+    precision: Precision
     loss_fn: object
+    predict: object  # outputs -> what accuracy scores (the recipe's predictions)
     train_loader: object
     eval_set: object
     device: torch.device
@@ -53,6 +56,7 @@ class TrainState:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "epoch": self.epoch,
             "samples_in_epoch": self.step_in_epoch * cfg.train.batch_size,
             "global_step": self.global_step,
@@ -93,25 +97,28 @@ def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, 
 
 def _micro_step(state: TrainState, inputs, targets, accum: int, sync: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
-    skip_sync = not sync and isinstance(state.ddp_model, DistributedDataParallel)
-    with state.ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
-        loss = state.loss_fn(state.ddp_model(inputs), targets)
-        (loss / accum).backward()  # the step's gradient: the mean over all its micro-batches
-    return loss.detach()
+    ddp = getattr(state.ddp_model, "_orig_mod", state.ddp_model)  # under torch.compile, the DDP module itself
+    skip_sync = not sync and isinstance(ddp, DistributedDataParallel)
+    with ddp.no_sync() if skip_sync else contextlib.nullcontext():
+        with state.precision.autocast():
+            loss = state.loss_fn(state.ddp_model(inputs), targets)
+        state.precision.backward(loss / accum)  # the step's gradient: the mean over all its micro-batches
+    return loss.detach().float()
 
 
 def _steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop, total: int, bar) -> bool:
     accum, window = cfg.train.grad_accum, _Window(state.device)
     step_loss = torch.zeros((), device=state.device)
     for micro, (inputs, targets) in enumerate(state.train_loader, 1):
-        inputs = inputs.to(state.device, non_blocking=True)
+        inputs = state.precision.prepare(inputs.to(state.device, non_blocking=True))
         targets = targets.to(state.device, non_blocking=True)
         step_loss += _micro_step(state, inputs, targets, accum, sync=micro % accum == 0) / accum
         if micro % accum:
             continue
         if cfg.train.clip_grad_norm:
+            state.precision.unscale(state.optimizer)
             window.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_grad_norm)
-        state.optimizer.step()
+        state.precision.step(state.optimizer)
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.step_in_epoch += 1
@@ -204,7 +211,7 @@ def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointe
     }
     if state.eval_set is not None and (cfg.eval.sharded or dist_env.is_main):
         args = (state.model, state.eval_set, state.loss_fn, cfg, state.device, dist_env)
-        record.update(evaluate(*args, sharded=cfg.eval.sharded))
+        record.update(evaluate(*args, sharded=cfg.eval.sharded, predict=state.predict))
     new_best = _new_best(state, cfg, record, dist_env) if cfg.ckpt.best_metric else None
     improved = new_best is not None
     if improved:

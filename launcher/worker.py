@@ -23,6 +23,7 @@ from launcher.errors import LauncherError
 from launcher.eval_only import evaluate_checkpoint
 from launcher.metrics import MetricsFile
 from launcher.optim import build_optimizer
+from launcher.precision import Precision
 from launcher.recipe import Recipe
 from launcher.resume import choose_checkpoint, load_for_resume, restore
 from launcher.run_dir import choose_run_dir
@@ -139,10 +140,12 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
     cfg = with_run_dir(cfg, str(run_dir))
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
     model = run_agreed(dist_env, lambda: recipe.build_model(cfg)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
     checkpointer = Checkpointer(run_dir, cfg, dist_env)
     if cfg.eval.only:
-        evaluate_checkpoint(cfg, model, eval_set, recipe.loss, checkpointer, dist_env, device)
+        evaluate_checkpoint(cfg, model, eval_set, recipe, checkpointer, dist_env, device)
         return
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
@@ -157,14 +160,19 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
     progress = dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
     scheduler = build_scheduler(optimizer, cfg, _total_steps(cfg, train_loader))
-    state = TrainState(model, model, optimizer, scheduler, recipe.loss, train_loader, eval_set, device,
-                       progress=progress)
+    precision = Precision(cfg.train.amp, cfg.train.channels_last, device)
+    state = TrainState(model, model, optimizer, scheduler, precision, recipe.loss, recipe.predictions, train_loader,
+                       eval_set, device, progress=progress)
     resumed = _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
     wandb_run = None
     if dist_env.is_main:
         wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics, checkpointer, resumed, logged_through, model)
     if dist_env.is_distributed:
         state.ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        # Compiling the DDP-wrapped model is PyTorch's documented way: TorchDynamo's DDPOptimizer splits the graph
+        # at bucket boundaries, so gradient all-reduces still overlap the backward pass.
+        state.ddp_model = torch.compile(state.ddp_model)
     stop = GracefulStop(dist_env)
     start = time.perf_counter()
     try:

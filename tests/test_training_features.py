@@ -13,6 +13,7 @@ from conftest import check_ok, epoch_records, launch, load_weights, read_metrics
 from launcher.config import build_config, parse_overrides
 from launcher.data import build_train_loader
 from launcher.dist_env import DistEnv
+from launcher.precision import Precision
 from launcher.recipe import load_recipe
 from launcher.schedule import lr_multiplier
 from launcher.stop import GracefulStop
@@ -46,7 +47,9 @@ def _count_all_reduces(rank: int, store_file: str, accum: int, counts) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loader = build_train_loader(recipe.build_datasets(cfg)[0], cfg, dist_env, torch.device("cpu"))
-    state = TrainState(ddp_model, model, optimizer, scheduler, recipe.loss, loader, None, torch.device("cpu"))
+    precision = Precision("none", False, torch.device("cpu"))
+    state = TrainState(ddp_model, model, optimizer, scheduler, precision, recipe.loss, recipe.predictions, loader,
+                       None, torch.device("cpu"))
     stop = GracefulStop(dist_env)
     run_steps(state, cfg, dist_env, None, None, stop)
     stop.close()
