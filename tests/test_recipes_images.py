@@ -107,3 +107,4 @@ def test_compiled_ddp_model_trains_like_the_eager_one(tmp_path):
     eager, compiled = load_weights(tmp_path / "eager"), load_weights(tmp_path / "compiled")
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
+
