@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/bin/sbatch")
-NODES = {"n1": 17001, "n2": 17002}
+NODES = ("n1", "n2")
 
 
 def missing_daemons() -> list[str]:
@@ -45,8 +45,8 @@ class SlurmCluster:
     def write_config(self) -> None:
         hardware, host, f = node_hardware(), socket.gethostname(), self.folder
         nodes = "\n".join(
-            f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {hardware} State=UNKNOWN"
-            for name, port in NODES.items()
+            f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} {hardware} State=UNKNOWN"
+            for name in NODES
         )
         (f / "state").mkdir()
         (f / "spool").mkdir()
@@ -88,6 +88,12 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         self.wait_for(lambda: self.run("sinfo", "-h", "-o", "%T").split() == ["idle"], "nodes idle", 30)
 
     def stop(self) -> None:
+        # Jobs first: a job step outliving its slurmd keeps that slurmd's port, and the next cluster cannot start.
+        subprocess.run(["scancel", "--full", "--quiet", "--user=root"], env=self.env, capture_output=True)
+        try:
+            self.wait_for(lambda: not self.run("squeue", "-h").strip(), "all jobs gone", 60)
+        except TimeoutError:
+            pass  # stop the daemons all the same
         for pid_file in self.pid_files:
             if pid_file.exists():
                 try:

@@ -124,7 +124,8 @@ def test_array_template_runs_one_task_per_sweep_line(slurm, tmp_path):
     (tmp_path / "sweep.txt").write_text("# seeds\ntrain.seed=1\n\ntrain.seed=2 optim.lr=0.1\n")
     job = submit(tmp_path, "array", "--sweep", "sweep.txt", "recipe=digits", "train.epochs=1", env=slurm.env)
     runs = [tmp_path / "runs" / "digits" / f"{job}_{task}" for task in (1, 2)]
-    slurm.wait_for(lambda: all((run / "model.pt").exists() for run in runs), "both array tasks done", 300)
+    slurm.wait_for(lambda: not slurm.run("squeue", "-h", "-j", str(job)).strip(), "both array tasks done", 300)
+    assert all((run / "model.pt").exists() for run in runs)
     first, second = ((run / "config.yaml").read_text() for run in runs)
     assert "seed: 1" in first and "lr: 0.05" in first
     assert "seed: 2" in second and "lr: 0.1" in second
