@@ -28,11 +28,16 @@ def save_atomic(state: dict, path: Path) -> None:
     A reader sees the old file or the new one, never a partial one; a writer killed half-way leaves only a
     ``.tmp`` file behind, which the next save removes.
     """
+    _write_atomic(path, lambda file: torch.save(state, file))
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -99,10 +104,12 @@ class Checkpointer:
 
     def save_best(self, source: Path) -> None:
         """Rank 0: keep a copy of ``source`` as best.pt (atomically, like every checkpoint)."""
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".best.pt.", suffix=".tmp")
-        os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, self.folder / "best.pt")
+
+        def copy(file) -> None:
+            with source.open("rb") as original:
+                shutil.copyfileobj(original, file)
+
+        _write_atomic(self.folder / "best.pt", copy)
 
     def _prune(self) -> None:
         for old in self.step_files()[self.cfg.ckpt.keep :]:

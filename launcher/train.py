@@ -125,7 +125,7 @@ def _steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, sto
         state.global_step += 1
         state.loss_sum += step_loss
         window.add(step_loss)
-        step_loss = torch.zeros((), device=state.device)
+        step_loss.zero_()
         if bar is not None:
             bar.update()
         if state.global_step % cfg.train.log_every == 0 and dist_env.is_main:

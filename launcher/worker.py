@@ -108,15 +108,17 @@ def _log_header(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, mo
     )
 
 
-def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> None:
+def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> str | None:
+    """torchsummary's table, logged and saved as summary.txt; None when there is none."""
     sample = train_set[0][0]
     if not isinstance(sample, torch.Tensor):
         log.warning("model summary skipped: the training set's inputs are %s, not tensors", type(sample).__name__)
-        return
+        return None
     text = model_summary(model, sample, device)
     if text:
         log.info("%s", text.rstrip())
         (run_dir / "summary.txt").write_text(text)
+    return text
 
 
 def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEnv, metrics: MetricsFile | None):
@@ -134,7 +136,7 @@ def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEn
 
 
 def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile, checkpointer: Checkpointer,
-                 resumed: dict | None, logged_through: int, model) -> WandbRun | None:
+                 resumed: dict | None, logged_through: int, model, summary: str | None) -> WandbRun | None:
     """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir and checkpoints)."""
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else (resumed or {}).get("wandb_id")
@@ -144,8 +146,7 @@ def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile, ch
     id_file.write_text(wandb_run.id)
     checkpointer.extra["wandb_id"] = wandb_run.id
     metrics.wandb = wandb_run
-    summary = run_dir / "summary.txt"
-    wandb_run.save_summary(*parameter_counts(model), summary.read_text() if summary.exists() else None)
+    wandb_run.save_summary(*parameter_counts(model), summary)
     return wandb_run
 
 
@@ -163,14 +164,14 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
         return
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
-    metrics, logged_through = None, 0
+    metrics, logged_through, summary = None, 0, None
     if dist_env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
         metrics = MetricsFile(run_dir / "metrics.jsonl")
         logged_through = metrics.last_step()  # by an earlier attempt of this run
         _log_header(cfg, recipe, dist_env, device, model, run_dir)
-        _write_summary(model, train_set, device, run_dir)
+        summary = _write_summary(model, train_set, device, run_dir)
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
     progress = dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
     scheduler = build_scheduler(optimizer, cfg, _total_steps(cfg, train_loader))
@@ -180,7 +181,8 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
     resumed = _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
     wandb_run = None
     if dist_env.is_main:
-        wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics, checkpointer, resumed, logged_through, model)
+        wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics, checkpointer, resumed, logged_through, model,
+                                 summary)
     state.ddp_model = wrap_model(model, cfg, dist_env, device)
     stop = GracefulStop(dist_env)
     start = time.perf_counter()
