@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.template != "multi" and nodes != 1:
             raise UserError(f"--nodes {nodes}: the {args.template} template runs on one node; use `multi`")
-        tasks = sweep_lines(args.sweep) if args.template == "array" else None
         if args.template == "array" and not args.sweep:
             raise UserError("the array template needs --sweep FILE")
+        tasks = sweep_lines(args.sweep) if args.template == "array" else None
         for task in tasks or [""]:
             check_run(args.overrides + shlex.split(task), nodes * nproc, nproc)
     except LauncherError as error:

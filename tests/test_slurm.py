@@ -35,6 +35,8 @@ def test_submit_validates_before_it_submits_and_dry_run_prints_the_script(tmp_pa
     uneven = subprocess.run([*command, "multi", "--nodes", "2", "--gpus-per-node", "8", "recipe=digits",
                              "train.batch_size=100"], cwd=tmp_path, capture_output=True, text=True)
     assert uneven.returncode == 2 and "must split evenly over 16 processes" in uneven.stderr
+    no_sweep = subprocess.run([*command, "array", "recipe=digits"], cwd=tmp_path, capture_output=True, text=True)
+    assert no_sweep.returncode == 2 and "the array template needs --sweep FILE" in no_sweep.stderr
     dry = subprocess.run([*command, "multi", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
                           "--time", "04:00:00", "--account", "lab", "--dry-run", "recipe=digits"],
                          cwd=tmp_path, capture_output=True, text=True)
