@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-from launcher.dist_env import BACKENDS, check_backend
+from launcher.dist_env import BACKENDS, FIRST_BUCKET_MB, check_backend
 from launcher.errors import UserError
 
 ENGINE_DEFAULTS: dict[str, Any] = {
@@ -28,7 +28,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "max_steps": 0,  # 0: no limit; else stop after this many optimizer steps (smoke runs)
         "limit_eval_batches": 0,  # 0: the whole eval set; else only its first N batches
         "amp": "none",  # none | bf16 | fp16 (fp16 with a GradScaler)
-        "compile": False,  # torch.compile of the DDP-wrapped model (TorchDynamo splits graphs at DDP buckets)
+        "compile": False,  # torch.compile of the model inside DDP (TorchDynamo splits graphs at DDP buckets)
         "channels_last": False,  # NHWC memory format for models and image batches
     },
     "sched": {"name": "constant", "warmup_steps": 0, "step_size": 1000, "gamma": 0.1, "min_lr_ratio": 0.0},
@@ -233,6 +233,10 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {over}: "
             f"use a multiple of {parts}, e.g. {below or parts} or {below + parts}"
         )
+    if cfg.train.compile and world_size > 1 and cfg.dist.bucket_cap_mb < FIRST_BUCKET_MB:
+        # TorchDynamo's DDPOptimizer refuses buckets smaller than DDP's first one (an assertion deep in torch).
+        raise UserError(f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb} must be at least {FIRST_BUCKET_MB:g} "
+                        "(DDP's first bucket) with train.compile=true; use e.g. dist.bucket_cap_mb=25")
     if local_gpus:
         check_backend(cfg.dist.backend, procs_per_node)
 

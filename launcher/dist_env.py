@@ -13,6 +13,7 @@ import torch.distributed as dist
 from launcher.errors import UserError
 
 BACKENDS = ("auto", "gloo", "nccl")
+FIRST_BUCKET_MB = dist._DEFAULT_FIRST_BUCKET_BYTES / 2**20  # DDP all-reduces a small first bucket early
 
 
 @dataclass(frozen=True)

@@ -97,9 +97,8 @@ def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, 
 
 def _micro_step(state: TrainState, inputs, targets, accum: int, sync: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
-    ddp = getattr(state.ddp_model, "_orig_mod", state.ddp_model)  # under torch.compile, the DDP module itself
-    skip_sync = not sync and isinstance(ddp, DistributedDataParallel)
-    with ddp.no_sync() if skip_sync else contextlib.nullcontext():
+    skip_sync = not sync and isinstance(state.ddp_model, DistributedDataParallel)
+    with state.ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
         with state.precision.autocast():
             loss = state.loss_fn(state.ddp_model(inputs), targets)
         state.precision.backward(loss / accum)  # the step's gradient: the mean over all its micro-batches

@@ -76,17 +76,19 @@ def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
 
 
 def wrap_model(model, cfg, dist_env: DistEnv, device: torch.device):
-    """What trains: DistributedDataParallel around the model (across processes), then torch.compile if asked.
+    """What trains: the model, compiled if asked, inside DistributedDataParallel when there are several processes.
 
-    Compiling the DDP-wrapped model is the order PyTorch documents: TorchDynamo's DDPOptimizer is meant to split
-    the graph at DDP's bucket boundaries so that each bucket's all-reduce starts while the backward pass goes on.
-    (Not seen to engage with torch 2.14 on the CPU here; see the README.)
+    torch.compile goes inside DDP: DDP's forward then runs eagerly and marks itself active, so TorchDynamo's
+    DDPOptimizer splits the compiled graph at DDP's bucket boundaries and each bucket's all-reduce starts while
+    the rest of the backward pass runs. Compiling the DDP wrapper instead (the order PyTorch's DDP notes show)
+    compiled nothing with torch 2.14: Dynamo breaks the graph at DDP's ``_inside_ddp_forward`` and runs the
+    model eagerly (tests/test_compile.py shows both).
     """
-    wrapped = model
-    if dist_env.is_distributed:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          bucket_cap_mb=cfg.dist.bucket_cap_mb)
-    return torch.compile(wrapped) if cfg.train.compile else wrapped
+    compiled = torch.compile(model) if cfg.train.compile else model  # shares the parameters with ``model``
+    if not dist_env.is_distributed:
+        return compiled
+    return DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                                   bucket_cap_mb=cfg.dist.bucket_cap_mb)
 
 
 def _total_steps(cfg, train_loader) -> int:

@@ -63,7 +63,11 @@ def test_validation_against_the_world():
         validate(build(["optim.name=adamx"]), 1, 1)
     with pytest.raises(UserError, match=r"dist\.backend=nccl needs CUDA GPUs"):
         validate(build(["dist.backend=nccl"]), 2, 2)
+    with pytest.raises(UserError, match=r"dist\.bucket_cap_mb=0\.5 must be at least 1 \(DDP's first bucket\) "
+                       r"with train\.compile=true"):
+        validate(build(["train.compile=true", "dist.bucket_cap_mb=0.5"]), 2, 2)
     validate(build(["train.batch_size=12"]), world_size=4, procs_per_node=4)
+    validate(build(["train.compile=true", "dist.bucket_cap_mb=0.5"]), 1, 1)  # one process: no DDP, no buckets
 
 
 def test_frozen_config_is_read_only():
