@@ -81,8 +81,8 @@ def wrap_model(model, cfg, dist_env: DistEnv, device: torch.device):
     torch.compile goes inside DDP: DDP's forward then runs eagerly and marks itself active, so TorchDynamo's
     DDPOptimizer splits the compiled graph at DDP's bucket boundaries and each bucket's all-reduce starts while
     the rest of the backward pass runs. Compiling the DDP wrapper instead (the order PyTorch's DDP notes show)
-    left the model eager with torch 2.14: Dynamo breaks the graph at DDP's ``_inside_ddp_forward`` and runs the
-    model eagerly (tests/test_compile.py shows both).
+    left the model eager with torch 2.14: Dynamo breaks the graph at DDP's ``_inside_ddp_forward`` and runs what
+    is inside it uncompiled. tests/test_compile.py profiles the overlap.
     """
     compiled = torch.compile(model) if cfg.train.compile else model  # shares the parameters with ``model``
     if not dist_env.is_distributed:
