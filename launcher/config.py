@@ -38,7 +38,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     # resume: auto = the newest good checkpoint in run.dir, if any; never; or a checkpoint's path.
     "ckpt": {"every_epochs": 1, "every_steps": 0, "keep": 3, "best_metric": "", "best_mode": "max", "resume": "auto"},
     # 30 min: long enough for rank 0 to evaluate while the others wait, short enough to end a hung job.
-    "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800, "bucket_cap_mb": 25.0},
+    # stop_check_every: steps between the ranks' agreements on a stop signal (a stop comes within twice that).
+    "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800, "bucket_cap_mb": 25.0, "stop_check_every": 10},
     "log": {"level": "info"},
     # auto: online when W&B credentials are configured, else offline (upload later with `wandb sync`).
     "wandb": {"mode": "auto", "project": "launcher", "entity": "", "name": "", "group": "", "tags": []},
@@ -206,6 +207,7 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
         (cfg.dist.nproc_per_node >= 1, "dist.nproc_per_node", "at least 1"),
         (cfg.dist.timeout_s >= 1, "dist.timeout_s", "at least 1 (seconds)"),
         (cfg.dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "greater than 0"),
+        (cfg.dist.stop_check_every >= 1, "dist.stop_check_every", "at least 1"),
         (cfg.ckpt.every_epochs >= 0, "ckpt.every_epochs", "0 (off) or more"),
         (cfg.ckpt.every_steps >= 0, "ckpt.every_steps", "0 (off) or more"),
         (cfg.ckpt.keep >= 1, "ckpt.keep", "at least 1"),

@@ -25,14 +25,15 @@ class StopRequested(LauncherError):
 class GracefulStop:
     """Catches the stop signals, and lets all ranks agree, step by step, on whether to stop.
 
-    The agreement is an all-reduce of one CPU flag (gloo), issued asynchronously after each step and read after
-    the next one, so it never stalls the training loop; a stop happens at most one step after the signal, at the
-    same step on every rank.
+    The agreement is an all-reduce of one CPU flag (gloo), issued asynchronously every ``every`` steps and read
+    ``every`` steps later, so it never stalls the training loop and costs a small model nothing measurable (one
+    per step cost a 2-process CPU run of a small MLP several percent); a stop happens within ``2 * every`` steps of
+    the signal, at the same step on every rank. One process needs no agreement: it stops after the current step.
     """
 
-    def __init__(self, dist_env: DistEnv):
+    def __init__(self, dist_env: DistEnv, every: int = 1):
         self.signal_name: str | None = None
-        self._distributed = dist_env.is_distributed
+        self._distributed, self._every = dist_env.is_distributed, every
         self._pending = None
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
@@ -40,10 +41,12 @@ class GracefulStop:
     def _on_signal(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def should_stop(self) -> bool:
-        """Collective: every rank calls it once per step and gets the same answer."""
+    def should_stop(self, step: int) -> bool:
+        """Collective: every rank calls it after each optimizer step (``step``) and gets the same answer."""
         if not self._distributed:
             return self.signal_name is not None
+        if step % self._every:
+            return False
         agreed = False
         if self._pending is not None:
             work, flag = self._pending

@@ -80,86 +80,90 @@ def reached_max_steps(state: TrainState, cfg) -> bool:
 
 
 def run_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop: GracefulStop) -> bool:
-    """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint).
-
-    The only host syncs are rank 0's, every ``train.log_every`` steps.
-    """
+    """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint)."""
     state.ddp_model.train()
     start_epoch(state.train_loader, state.epoch, state.step_in_epoch * cfg.train.batch_size)
     total = steps_per_epoch(state.train_loader, cfg.train.batch_size)
     bar = _progress_bar(state, cfg, total) if state.progress else None
     try:
-        return _steps(state, cfg, dist_env, metrics, checkpointer, stop, total, bar)
+        return train_steps(state, cfg, dist_env, metrics, checkpointer, stop, iter(state.train_loader), total,
+                           cfg.train.max_steps, bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _micro_step(state: TrainState, inputs, targets, accum: int, sync: bool) -> torch.Tensor:
+def _micro_step(state: TrainState, inputs, targets, accum: int, sync: bool) -> None:
     """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
     skip_sync = not sync and isinstance(state.ddp_model, DistributedDataParallel)
     with state.ddp_model.no_sync() if skip_sync else contextlib.nullcontext():
         with state.precision.autocast():
             loss = state.loss_fn(state.ddp_model(inputs), targets)
-        state.precision.backward(loss / accum)  # the step's gradient: the mean over all its micro-batches
-    return loss.detach().float()
+        state.precision.backward(loss / accum if accum > 1 else loss)  # the step's gradient: the micro-batch mean
+    state.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
 
 
-def _steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop, total: int, bar) -> bool:
-    accum, window = cfg.train.grad_accum, _Window(state.device)
-    step_loss = torch.zeros((), device=state.device)
-    for micro, (inputs, targets) in enumerate(state.train_loader, 1):
+def train_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, stop, batches, total: int,
+                until_step: int, bar=None) -> bool:
+    """Optimizer steps on ``batches`` (from an epoch of ``total`` steps) until they run out or the global step
+    reaches ``until_step`` (0: no limit); True if a stop was agreed on (after writing a checkpoint).
+
+    The only host syncs are rank 0's, every ``train.log_every`` steps.
+    """
+    # Config values read once: an OmegaConf lookup costs microseconds, and this loop runs every step.
+    accum, clip, log_every = cfg.train.grad_accum, cfg.train.clip_grad_norm, cfg.train.log_every
+    batch_size, save_every = cfg.train.batch_size, cfg.ckpt.every_steps
+    window = _Window(state.loss_sum)
+    for micro, (inputs, targets) in enumerate(batches, 1):
         inputs = state.precision.prepare(inputs.to(state.device, non_blocking=True))
         targets = targets.to(state.device, non_blocking=True)
-        step_loss += _micro_step(state, inputs, targets, accum, sync=micro % accum == 0) / accum
+        _micro_step(state, inputs, targets, accum, sync=micro % accum == 0)
         if micro % accum:
             continue
-        if cfg.train.clip_grad_norm:
+        if clip:
             state.precision.unscale(state.optimizer)
-            window.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_grad_norm)
+            window.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
         state.precision.step(state.optimizer)
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.step_in_epoch += 1
         state.global_step += 1
-        state.loss_sum += step_loss
-        window.add(step_loss)
-        step_loss.zero_()
+        window.steps += 1
         if bar is not None:
             bar.update()
-        if state.global_step % cfg.train.log_every == 0 and dist_env.is_main:
-            _log_step(state, window.take(cfg.train.batch_size), total, metrics, bar)
-        every = cfg.ckpt.every_steps
-        if every and state.global_step % every == 0 and state.step_in_epoch < total:
+        if state.global_step % log_every == 0 and dist_env.is_main:
+            _log_step(state, window.take(batch_size), total, metrics, bar)
+        if save_every and state.global_step % save_every == 0 and state.step_in_epoch < total:
             save_checkpoint(state, cfg, checkpointer)  # the epoch's last step is saved after its evaluation
-        if stop.should_stop():
+        if stop.should_stop(state.global_step):
             if state.saved_step != state.global_step:
                 save_checkpoint(state, cfg, checkpointer)
             return True
-        if reached_max_steps(state, cfg):
+        if until_step and state.global_step >= until_step:
             break
     return False
 
 
 class _Window:
-    """Loss and time since the last progress report; read (a host sync) only when reporting."""
+    """Loss and time since the last progress report; read (a host sync) only when reporting.
 
-    def __init__(self, device: torch.device):
-        self.loss, self.steps, self.start = torch.zeros((), device=device), 0, time.perf_counter()
+    The window's loss is what the epoch's running loss sum gained since the window began, so a step adds nothing
+    but a count here.
+    """
+
+    def __init__(self, loss_sum: torch.Tensor):
+        self.loss_sum, self.sum_before = loss_sum, loss_sum.clone()
+        self.steps, self.start = 0, time.perf_counter()
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss += loss
-        self.steps += 1
 
     def take(self, batch_size: int) -> dict:
         """Mean loss and samples per second over the window, then start a new one."""
         now = time.perf_counter()
-        report = {"train/loss": self.loss.item() / self.steps,
+        report = {"train/loss": (self.loss_sum - self.sum_before).item() / self.steps,
                   "throughput/samples_per_s": self.steps * batch_size / (now - self.start)}
         if self.grad_norm is not None:
             report["grad_norm"] = self.grad_norm.item()
-        self.loss.zero_()
+        self.sum_before.copy_(self.loss_sum)
         self.steps, self.start = 0, now
         return report
 

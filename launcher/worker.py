@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +154,21 @@ def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile, ch
     return wandb_run
 
 
-def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
+@dataclass
+class Training:
+    """A run ready to train: the state and what records it (rank 0 alone holds ``metrics`` and ``wandb_run``)."""
+
+    cfg: object  # with run.dir filled in
+    run_dir: Path
+    state: TrainState
+    checkpointer: Checkpointer
+    metrics: MetricsFile | None
+    wandb_run: WandbRun | None
+
+
+def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> Training | None:
+    """Everything a run needs, built on every rank and resumed if a checkpoint says so; None for ``eval.only``
+    (evaluated here instead)."""
     run_dir = choose_run_dir(cfg, recipe, dist_env)
     cfg = with_run_dir(cfg, str(run_dir))
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
@@ -163,7 +179,7 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
     checkpointer = Checkpointer(run_dir, cfg, dist_env)
     if cfg.eval.only:
         evaluate_checkpoint(cfg, model, eval_set, recipe, checkpointer, dist_env, device)
-        return
+        return None
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
     metrics, logged_through, summary = None, 0, None
@@ -186,19 +202,30 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
         wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics, checkpointer, resumed, logged_through, model,
                                  summary)
     state.ddp_model = wrap_model(model, cfg, dist_env, device)
-    stop = GracefulStop(dist_env)
+    # What setup built (modules, configs, wandb's objects) lives all run: out of the collector's sight, a full
+    # collection no longer walks it, so it pauses the loop for far less.
+    gc.freeze()
+    return Training(cfg, run_dir, state, checkpointer, metrics, wandb_run)
+
+
+def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
+    training = build_training(cfg, recipe, dist_env, device)
+    if training is None:
+        return
+    cfg, state = training.cfg, training.state
+    stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
     start = time.perf_counter()
     try:
-        final = fit(state, cfg, dist_env, metrics, checkpointer, stop)
+        final = fit(state, cfg, dist_env, training.metrics, training.checkpointer, stop)
     finally:
         stop.close()
-        if wandb_run:
-            wandb_run.finish()
+        if training.wandb_run:
+            training.wandb_run.finish()
     if dist_env.is_main:
-        save_atomic(model.state_dict(), run_dir / "model.pt")
+        save_atomic(state.model.state_dict(), training.run_dir / "model.pt")
         results = " | ".join(f"{key} {value:.4f}" for key, value in final.items() if key.startswith("eval/"))
         log.info("done: %d steps in %.1f s%s | model: %s", state.global_step, time.perf_counter() - start,
-                 f" | {results}" if results else "", run_dir / "model.pt")
+                 f" | {results}" if results else "", training.run_dir / "model.pt")
     if dist_env.is_distributed:
         # Leave together: a rank tearing down its connections while rank 0 still evaluates can abort in gloo.
         dist.barrier()

@@ -92,11 +92,12 @@ def test_sigterm_stops_all_ranks_with_a_checkpoint_and_the_same_command_continue
     command = [*ARGS, "run.dir=run", "dist.nproc_per_node=2"]
     stopped = launch(command, workdir, env={"INTERRUPT": "1:30:SIGTERM"})
     assert stopped.returncode == 75, stopped.stdout + stopped.stderr
-    # Rank 1 got the signal during step 30; all ranks agreed after step 31 and wrote its checkpoint.
-    assert "launcher: stopped after step 31 (a signal on another rank)" in stopped.stderr
-    assert (workdir / "run" / "checkpoints" / "step_000000031.pt").exists()
+    # Rank 1 got the signal during step 30; its flag went out with the agreement after step 30 (they come every
+    # dist.stop_check_every=10 steps), all ranks read it after step 40 and wrote that step's checkpoint.
+    assert "launcher: stopped after step 40 (a signal on another rank)" in stopped.stderr
+    assert (workdir / "run" / "checkpoints" / "step_000000040.pt").exists()
     resumed = check_ok(launch(command, workdir, env={"INTERRUPT": "1:30:SIGTERM"}))
-    assert "resumed from run/checkpoints/step_000000031.pt: epoch 2, step 9 of it" in resumed.stdout
+    assert "resumed from run/checkpoints/step_000000040.pt: epoch 2, step 18 of it" in resumed.stdout
     assert_identical(load_weights(workdir / "run"), reference)
     assert_steps_increase(workdir / "run")
 
