@@ -1,0 +1,113 @@
+"""Run under torchrun: the launcher's training loop and the plain loop in the same processes, in alternating chunks.
+
+    torchrun --standalone --nproc_per_node 2 bench/interleave.py --arch mlp [--chunks 16 --chunk-steps 50] \
+        [launcher key=value ...]
+
+The launcher side is built by the launcher itself (``build_training``: metrics file, checkpointer, wandb run,
+resumable sampler, scheduler, stop agreement) and trained by its own ``train_steps``; the plain side is
+``bench/plain_ddp.py``'s loop. Chunks alternate launcher/plain, plain/launcher, ... so that both see the same
+machine; a barrier before each chunk lines the ranks up (not timed). Rank 0 prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workload  # noqa: E402
+from plain_ddp import build_plain, plain_steps  # noqa: E402
+
+from launcher.__main__ import load_validated  # noqa: E402
+from launcher.data import start_epoch, steps_per_epoch  # noqa: E402
+from launcher.dist_env import DistEnv, destroy_process_group, init_process_group  # noqa: E402
+from launcher.logs import setup_logging  # noqa: E402
+from launcher.stop import GracefulStop  # noqa: E402
+from launcher.train import train_steps  # noqa: E402
+from launcher.worker import build_training  # noqa: E402
+
+
+def timed(counter: workload.SyncCounter, side: str, run) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) of ``run()``, with the ranks lined up before it."""
+    if dist.is_initialized():
+        dist.barrier()
+    wall, cpu = time.perf_counter(), time.process_time()
+    with counter.counting(side):
+        run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", choices=sorted(workload.ARCHS), default="lenet")
+    parser.add_argument("--chunks", type=int, default=16, help="timed chunks per side")
+    parser.add_argument("--chunk-steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
+    args, overrides = parser.parse_known_args()
+    if args.warmup + args.chunks * args.chunk_steps > workload.TRAIN_SAMPLES // 256:
+        raise SystemExit("warmup + chunks * chunk-steps must fit in one epoch (937 steps)")
+    dist_env = DistEnv.from_environ()
+    setup_logging(dist_env, "warning")
+    run_dir = Path(tempfile.gettempdir()) / f"launcher-bench-{dist_env.job_id}"  # a fresh run: nothing to resume
+    _, recipe, cfg = load_validated([f"recipe={Path(__file__).parent / 'workload.py'}", f"model.arch={args.arch}",
+                                     f"run.dir={run_dir}", "log.level=warning", *overrides], dist_env)
+    init_process_group(dist_env, cfg.dist.backend, torch.device("cpu"), cfg.dist.timeout_s)
+    counter = workload.SyncCounter()
+    training = build_training(cfg, recipe, dist_env, torch.device("cpu"))
+    state, cfg = training.state, training.cfg
+    stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
+    start_epoch(state.train_loader, 1, 0)
+    total, launcher_batches = steps_per_epoch(state.train_loader, cfg.train.batch_size), iter(state.train_loader)
+    plain = build_plain(args.arch, state.train_loader.dataset, cfg.train.batch_size)
+    plain.loader.sampler.set_epoch(0)
+    plain_batches = iter(plain.loader)
+
+    def run_launcher(steps: int) -> None:
+        train_steps(state, cfg, dist_env, training.metrics, training.checkpointer, stop, launcher_batches, total,
+                    state.global_step + steps)
+
+    sides = {"launcher": run_launcher, "plain": lambda steps: plain_steps(plain, plain_batches, steps)}
+    for run in sides.values():
+        run(args.warmup)
+    times = {side: [] for side in sides}
+    for chunk in range(args.chunks):
+        for side in (("launcher", "plain") if chunk % 2 == 0 else ("plain", "launcher")):
+            times[side].append(timed(counter, side, lambda: sides[side](args.chunk_steps)))
+    stop.close()
+    if training.wandb_run:
+        training.wandb_run.finish()
+    if dist_env.is_main:
+        print(json.dumps(summarize(times, counter, args, dist_env.world_size, cfg.train.batch_size)))
+    destroy_process_group(dist_env)
+    if dist_env.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batch_size: int) -> dict:
+    steps = args.chunks * args.chunk_steps
+    wall = {side: sum(t for t, _ in chunks) for side, chunks in times.items()}
+    ratios = [plain[0] / launcher[0] for launcher, plain in zip(times["launcher"], times["plain"])]
+    return {
+        "arch": args.arch, "procs": world, "global_batch": batch_size, "chunks": args.chunks,
+        "chunk_steps": args.chunk_steps,
+        **{f"{side}_steps_per_s": steps / wall[side] for side in times},
+        **{f"{side}_samples_per_s": steps * batch_size / wall[side] for side in times},
+        "ratio": wall["plain"] / wall["launcher"],  # launcher steps/s over plain steps/s, all chunks together
+        "chunk_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        **{f"{side}_cpu_ms_per_step": 1000 * sum(c for _, c in chunks) / steps for side, chunks in times.items()},
+        **{f"{side}_{kind}_per_step": counter.counts.get(side, {}).get(kind, 0) / steps for side in times
+           for kind in ("host_reads", "collectives")},
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Training-loop overhead: the launcher's loop against a hand-written DDP loop, side by side in the same processes.
+
+    python bench/overhead.py [--archs lenet mlp] [--procs 1 2] [--reps 3] [--chunks 16] [--chunk-steps 50]
+
+For each model and process count, runs ``torchrun bench/interleave.py`` ``--reps`` times; each run alternates
+chunks of launcher steps and plain steps (see interleave.py). Prints one JSON object per run, then one summary
+per case: the ratio is launcher steps/s over plain steps/s (1.0: no overhead; the goal is >= 0.98).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def bench_env() -> dict:
+    """One thread per process (two processes share this machine's two cores); no W&B credentials: offline."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environ.pop("WANDB_API_KEY", None)
+    return environ
+
+
+def run_interleaved(arch: str, procs: int, args, workdir: Path) -> dict:
+    command = [TORCHRUN, "--standalone", f"--nproc_per_node={procs}", str(BENCH / "interleave.py"), f"--arch={arch}",
+               f"--chunks={args.chunks}", f"--chunk-steps={args.chunk_steps}", f"--warmup={args.warmup}",
+               *args.launcher_args]
+    result = subprocess.run(command, cwd=workdir, env=bench_env(), capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = ("launcher_steps_per_s", "plain_steps_per_s", "launcher_samples_per_s", "plain_samples_per_s",
+            "launcher_cpu_ms_per_step", "plain_cpu_ms_per_step")
+    ratios = [run["ratio"] for run in runs]
+    first = runs[0]
+    return {
+        "summary": True, "arch": first["arch"], "procs": first["procs"], "runs": len(runs),
+        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        **{key: statistics.median(run[key] for run in runs) for key in keys},
+        **{key: first[key] for key in first if key.endswith(("host_reads_per_step", "collectives_per_step"))},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["lenet", "mlp"])
+    parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--reps", type=int, default=3, help="separate runs per case")
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--chunk-steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--launcher-args", nargs="*", default=[], help="key=value overrides, e.g. wandb.mode=disabled")
+    parser.add_argument("--workdir", type=Path, default=Path.cwd())
+    args = parser.parse_args()
+    for arch in args.archs:
+        for procs in args.procs:
+            runs = []
+            for _ in range(args.reps):
+                runs.append(run_interleaved(arch, procs, args, args.workdir))
+                print(json.dumps(runs[-1]), flush=True)
+            print(json.dumps(summarize(runs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
