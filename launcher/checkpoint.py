@@ -68,7 +68,6 @@ class Checkpointer:
         self.folder = run_dir / "checkpoints"
         self.cfg = cfg
         self.dist_env = dist_env
-        self.extra: dict = {}  # rank 0's additions to every checkpoint (the wandb run id)
 
     def path_for(self, global_step: int) -> Path:
         return self.folder / f"{STEP_PREFIX}{global_step:09d}.pt"
@@ -87,7 +86,6 @@ class Checkpointer:
         if self.dist_env.is_main:
             payload = {
                 **training_state,
-                **self.extra,
                 "rank_states": rank_states,
                 "world_size": self.dist_env.world_size,
                 "config": OmegaConf.to_container(self.cfg),

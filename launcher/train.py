@@ -48,7 +48,7 @@ class TrainState:
 
     def __post_init__(self):
         if self.loss_sum is None:
-            self.loss_sum = torch.zeros((), device=self.device)
+            self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # windows are differences of it
 
     def training_state(self, cfg) -> dict:
         """What rank 0 writes: the same on every rank."""

@@ -126,31 +126,27 @@ def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> str
 
 
 def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEnv, metrics: MetricsFile | None):
-    """Continue from the checkpoint ``ckpt.resume`` names, if any; returns what it held (None: a fresh start)."""
+    """Continue from the checkpoint ``ckpt.resume`` names, if any."""
     path, payload = choose_checkpoint(cfg, checkpointer, dist_env)
     if path is None:
-        return None
+        return
     loaded = run_agreed(dist_env, lambda: payload or load_for_resume(path))
     run_agreed(dist_env, lambda: restore(state, loaded, path, cfg, dist_env))
     if dist_env.is_main:
         metrics.drop_after(state.global_step)
         log.info("resumed from %s: epoch %d, step %d of it, global step %d", path, state.epoch,
                  state.step_in_epoch, state.global_step)
-    return loaded
 
 
-def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile, checkpointer: Checkpointer,
-                 resumed: dict | None, logged_through: int, model, summary: str | None) -> WandbRun | None:
-    """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir and checkpoints)."""
+def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile) -> WandbRun | None:
+    """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir); starts in the
+    background."""
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else (resumed or {}).get("wandb_id")
-    wandb_run = start_wandb(cfg, run_dir, dist_env.job_group, run_id, logged_through)
-    if wandb_run is None:
-        return None
-    id_file.write_text(wandb_run.id)
-    checkpointer.extra["wandb_id"] = wandb_run.id
-    metrics.wandb = wandb_run
-    wandb_run.save_summary(*parameter_counts(model), summary)
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    wandb_run = start_wandb(cfg, run_dir, dist_env.job_group, run_id, logged_through=metrics.last_step())
+    if wandb_run is not None:
+        id_file.write_text(wandb_run.id)
+        metrics.wandb = wandb_run
     return wandb_run
 
 
@@ -171,6 +167,25 @@ def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device)
     (evaluated here instead)."""
     run_dir = choose_run_dir(cfg, recipe, dist_env)
     cfg = with_run_dir(cfg, str(run_dir))
+    metrics, wandb_run = None, None
+    if dist_env.is_main and not cfg.eval.only:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsFile(run_dir / "metrics.jsonl")
+        # wandb takes about a second to import and start: it does so while the model and data are built.
+        wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics)
+    try:
+        training = _build(cfg, recipe, dist_env, device, run_dir, metrics, wandb_run)
+    except BaseException:
+        if wandb_run:
+            wandb_run.finish(exit_code=1)
+        raise
+    if wandb_run:
+        wandb_run.wait_started()  # up before the first step, so nothing logged in training waits in a queue
+    return training
+
+
+def _build(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, run_dir: Path, metrics: MetricsFile | None,
+           wandb_run: WandbRun | None) -> Training | None:
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
     model = run_agreed(dist_env, lambda: recipe.build_model(cfg)).to(device)
     if cfg.train.channels_last:
@@ -182,25 +197,19 @@ def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device)
         return None
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
-    metrics, logged_through, summary = None, 0, None
     if dist_env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml")
-        metrics = MetricsFile(run_dir / "metrics.jsonl")
-        logged_through = metrics.last_step()  # by an earlier attempt of this run
         _log_header(cfg, recipe, dist_env, device, model, run_dir)
         summary = _write_summary(model, train_set, device, run_dir)
+        if wandb_run:
+            wandb_run.save_summary(*parameter_counts(model), summary)
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
     progress = dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
     scheduler = build_scheduler(optimizer, cfg, _total_steps(cfg, train_loader))
     precision = Precision(cfg.train.amp, cfg.train.channels_last, device)
     state = TrainState(model, model, optimizer, scheduler, precision, recipe.loss, recipe.predictions, train_loader,
                        eval_set, device, progress=progress)
-    resumed = _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
-    wandb_run = None
-    if dist_env.is_main:
-        wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics, checkpointer, resumed, logged_through, model,
-                                 summary)
+    _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
     state.ddp_model = wrap_model(model, cfg, dist_env, device)
     # What setup built (modules, configs, wandb's objects) lives all run: out of the collector's sight, a full
     # collection no longer walks it, so it pauses the loop for far less.

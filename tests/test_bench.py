@@ -21,15 +21,10 @@ def run_bench(args: list[str], cwd: Path, timeout: float = 600) -> str:
     return result.stdout
 
 
-def run_json_lines(args: list[str], cwd: Path) -> list[dict]:
-    return [json.loads(line) for line in run_bench(args, cwd).splitlines()]
-
-
-def test_overhead_bench_runs_and_the_launcher_adds_no_per_step_syncs(tmp_path):
-    lines = run_json_lines([str(BENCH / "overhead.py"), "--archs", "mlp", "--procs", "2", "--reps", "1",
-                            "--chunks", "2", "--chunk-steps", "50", "--warmup", "50", "--workdir", str(tmp_path)],
-                           tmp_path)
-    run, summary = lines
+def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
+    overhead = run_bench([str(BENCH / "overhead.py"), "--archs", "mlp", "--procs", "2", "--reps", "1", "--chunks",
+                          "2", "--chunk-steps", "50", "--warmup", "50", "--workdir", str(tmp_path)], tmp_path)
+    run, summary = (json.loads(line) for line in overhead.splitlines())
     assert summary["summary"] and summary["procs"] == 2 and summary["runs"] == 1
     assert run["launcher_steps_per_s"] > 0 and run["plain_steps_per_s"] > 0 and run["ratio"] > 0
     # Both log the loss every 50 steps (one host read); the launcher adds the stop flag every 10 steps.
@@ -37,14 +32,15 @@ def test_overhead_bench_runs_and_the_launcher_adds_no_per_step_syncs(tmp_path):
     assert run["launcher_host_reads_per_step"] == pytest.approx(0.02 + 0.1)
     assert run["plain_collectives_per_step"] == 0 and run["launcher_collectives_per_step"] == pytest.approx(0.1)
 
+    startup = run_bench([str(BENCH / "startup.py"), "--reps", "1"], tmp_path)
+    commands = [json.loads(line) for line in startup.splitlines()]
+    assert {line["command"] for line in commands} >= {"python -m launcher", "torchrun x2 plain_ddp.py"}
+    assert all(0 < line["first_step_s"] < line["exit_s"] for line in commands)
 
-def test_startup_bench_times_every_command(tmp_path):
-    lines = run_json_lines([str(BENCH / "startup.py"), "--reps", "1"], tmp_path)
-    assert {line["command"] for line in lines} >= {"python -m launcher", "torchrun x2 plain_ddp.py"}
-    assert all(0 < line["first_step_s"] < line["exit_s"] for line in lines)
+    checkpoint = run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--dir", str(tmp_path)], tmp_path)
+    assert {result["case"] for result in json.loads(checkpoint)} == {"launcher", "torch.save"}
 
-
-def test_checkpoint_bench_compares_with_torch_save(tmp_path):
-    results = json.loads(run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--dir", str(tmp_path)],
-                                   tmp_path))
-    assert {result["case"] for result in results} == {"launcher", "torch.save"}
+    for name, output in (("overhead.jsonl", overhead), ("startup.jsonl", startup), ("checkpoint.json", checkpoint)):
+        (tmp_path / name).write_text(output)
+    report = run_bench([str(BENCH / "report.py"), "overhead.jsonl", "startup.jsonl", "checkpoint.json"], tmp_path)
+    assert "| mlp | 2 |" in report and "| `python -m launcher` |" in report and "| launcher | 16,781,312 |" in report

@@ -1,0 +1,69 @@
+"""Markdown tables from the benchmarks' JSON output, as BENCHMARKS.md shows them.
+
+    python bench/overhead.py > overhead.jsonl; python bench/startup.py > startup.jsonl
+    python bench/checkpoint.py > checkpoint.json
+    python bench/report.py overhead.jsonl startup.jsonl checkpoint.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def overhead_table(lines: list[dict]) -> str:
+    rows = ["| model | processes | launcher steps/s | plain steps/s | ratio: median (min-max of runs) | "
+            "host reads per step: launcher / plain | collectives per step: launcher / plain |",
+            "|---|---|---|---|---|---|---|"]
+    for case in (line for line in lines if line.get("summary")):
+        ratio = case["ratio"]
+        rows.append(
+            f"| {case['arch']} | {case['procs']} | {case['launcher_steps_per_s']:.1f} | "
+            f"{case['plain_steps_per_s']:.1f} | **{ratio['median']:.3f}** ({ratio['min']:.3f}-{ratio['max']:.3f}) | "
+            f"{case['launcher_host_reads_per_step']:.2f} / {case['plain_host_reads_per_step']:.2f} | "
+            f"{case['launcher_collectives_per_step']:.2f} / {case['plain_collectives_per_step']:.2f} |")
+    return "\n".join(rows)
+
+
+def scaling_table(lines: list[dict]) -> str:
+    cases = {(case["arch"], case["procs"]): case for case in lines if case.get("summary")}
+    rows = ["| model | program | samples/s, 1 process | samples/s, 2 processes | speedup |", "|---|---|---|---|---|"]
+    for arch in dict.fromkeys(arch for arch, _ in cases):
+        if (arch, 1) not in cases or (arch, 2) not in cases:
+            continue
+        for program in ("launcher", "plain"):
+            one, two = (cases[arch, procs][f"{program}_samples_per_s"] for procs in (1, 2))
+            rows.append(f"| {arch} | {program} | {one:,.0f} | {two:,.0f} | {two / one:.2f}x |")
+    return "\n".join(rows)
+
+
+def startup_table(lines: list[dict]) -> str:
+    rows = ["| command | to the first step, s | to exit (1-step run), s |", "|---|---|---|"]
+    for line in lines:
+        rows.append(f"| `{line['command']}` | {line['first_step_s']:.2f} | {line['exit_s']:.2f} |")
+    return "\n".join(rows)
+
+
+def checkpoint_table(results: list[dict]) -> str:
+    rows = ["| writer | parameters | state, MB | save, s | load, s | peak extra host memory in save, MB |",
+            "|---|---|---|---|---|---|"]
+    for case in ("torch.save", "launcher"):
+        runs = [result for result in results if result["case"] == case]
+        med = {key: statistics.median(run[key] for run in runs) for key in ("save_s", "load_s", "peak_extra_mb")}
+        rows.append(f"| {case} | {runs[0]['parameters']:,} | {runs[0]['state_mb']:.0f} | {med['save_s']:.2f} | "
+                    f"{med['load_s']:.2f} | {med['peak_extra_mb']:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    overhead, startup, checkpoint = (Path(name).read_text() for name in sys.argv[1:4])
+    overhead_lines = [json.loads(line) for line in overhead.splitlines()]
+    print(overhead_table(overhead_lines), scaling_table(overhead_lines),
+          startup_table([json.loads(line) for line in startup.splitlines()]),
+          checkpoint_table(json.loads(checkpoint)), sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()
