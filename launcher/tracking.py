@@ -40,7 +40,7 @@ class WandbRun:
         self._waiting: list = []  # actions on the run, queued until it has started
         self._started: list = []  # what the thread's ``start()`` returned: the run, or None
         self._thread: threading.Thread | None = threading.Thread(
-            target=lambda: self._started.append(start()), name="launcher-wandb-start", daemon=True)
+            target=lambda: self._started.append(start()), name="launcher-wandb-start")  # exit waits for it
         self._thread.start()
 
     def log(self, record: dict) -> None:
@@ -60,9 +60,9 @@ class WandbRun:
         """Wait until wandb has started (or failed to), then send what waited for it."""
         self._has_started(wait=True)
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self) -> None:
         self._has_started(wait=True)
-        self._guard(lambda run: run.finish(exit_code=exit_code))
+        self._guard(lambda run: run.finish())
         self.run = None
 
     def _on_run(self, action) -> None:

@@ -173,12 +173,9 @@ def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device)
         metrics = MetricsFile(run_dir / "metrics.jsonl")
         # wandb takes about a second to import and start: it does so while the model and data are built.
         wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics)
-    try:
-        training = _build(cfg, recipe, dist_env, device, run_dir, metrics, wandb_run)
-    except BaseException:
-        if wandb_run:
-            wandb_run.finish(exit_code=1)
-        raise
+    # A setup error leaves wandb to its own exit handling: waiting for it here would hold back the error message
+    # past the moment torchrun, seeing another rank fail, ends this process.
+    training = _build(cfg, recipe, dist_env, device, run_dir, metrics, wandb_run)
     if wandb_run:
         wandb_run.wait_started()  # up before the first step, so nothing logged in training waits in a queue
     return training
