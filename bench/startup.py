@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,10 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-PYTHON, TORCHRUN = sys.executable, str(Path(sys.executable).parent / "torchrun")
+sys.path.insert(0, str(BENCH))
+from overhead import TORCHRUN, bench_env  # noqa: E402  (the same environment for every benchmark)
+
+PYTHON = sys.executable
 
 
 def commands(arch: str) -> dict[str, list[str]]:
@@ -41,8 +43,7 @@ def commands(arch: str) -> dict[str, list[str]]:
 def time_command(command: list[str], workdir: Path) -> dict:
     out = workdir / "first_step.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_OUT": str(out), "BENCH_TRAIN_SAMPLES": "60000"}
-    env.pop("WANDB_API_KEY", None)
+    env = {**bench_env(), "BENCH_OUT": str(out), "BENCH_TRAIN_SAMPLES": "60000"}
     start = time.time()
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     end = time.time()
