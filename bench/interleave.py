@@ -5,8 +5,11 @@
 
 The launcher side is built by the launcher itself (``build_training``: metrics file, checkpointer, wandb run,
 resumable sampler, scheduler, stop agreement) and trained by its own ``train_steps``; the plain side is
-``bench/plain_ddp.py``'s loop. Chunks alternate launcher/plain, plain/launcher, ... so that both see the same
-machine; a barrier before each chunk lines the ranks up (not timed). Rank 0 prints one JSON object.
+``bench/plain_ddp.py``'s loop. A third side, ``plain_again``, is a second plain loop (its own model and loader):
+its ratio to the first, the A/A control, is what the harness reads for two identical loops, so it shows how far
+a launcher ratio can move by chance. Each round of chunks runs the three sides in a rotating order (each side as
+often first, second and last) so that all see the same machine; a barrier before each chunk lines the ranks up
+(not timed). Rank 0 prints one JSON object.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def timed(counter: workload.SyncCounter, side: str, run) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=sorted(workload.ARCHS), default="lenet")
-    parser.add_argument("--chunks", type=int, default=16, help="timed chunks per side")
+    parser.add_argument("--chunks", type=int, default=18, help="timed chunks per side (6 rounds: each order)")
     parser.add_argument("--chunk-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
     args, overrides = parser.parse_known_args()
@@ -67,20 +70,18 @@ def main() -> None:
     stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
     start_epoch(state.train_loader, 1, 0)
     total, launcher_batches = steps_per_epoch(state.train_loader, cfg.train.batch_size), iter(state.train_loader)
-    plain = build_plain(args.arch, state.train_loader.dataset, cfg.train.batch_size)
-    plain.loader.sampler.set_epoch(0)
-    plain_batches = iter(plain.loader)
 
     def run_launcher(steps: int) -> None:
         train_steps(state, cfg, dist_env, training.metrics, training.checkpointer, stop, launcher_batches, total,
                     state.global_step + steps)
 
-    sides = {"launcher": run_launcher, "plain": lambda steps: plain_steps(plain, plain_batches, steps)}
+    sides = {"launcher": run_launcher, "plain": plain_side(args.arch, state.train_loader.dataset, cfg),
+             "plain_again": plain_side(args.arch, state.train_loader.dataset, cfg)}
     for run in sides.values():
         run(args.warmup)
     times = {side: [] for side in sides}
     for chunk in range(args.chunks):
-        for side in (("launcher", "plain") if chunk % 2 == 0 else ("plain", "launcher")):
+        for side in rotation(list(sides), chunk):
             times[side].append(timed(counter, side, lambda: sides[side](args.chunk_steps)))
     stop.close()
     if training.wandb_run:
@@ -92,10 +93,27 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def plain_side(arch: str, train_set, cfg):
+    """A plain loop of its own (model, optimizer, loader) over ``train_set``: ``run(steps)``."""
+    plain = build_plain(arch, train_set, cfg.train.batch_size)
+    plain.loader.sampler.set_epoch(0)
+    batches = iter(plain.loader)
+    return lambda steps: plain_steps(plain, batches, steps)
+
+
+def rotation(sides: list[str], chunk: int) -> list[str]:
+    """Round ``chunk``'s order: rotated by one each round, and reversed every other cycle of rotations (ABC, BCA,
+    CAB, then CBA, ACB, BAC): each side runs equally often in each position and after each other side."""
+    shift = chunk % len(sides)
+    order = sides[shift:] + sides[:shift]
+    return order[::-1] if chunk // len(sides) % 2 else order
+
+
 def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batch_size: int) -> dict:
     steps = args.chunks * args.chunk_steps
     wall = {side: sum(t for t, _ in chunks) for side, chunks in times.items()}
     ratios = [plain[0] / launcher[0] for launcher, plain in zip(times["launcher"], times["plain"])]
+    control = [plain[0] / again[0] for again, plain in zip(times["plain_again"], times["plain"])]
     return {
         "arch": args.arch, "procs": world, "global_batch": batch_size, "chunks": args.chunks,
         "chunk_steps": args.chunk_steps,
@@ -103,6 +121,9 @@ def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batc
         **{f"{side}_samples_per_s": steps * batch_size / wall[side] for side in times},
         "ratio": wall["plain"] / wall["launcher"],  # launcher steps/s over plain steps/s, all chunks together
         "chunk_ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        # The A/A control: the second plain loop's steps/s over the first's (1.0 but for the harness's noise).
+        "control_ratio": wall["plain"] / wall["plain_again"],
+        "control_chunk_ratio": {"median": statistics.median(control), "min": min(control), "max": max(control)},
         **{f"{side}_cpu_ms_per_step": 1000 * sum(c for _, c in chunks) / steps for side, chunks in times.items()},
         **{f"{side}_{kind}_per_step": counter.counts.get(side, {}).get(kind, 0) / steps for side in times
            for kind in ("host_reads", "collectives")},

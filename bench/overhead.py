@@ -1,6 +1,6 @@
 """Training-loop overhead: the launcher's loop against a hand-written DDP loop, side by side in the same processes.
 
-    python bench/overhead.py [--archs lenet mlp] [--procs 1 2] [--reps 3] [--chunks 16] [--chunk-steps 50]
+    python bench/overhead.py [--archs lenet mlp] [--procs 1 2] [--reps 3] [--chunks 18] [--chunk-steps 50]
 
 For each model and process count, runs ``torchrun bench/interleave.py`` ``--reps`` times; each run alternates
 chunks of launcher steps and plain steps (see interleave.py). Prints one JSON object per run, then one summary
@@ -38,14 +38,27 @@ def run_interleaved(arch: str, procs: int, args, workdir: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def pooled(runs: list[dict], reference: str, side: str) -> float:
+    """``side``'s steps/s over ``reference``'s, over the time both took in all runs together."""
+    seconds = {name: sum(1 / run[f"{name}_steps_per_s"] for run in runs) for name in (reference, side)}
+    return seconds[reference] / seconds[side]
+
+
 def summarize(runs: list[dict]) -> dict:
     keys = ("launcher_steps_per_s", "plain_steps_per_s", "launcher_samples_per_s", "plain_samples_per_s",
             "launcher_cpu_ms_per_step", "plain_cpu_ms_per_step")
-    ratios = [run["ratio"] for run in runs]
     first = runs[0]
     return {
         "summary": True, "arch": first["arch"], "procs": first["procs"], "runs": len(runs),
-        "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+        "ratio": spread([run["ratio"] for run in runs]),
+        "control_ratio": spread([run["control_ratio"] for run in runs]),
+        # All runs' timed steps as one measurement (every run times the same number of steps per side).
+        "pooled_ratio": pooled(runs, "plain", "launcher"),
+        "pooled_control_ratio": pooled(runs, "plain", "plain_again"),
         **{key: statistics.median(run[key] for run in runs) for key in keys},
         **{key: first[key] for key in first if key.endswith(("host_reads_per_step", "collectives_per_step"))},
     }
@@ -56,7 +69,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["lenet", "mlp"])
     parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=3, help="separate runs per case")
-    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--chunks", type=int, default=18)
     parser.add_argument("--chunk-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--launcher-args", nargs="*", default=[], help="key=value overrides, e.g. wandb.mode=disabled")

@@ -14,14 +14,17 @@ from pathlib import Path
 
 
 def overhead_table(lines: list[dict]) -> str:
-    rows = ["| model | processes | launcher steps/s | plain steps/s | ratio: median (min-max of runs) | "
-            "host reads per step: launcher / plain | collectives per step: launcher / plain |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | processes | runs | launcher steps/s | plain steps/s | ratio: all runs pooled | ratio: median "
+            "(min-max) of runs | A/A control: pooled, min-max | host reads per step: launcher / plain | "
+            "collectives per step: launcher / plain |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for case in (line for line in lines if line.get("summary")):
-        ratio = case["ratio"]
+        ratio, control = case["ratio"], case["control_ratio"]
         rows.append(
-            f"| {case['arch']} | {case['procs']} | {case['launcher_steps_per_s']:.1f} | "
-            f"{case['plain_steps_per_s']:.1f} | **{ratio['median']:.3f}** ({ratio['min']:.3f}-{ratio['max']:.3f}) | "
+            f"| {case['arch']} | {case['procs']} | {case['runs']} | {case['launcher_steps_per_s']:.1f} | "
+            f"{case['plain_steps_per_s']:.1f} | **{case['pooled_ratio']:.3f}** | {ratio['median']:.3f} "
+            f"({ratio['min']:.3f}-{ratio['max']:.3f}) | {case['pooled_control_ratio']:.3f}, "
+            f"{control['min']:.3f}-{control['max']:.3f} | "
             f"{case['launcher_host_reads_per_step']:.2f} / {case['plain_host_reads_per_step']:.2f} | "
             f"{case['launcher_collectives_per_step']:.2f} / {case['plain_collectives_per_step']:.2f} |")
     return "\n".join(rows)

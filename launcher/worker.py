@@ -139,8 +139,8 @@ def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEn
 
 
 def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile) -> WandbRun | None:
-    """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir); starts in the
-    background."""
+    """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir); starts in its own
+    process."""
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else None
     wandb_run = start_wandb(cfg, run_dir, dist_env.job_group, run_id, logged_through=metrics.last_step())
@@ -171,14 +171,9 @@ def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device)
     if dist_env.is_main and not cfg.eval.only:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsFile(run_dir / "metrics.jsonl")
-        # wandb takes about a second to import and start: it does so while the model and data are built.
+        # wandb takes about a second to import and start, in its own process: while the model and data are built.
         wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics)
-    # A setup error leaves wandb to its own exit handling: waiting for it here would hold back the error message
-    # past the moment torchrun, seeing another rank fail, ends this process.
-    training = _build(cfg, recipe, dist_env, device, run_dir, metrics, wandb_run)
-    if wandb_run:
-        wandb_run.wait_started()  # up before the first step, so nothing logged in training waits in a queue
-    return training
+    return _build(cfg, recipe, dist_env, device, run_dir, metrics, wandb_run)
 
 
 def _build(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, run_dir: Path, metrics: MetricsFile | None,
@@ -208,7 +203,7 @@ def _build(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, run_dir
                        eval_set, device, progress=progress)
     _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
     state.ddp_model = wrap_model(model, cfg, dist_env, device)
-    # What setup built (modules, configs, wandb's objects) lives all run: out of the collector's sight, a full
+    # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
     # collection no longer walks it, so it pauses the loop for far less.
     gc.freeze()
     return Training(cfg, run_dir, state, checkpointer, metrics, wandb_run)

@@ -27,6 +27,8 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     run, summary = (json.loads(line) for line in overhead.splitlines())
     assert summary["summary"] and summary["procs"] == 2 and summary["runs"] == 1
     assert run["launcher_steps_per_s"] > 0 and run["plain_steps_per_s"] > 0 and run["ratio"] > 0
+    assert run["plain_again_steps_per_s"] > 0 and run["control_ratio"] > 0  # the A/A control
+    assert summary["pooled_ratio"] > 0 and summary["pooled_control_ratio"] > 0
     # Both log the loss every 50 steps (one host read); the launcher adds the stop flag every 10 steps.
     assert run["plain_host_reads_per_step"] == pytest.approx(0.02)
     assert run["launcher_host_reads_per_step"] == pytest.approx(0.02 + 0.1)

@@ -1,0 +1,109 @@
+"""The wandb process: rank 0's wandb run lives here, fed JSON lines through a pipe, so training carries none of it.
+
+In the training process, every ``wandb.log`` cost about 2 ms of Python and thread hand-offs (and a wait for wandb's
+own sender thread): on a machine whose cores the training processes fill, DDP made every rank wait for it. Here
+the training process pays one pipe write per record; wandb starts, logs and finishes on its own time.
+
+    python -m launcher.wandb_process   # stdin: {"start": {...}}, then {"log": ..., "step": N} / {"summary": ...}
+
+It ends when its stdin closes (the training process finished the run, or died): the run is finished then, and
+never cut short by a signal meant for training (Ctrl-C, Slurm's preemption SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+
+log = logging.getLogger("launcher.wandb")
+
+
+def _has_credentials() -> bool:
+    """Whether W&B credentials are configured (API key in the environment or from `wandb login`), asked of wandb
+    itself without any prompt or network call."""
+    import wandb
+
+    try:
+        from wandb.sdk.lib.wbauth.authenticate import authenticate_session
+
+        host = wandb.Settings().base_url
+        return authenticate_session(host=host, source="launcher", prompt=False, update_session=False) is not None
+    except Exception:  # an older or newer wandb without this helper: offline is the safe guess
+        return False
+
+
+def init_run(mode: str, options: dict):
+    """The wandb run (online falling back to offline), or None after a warning."""
+    try:
+        import wandb
+
+        if mode == "auto":
+            mode = "online" if _has_credentials() else "offline"
+        # No console capture (the launcher logs itself), no hanging without a network.
+        options["settings"] = wandb.Settings(silent=True, console="off", init_timeout=30)
+    except Exception as error:
+        log.warning("wandb could not start (%s: %s); training goes on without it", type(error).__name__, error)
+        return None
+    for attempt in (mode, "offline") if mode == "online" else (mode,):
+        try:
+            run = wandb.init(mode=attempt, **options)
+        except Exception as error:
+            log.warning("wandb could not start in %s mode (%s: %s)%s", attempt, type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "",
+                        "; logging offline instead" if attempt == "online" else "; training goes on without it")
+            continue
+        if attempt == "offline":
+            log.info("wandb: offline run %s; upload it with `wandb sync %s`", run.id, run.dir.removesuffix("/files"))
+        else:
+            log.info("wandb: %s", run.url)
+        return run
+    return None
+
+
+def apply(run, message: dict) -> None:
+    """One message from the training process, done to the run."""
+    if "log" in message:
+        run.log(message["log"], step=message["step"])
+    elif "summary" in message:
+        run.summary.update(message["summary"])
+    else:
+        raise ValueError(f"unknown message {sorted(message)}")
+
+
+def read_messages(lines, messages: queue.SimpleQueue) -> None:
+    """Every line, parsed, onto ``messages``, then None: read at once so that the training process never blocks on
+    a full pipe while wandb is still starting (an online start may take its whole 30 s timeout)."""
+    for line in lines:
+        messages.put(json.loads(line))
+    messages.put(None)
+
+
+def main() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)  # training handles these; this process ends when its pipe closes
+    start = json.loads(sys.stdin.readline())["start"]
+    logger = logging.getLogger("launcher")  # as rank 0 logs: to stdout, at log.level; not wandb's own loggers
+    logger.addHandler(logging.StreamHandler(sys.stdout))
+    logger.setLevel(start["log_level"].upper())
+    messages: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=read_messages, args=(sys.stdin, messages), daemon=True).start()
+    run = init_run(start["mode"], start["options"])
+    while (message := messages.get()) is not None:
+        if run is None:
+            continue  # keep draining: the training process must never block on this pipe
+        try:
+            apply(run, message)
+        except Exception as error:
+            log.warning("wandb failed (%s: %s); training goes on, metrics stay in metrics.jsonl",
+                        type(error).__name__, error)
+            run = None
+    if run is not None:
+        run.finish()
+
+
+if __name__ == "__main__":
+    main()
