@@ -47,7 +47,8 @@ class WandbRun:
         self._send({"summary": values})
 
     def finish(self) -> None:
-        """Close the pipe and wait for the wandb process to finish the run (offline: write it out; online: upload)."""
+        """Wait for the wandb process to finish the run (offline: write it out; online: upload) and end."""
+        self._send({"finish": True})
         if self._process is None:
             return
         with contextlib.suppress(OSError):

@@ -4,10 +4,12 @@ In the training process, every ``wandb.log`` cost about 2 ms of Python and threa
 own sender thread): on a machine whose cores the training processes fill, DDP made every rank wait for it. Here
 the training process pays one pipe write per record; wandb starts, logs and finishes on its own time.
 
-    python -m launcher.wandb_process   # stdin: {"start": {...}}, then {"log": ..., "step": N} / {"summary": ...}
+    python -m launcher.wandb_process   # stdin: {"start": {...}}, then {"log": ..., "step": N} / {"summary": ...},
+                                       # then {"finish": true}
 
-It ends when its stdin closes (the training process finished the run, or died): the run is finished then, and
-never cut short by a signal meant for training (Ctrl-C, Slurm's preemption SIGTERM).
+It finishes the run and ends on the finish message, or when its stdin closes (the training process died); it is
+never cut short by a signal meant for training (Ctrl-C, Slurm's preemption SIGTERM). The finish message is needed:
+data-loader workers forked from the training process hold copies of the pipe, so closing it is no end of input.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def main() -> None:
     messages: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=read_messages, args=(sys.stdin, messages), daemon=True).start()
     run = init_run(start["mode"], start["options"])
-    while (message := messages.get()) is not None:
+    while (message := messages.get()) is not None and "finish" not in message:
         if run is None:
             continue  # keep draining: the training process must never block on this pipe
         try:

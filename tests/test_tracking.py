@@ -3,12 +3,14 @@ and the plot command."""
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import check_ok, epoch_records, launch
+from launcher.tracking import WandbRun
 from test_checkpoint import ARGS, RECIPE
 
 WANDB = str(Path(sys.executable).parent / "wandb")
@@ -67,6 +69,27 @@ def test_an_elastic_restart_continues_the_same_wandb_run_with_steps_never_going_
     steps = [row["_step"] for row in history(first) + history(second)]
     assert steps == sorted(set(steps)) and steps[-1] == 66, steps
     assert "eval/accuracy" in history(second)[-1]
+
+
+def test_wandb_finishes_while_data_loader_workers_hold_copies_of_its_pipe(tmp_path):
+    # Forked loader workers inherit the pipe to the wandb process: its end of input is the finish message.
+    check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=1", "data.num_workers=2"], tmp_path,
+                    env=without_credentials(tmp_path), timeout=120))
+    (offline,) = offline_runs(tmp_path / "run")
+    assert "eval/accuracy" in history(wandb_records(offline))[-1]
+
+
+def test_the_wandb_process_dying_costs_one_warning_and_logging_goes_on_without_it(tmp_path, caplog):
+    options = {"project": "launcher", "dir": str(tmp_path), "id": "dying001", "resume": "allow"}
+    run = WandbRun("dying001", 0, {"mode": "offline", "options": options, "log_level": "warning"})
+    run.log({"step": 1, "train/loss": 1.0})
+    os.kill(run._process.pid, signal.SIGKILL)
+    run._process.wait()
+    for step in (2, 3):
+        run.log({"step": step, "train/loss": 1.0})
+    run.finish()
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("the wandb process ended (BrokenPipeError"), warnings
 
 
 def test_wandb_online_without_network_or_key_warns_and_training_completes(tmp_path):
