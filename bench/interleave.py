@@ -1,6 +1,6 @@
 """Run under torchrun: the launcher's training loop and the plain loop in the same processes, in alternating chunks.
 
-    torchrun --standalone --nproc_per_node 2 bench/interleave.py --arch mlp [--chunks 16 --chunk-steps 50] \
+    torchrun --standalone --nproc_per_node 2 bench/interleave.py --arch mlp [--chunks 18 --chunk-steps 45] \
         [launcher key=value ...]
 
 The launcher side is built by the launcher itself (``build_training``: metrics file, checkpointer, wandb run,
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=sorted(workload.ARCHS), default="lenet")
     parser.add_argument("--chunks", type=int, default=18, help="timed chunks per side (6 rounds: each order)")
-    parser.add_argument("--chunk-steps", type=int, default=50)
+    parser.add_argument("--chunk-steps", type=int, default=45)
     parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
     args, overrides = parser.parse_known_args()
     if args.warmup + args.chunks * args.chunk_steps > workload.TRAIN_SAMPLES // 256:
