@@ -10,11 +10,17 @@ its ratio to the first, the A/A control, is what the harness reads for two ident
 a launcher ratio can move by chance. Each round of chunks runs the three sides in a rotating order (each side as
 often first, second and last) so that all see the same machine; a barrier before each chunk lines the ranks up
 (not timed). Rank 0 prints one JSON object.
+
+On a machine with GPUs (``dist.backend=auto`` then picks nccl, one GPU per process) both loops train there, with
+what the launcher's config asks for (``train.amp=bf16 train.channels_last=true train.compile=true``), and each
+chunk's time includes finishing the work it queued. ``--data-wait`` adds a fourth side: the launcher's loop on one
+batch kept on the device; what loading the data adds over it is the time the GPU waits for data.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -32,20 +38,24 @@ from plain_ddp import build_plain, plain_steps  # noqa: E402
 
 from launcher.__main__ import load_validated  # noqa: E402
 from launcher.data import start_epoch, steps_per_epoch  # noqa: E402
-from launcher.dist_env import DistEnv, destroy_process_group, init_process_group  # noqa: E402
+from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group  # noqa: E402
 from launcher.logs import setup_logging  # noqa: E402
 from launcher.stop import GracefulStop  # noqa: E402
 from launcher.train import train_steps  # noqa: E402
 from launcher.worker import build_training  # noqa: E402
 
 
-def timed(counter: workload.SyncCounter, side: str, run) -> tuple[float, float]:
-    """Wall and CPU seconds (this process, all threads) of ``run()``, with the ranks lined up before it."""
+def timed(counter: workload.SyncCounter, side: str, run, device: torch.device) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) of ``run()``, with the ranks lined up before it and, on a
+    GPU, the work it queued finished within it."""
+    finish_queued = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    finish_queued()
     if dist.is_initialized():
         dist.barrier()
     wall, cpu = time.perf_counter(), time.process_time()
     with counter.counting(side):
         run()
+        finish_queued()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -55,17 +65,21 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=18, help="timed chunks per side (6 rounds: each order)")
     parser.add_argument("--chunk-steps", type=int, default=45)
     parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
+    parser.add_argument("--data-wait", action="store_true",
+                        help="also time the launcher's loop on one batch kept on the device: the data wait fraction")
     args, overrides = parser.parse_known_args()
-    if args.warmup + args.chunks * args.chunk_steps > workload.TRAIN_SAMPLES // 256:
-        raise SystemExit("warmup + chunks * chunk-steps must fit in one epoch (937 steps)")
     dist_env = DistEnv.from_environ()
     setup_logging(dist_env, "warning")
     run_dir = Path(tempfile.gettempdir()) / f"launcher-bench-{dist_env.job_id}"  # a fresh run: nothing to resume
     _, recipe, cfg = load_validated([f"recipe={Path(__file__).parent / 'workload.py'}", f"model.arch={args.arch}",
                                      f"run.dir={run_dir}", "log.level=warning", *overrides], dist_env)
-    init_process_group(dist_env, cfg.dist.backend, torch.device("cpu"), cfg.dist.timeout_s)
+    if args.warmup + args.chunks * args.chunk_steps > workload.TRAIN_SAMPLES // cfg.train.batch_size:
+        raise SystemExit(f"warmup + chunks * chunk-steps must fit in one epoch "
+                         f"({workload.TRAIN_SAMPLES // cfg.train.batch_size} steps)")
+    device = device_for(dist_env, cfg.dist.backend)
+    init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
     counter = workload.SyncCounter()
-    training = build_training(cfg, recipe, dist_env, torch.device("cpu"))
+    training = build_training(cfg, recipe, dist_env, device)
     state, cfg = training.state, training.cfg
     stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
     start_epoch(state.train_loader, 1, 0)
@@ -75,27 +89,36 @@ def main() -> None:
         train_steps(state, cfg, dist_env, training.metrics, training.checkpointer, stop, launcher_batches, total,
                     state.global_step + steps)
 
-    sides = {"launcher": run_launcher, "plain": plain_side(args.arch, state.train_loader.dataset, cfg),
-             "plain_again": plain_side(args.arch, state.train_loader.dataset, cfg)}
+    sides = {"launcher": run_launcher, "plain": plain_side(state.train_loader.dataset, cfg, device),
+             "plain_again": plain_side(state.train_loader.dataset, cfg, device)}
+    if args.data_wait:
+        inputs, targets = next(iter(state.train_loader))
+        resident = itertools.repeat((state.precision.prepare(inputs.to(device)), targets.to(device)))
+        sides["launcher_resident"] = lambda steps: train_steps(state, cfg, dist_env, training.metrics,
+                                                               training.checkpointer, stop, resident, total,
+                                                               state.global_step + steps)
     for run in sides.values():
         run(args.warmup)
     times = {side: [] for side in sides}
     for chunk in range(args.chunks):
         for side in rotation(list(sides), chunk):
-            times[side].append(timed(counter, side, lambda: sides[side](args.chunk_steps)))
+            times[side].append(timed(counter, side, lambda: sides[side](args.chunk_steps), device))
     stop.close()
     if training.wandb_run:
         training.wandb_run.finish()
     if dist_env.is_main:
-        print(json.dumps(summarize(times, counter, args, dist_env.world_size, cfg.train.batch_size)))
+        result = summarize(times, counter, args, dist_env.world_size, cfg.train.batch_size)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(json.dumps({**result, "device": device_name, "launcher_args": overrides}))
     destroy_process_group(dist_env)
     if dist_env.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def plain_side(arch: str, train_set, cfg):
-    """A plain loop of its own (model, optimizer, loader) over ``train_set``: ``run(steps)``."""
-    plain = build_plain(arch, train_set, cfg.train.batch_size)
+def plain_side(train_set, cfg, device: torch.device):
+    """A plain loop of its own (model, optimizer, loader) over ``train_set``, set up as ``cfg`` asks the launcher
+    to: ``run(steps)``."""
+    plain = build_plain(train_set, cfg, device)
     plain.loader.sampler.set_epoch(0)
     batches = iter(plain.loader)
     return lambda steps: plain_steps(plain, batches, steps)
@@ -124,6 +147,10 @@ def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batc
         # The A/A control: the second plain loop's steps/s over the first's (1.0 but for the harness's noise).
         "control_ratio": wall["plain"] / wall["plain_again"],
         "control_chunk_ratio": {"median": statistics.median(control), "min": min(control), "max": max(control)},
+        # The share of the launcher's time that loading data adds to the same steps on a batch already on the
+        # device: on a GPU, the time it waits for data.
+        **({"data_wait_fraction": 1 - wall["launcher_resident"] / wall["launcher"]} if "launcher_resident" in wall
+           else {}),
         **{f"{side}_cpu_ms_per_step": 1000 * sum(c for _, c in chunks) / steps for side, chunks in times.items()},
         **{f"{side}_{kind}_per_step": counter.counts.get(side, {}).get(kind, 0) / steps for side in times
            for kind in ("host_reads", "collectives")},

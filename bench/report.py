@@ -3,6 +3,8 @@
     python bench/overhead.py > overhead.jsonl; python bench/startup.py > startup.jsonl
     python bench/checkpoint.py > checkpoint.json
     python bench/report.py overhead.jsonl startup.jsonl checkpoint.json
+
+Runs on a GPU (their summaries name the device) get their own table.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def overhead_table(lines: list[dict]) -> str:
             "(min-max) of runs | A/A control: pooled, min-max | host reads per step: launcher / plain | "
             "collectives per step: launcher / plain |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for case in (line for line in lines if line.get("summary")):
+    for case in (line for line in lines if line.get("summary") and line["device"] == "cpu"):
         ratio, control = case["ratio"], case["control_ratio"]
         rows.append(
             f"| {case['arch']} | {case['procs']} | {case['runs']} | {case['launcher_steps_per_s']:.1f} | "
@@ -30,8 +32,22 @@ def overhead_table(lines: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def gpu_table(lines: list[dict]) -> str:
+    rows = ["| model | GPUs | device | launcher settings | launcher images/s | plain images/s | ratio: all runs pooled "
+            "(min-max of runs) | A/A control: pooled | GPU waiting for data (launcher) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for case in (line for line in lines if line.get("summary") and line["device"] != "cpu"):
+        ratio, wait = case["ratio"], case.get("data_wait_fraction")
+        rows.append(
+            f"| {case['arch']} | {case['procs']} | {case['device']} | {' '.join(case['launcher_args'])} | "
+            f"{case['launcher_samples_per_s']:,.0f} | {case['plain_samples_per_s']:,.0f} | "
+            f"**{case['pooled_ratio']:.3f}** ({ratio['min']:.3f}-{ratio['max']:.3f}) | "
+            f"{case['pooled_control_ratio']:.3f} | {'' if wait is None else f'{wait:.1%}'} |")
+    return "\n".join(rows)
+
+
 def scaling_table(lines: list[dict]) -> str:
-    cases = {(case["arch"], case["procs"]): case for case in lines if case.get("summary")}
+    cases = {(case["arch"], case["procs"]): case for case in lines if case.get("summary") and case["device"] == "cpu"}
     rows = ["| model | program | samples/s, 1 process | samples/s, 2 processes | speedup |", "|---|---|---|---|---|"]
     for arch in dict.fromkeys(arch for arch, _ in cases):
         if (arch, 1) not in cases or (arch, 2) not in cases:
@@ -63,7 +79,9 @@ def checkpoint_table(results: list[dict]) -> str:
 def main() -> None:
     overhead, startup, checkpoint = (Path(name).read_text() for name in sys.argv[1:4])
     overhead_lines = [json.loads(line) for line in overhead.splitlines()]
+    on_gpu = any(line.get("summary") and line["device"] != "cpu" for line in overhead_lines)
     print(overhead_table(overhead_lines), scaling_table(overhead_lines),
+          *([gpu_table(overhead_lines)] if on_gpu else []),
           startup_table([json.loads(line) for line in startup.splitlines()]),
           checkpoint_table(json.loads(checkpoint)), sep="\n\n")
 

@@ -1,4 +1,5 @@
-"""The benchmarks' workload, as a launcher recipe: lenet or mlp on Fashion-MNIST-shaped data held in memory.
+"""The benchmarks' workload, as a launcher recipe: lenet or mlp on Fashion-MNIST-shaped data, or ResNet-18 (CIFAR
+stem) on CIFAR-shaped data, held in memory.
 
     torchrun --standalone --nproc_per_node 2 -m launcher recipe=bench/workload.py model.arch=mlp
 
@@ -9,6 +10,7 @@ with the same optimizer groups. With ``BENCH_OUT`` set, importing it also starts
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import time
@@ -18,9 +20,9 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import TensorDataset
 
-from recipes import lenet, mlp
-
-ARCHS = {"lenet": lenet, "mlp": mlp}
+# The recipes whose models the benchmarks train, imported when used (resnet18 imports torchvision).
+ARCHS = {"lenet": "recipes.lenet", "mlp": "recipes.mlp", "resnet18": "recipes.resnet18"}
+IMAGE_SHAPES = {"lenet": (1, 28, 28), "mlp": (1, 28, 28), "resnet18": (3, 32, 32)}  # Fashion-MNIST's, CIFAR's
 # Random labels drive weights and gradients toward tiny values; denormal floats are up to 100x slower on x86, and
 # whichever loop met more of them would look slower for a reason that has nothing to do with it.
 torch.set_flush_denormal(True)
@@ -30,23 +32,29 @@ TRAIN_SAMPLES, EVAL_SAMPLES = int(os.environ.get("BENCH_TRAIN_SAMPLES", 240_000)
 DEFAULTS = {
     "train": {"epochs": 10, "batch_size": 256},
     "optim": {"name": "sgd", "lr": 0.1},
-    "model": {"arch": "lenet", "hidden": 256, "classifier_lr_mult": 1.0},
+    # hidden: mlp's; num_classes, cifar_stem, pretrained: resnet18's (the CIFAR variant, for 32x32 images).
+    "model": {"arch": "lenet", "hidden": 256, "classifier_lr_mult": 1.0, "num_classes": 10, "cifar_stem": True,
+              "pretrained": ""},
 }
 
 
+def recipe_of(arch: str):
+    return importlib.import_module(ARCHS[arch])
+
+
 def build_model(cfg):
-    return ARCHS[cfg.model.arch].build_model(cfg)
+    return recipe_of(cfg.model.arch).build_model(cfg)
 
 
 def param_groups(model, cfg):
-    recipe = ARCHS[cfg.model.arch]
+    recipe = recipe_of(cfg.model.arch)
     return recipe.param_groups(model, cfg) if hasattr(recipe, "param_groups") else [{"params": model.parameters()}]
 
 
 def build_datasets(cfg):
     """Random images and labels, fixed by a seed: speed does not depend on what the pixels say."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(TRAIN_SAMPLES + EVAL_SAMPLES, 1, 28, 28, generator=generator)
+    images = torch.rand(TRAIN_SAMPLES + EVAL_SAMPLES, *IMAGE_SHAPES[cfg.model.arch], generator=generator)
     labels = torch.randint(0, 10, (TRAIN_SAMPLES + EVAL_SAMPLES,), generator=generator)
     return (TensorDataset(images[:TRAIN_SAMPLES], labels[:TRAIN_SAMPLES]),
             TensorDataset(images[TRAIN_SAMPLES:], labels[TRAIN_SAMPLES:]))

@@ -5,7 +5,9 @@ step, which does not depend on the machine, is: no host reads or collectives bey
 stop agreement every dist.stop_check_every steps.
 """
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,9 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run_bench(args: list[str], cwd: Path, timeout: float = 600) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_bench(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return result.stdout
 
@@ -46,3 +49,23 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
         (tmp_path / name).write_text(output)
     report = run_bench([str(BENCH / "report.py"), "overhead.jsonl", "startup.jsonl", "checkpoint.json"], tmp_path)
     assert "| mlp | 2 |" in report and "| `python -m launcher` |" in report and "| launcher | 16,781,312 |" in report
+
+
+def test_the_gpu_benchmark_path_resnet18_bf16_channels_last_data_wait_runs_on_the_cpu(tmp_path):
+    # The GPU table's command (BENCHMARKS.md), on a CPU and a few tiny steps: both loops in bf16 and channels_last,
+    # the launcher also on a batch kept on the device. Only a GPU gives the numbers.
+    settings = ["train.amp=bf16", "train.channels_last=true", "train.batch_size=16", "wandb.mode=disabled"]
+    output = run_bench([str(BENCH / "overhead.py"), "--archs", "resnet18", "--procs", "1", "--reps", "1", "--chunks",
+                        "2", "--chunk-steps", "2", "--warmup", "1", "--data-wait", "--workdir", str(tmp_path),
+                        "--launcher-args", *settings], tmp_path, env={"BENCH_TRAIN_SAMPLES": "256"})
+    run, summary = (json.loads(line) for line in output.splitlines())
+    assert run["device"] == "cpu" and run["launcher_args"] == settings
+    assert run["launcher_resident_steps_per_s"] > 0 and run["data_wait_fraction"] < 1
+    assert run["launcher_host_reads_per_step"] == 0 and run["plain_host_reads_per_step"] == 0  # no log in 5 steps
+    # The report's GPU table, for the same summary as a GPU would label it.
+    spec = importlib.util.spec_from_file_location("report", BENCH / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    table = report.gpu_table([{**summary, "device": "NVIDIA H100 80GB HBM3"}])
+    assert f"| resnet18 | 1 | NVIDIA H100 80GB HBM3 | {' '.join(settings)} |" in table
+    assert table.splitlines()[-1].endswith(f"| {summary['data_wait_fraction']:.1%} |")
