@@ -1,6 +1,6 @@
 """Run under torchrun: the launcher's training loop and the plain loop in the same processes, in alternating chunks.
 
-    torchrun --standalone --nproc_per_node 2 bench/interleave.py --arch mlp [--chunks 18 --chunk-steps 45] \
+    torchrun --standalone --nproc_per_node 2 bench/interleave.py --arch mlp [--chunks 54 --chunk-steps 15] \
         [launcher key=value ...]
 
 The launcher side is built by the launcher itself (``build_training``: metrics file, checkpointer, wandb run,
@@ -62,8 +62,8 @@ def timed(counter: workload.SyncCounter, side: str, run, device: torch.device) -
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=sorted(workload.ARCHS), default="lenet")
-    parser.add_argument("--chunks", type=int, default=18, help="timed chunks per side (6 rounds: each order)")
-    parser.add_argument("--chunk-steps", type=int, default=45)
+    parser.add_argument("--chunks", type=int, default=54, help="timed chunks per side (9 x the 6 orders)")
+    parser.add_argument("--chunk-steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
     parser.add_argument("--data-wait", action="store_true",
                         help="also time the launcher's loop on one batch kept on the device: the data wait fraction")

@@ -1,6 +1,6 @@
 """Training-loop overhead: the launcher's loop against a hand-written DDP loop, side by side in the same processes.
 
-    python bench/overhead.py [--archs lenet mlp] [--procs 1 2] [--reps 3] [--chunks 18] [--chunk-steps 45]
+    python bench/overhead.py [--archs lenet mlp] [--procs 1 2] [--reps 3] [--chunks 54] [--chunk-steps 15]
 
 For each model and process count, runs ``torchrun bench/interleave.py`` ``--reps`` times; each run alternates
 chunks of launcher steps and plain steps (see interleave.py). Prints one JSON object per run, then one summary
@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["lenet", "mlp"])
     parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=3, help="separate runs per case")
-    parser.add_argument("--chunks", type=int, default=18)
-    parser.add_argument("--chunk-steps", type=int, default=45)
+    parser.add_argument("--chunks", type=int, default=54)
+    parser.add_argument("--chunk-steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--launcher-args", nargs="*", default=[],
                         help="key=value overrides for the launcher's run (the plain loop follows train.amp, "
