@@ -2,7 +2,8 @@
 
     python bench/overhead.py > overhead.jsonl; python bench/startup.py > startup.jsonl
     python bench/checkpoint.py > checkpoint.json
-    python bench/report.py overhead.jsonl startup.jsonl checkpoint.json
+    python bench/wandb_log.py > wandb_log.jsonl
+    python bench/report.py overhead.jsonl startup.jsonl checkpoint.json [wandb_log.jsonl]
 
 Runs on a GPU (their summaries name the device) get their own table.
 """
@@ -76,14 +77,23 @@ def checkpoint_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def wandb_log_table(lines: list[dict]) -> str:
+    rows = ["| how a metrics record reaches wandb | wall ms per record | CPU ms per record (training process) |",
+            "|---|---|---|"]
+    for line in lines:
+        rows.append(f"| {line['case']} | {line['wall_ms_per_record']:.3f} | {line['cpu_ms_per_record']:.3f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     overhead, startup, checkpoint = (Path(name).read_text() for name in sys.argv[1:4])
+    wandb_log = [json.loads(line) for line in Path(sys.argv[4]).read_text().splitlines()] if sys.argv[4:] else []
     overhead_lines = [json.loads(line) for line in overhead.splitlines()]
     on_gpu = any(line.get("summary") and line["device"] != "cpu" for line in overhead_lines)
     print(overhead_table(overhead_lines), scaling_table(overhead_lines),
           *([gpu_table(overhead_lines)] if on_gpu else []),
           startup_table([json.loads(line) for line in startup.splitlines()]),
-          checkpoint_table(json.loads(checkpoint)), sep="\n\n")
+          checkpoint_table(json.loads(checkpoint)), *([wandb_log_table(wandb_log)] if wandb_log else []), sep="\n\n")
 
 
 if __name__ == "__main__":

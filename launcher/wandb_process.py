@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -85,6 +86,9 @@ def read_messages(lines, messages: queue.SimpleQueue) -> None:
 
 
 def main() -> None:
+    # Training first: where the training processes fill every core (a CPU run), wandb (and the wandb-core service
+    # it starts, which inherits this) takes what they leave instead of taking turns with them.
+    os.nice(10)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # training handles these; this process ends when its pipe closes
     start = json.loads(sys.stdin.readline())["start"]

@@ -45,10 +45,16 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     checkpoint = run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--dir", str(tmp_path)], tmp_path)
     assert {result["case"] for result in json.loads(checkpoint)} == {"launcher", "torch.save"}
 
-    for name, output in (("overhead.jsonl", overhead), ("startup.jsonl", startup), ("checkpoint.json", checkpoint)):
+    wandb_log = run_bench([str(BENCH / "wandb_log.py"), "--records", "3", "--every", "0"], tmp_path)
+    assert [json.loads(line)["cpu_ms_per_record"] > 0 for line in wandb_log.splitlines()] == [True, True]
+
+    outputs = {"overhead.jsonl": overhead, "startup.jsonl": startup, "checkpoint.json": checkpoint,
+               "wandb_log.jsonl": wandb_log}
+    for name, output in outputs.items():
         (tmp_path / name).write_text(output)
-    report = run_bench([str(BENCH / "report.py"), "overhead.jsonl", "startup.jsonl", "checkpoint.json"], tmp_path)
+    report = run_bench([str(BENCH / "report.py"), *outputs], tmp_path)
     assert "| mlp | 2 |" in report and "| `python -m launcher` |" in report and "| launcher | 16,781,312 |" in report
+    assert "| launcher WandbRun.log (wandb in its own process) |" in report
 
 
 def test_the_gpu_benchmark_path_resnet18_bf16_channels_last_data_wait_runs_on_the_cpu(tmp_path):
