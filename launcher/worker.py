@@ -32,6 +32,7 @@ from launcher.run_dir import choose_run_dir
 from launcher.schedule import build_scheduler
 from launcher.stop import GracefulStop
 from launcher.summary import model_summary, parameter_counts
+from launcher.host_memory import keep_freed_memory
 from launcher.tracking import WandbRun, start_wandb
 from launcher.train import TrainState, fit
 
@@ -165,6 +166,8 @@ class Training:
 def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> Training | None:
     """Everything a run needs, built on every rank and resumed if a checkpoint says so; None for ``eval.only``
     (evaluated here instead)."""
+    if cfg.train.keep_host_memory:
+        keep_freed_memory()  # before anything is built: every allocation after it is served this way
     run_dir = choose_run_dir(cfg, recipe, dist_env)
     cfg = with_run_dir(cfg, str(run_dir))
     metrics, wandb_run = None, None
