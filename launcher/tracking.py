@@ -60,13 +60,18 @@ class WandbRun:
         if self._process is None:
             return
         try:
-            self._process.stdin.write(json.dumps(message) + "\n")
+            self._process.stdin.write(json.dumps(message, default=_plain_value) + "\n")
             self._process.stdin.flush()
         except (OSError, ValueError) as error:  # the process is gone: BrokenPipeError, or a closed pipe
             log.warning("the wandb process ended (%s: %s); training goes on, metrics stay in metrics.jsonl",
                         type(error).__name__, error)
             self._process.kill()
             self._process = None
+
+
+def _plain_value(value):
+    """What JSON cannot carry as it is: a tensor or NumPy scalar (a recipe's metric) as its number, else text."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def new_wandb_id() -> str:

@@ -35,9 +35,9 @@ print(default, kept, faults_per_step())
 
 
 def test_keeping_freed_memory_ends_the_page_faults_of_every_step():
-    # glibc's mmap threshold adapts to what a process happens to free first, so with its defaults the same loop
-    # faults 15 times per step in one process and 4,600 in the next. Its starting threshold (128 KB), pinned,
-    # is the faulting state every time: each step's activations mmapped, freed to the OS, faulted in again.
+    # glibc's mmap threshold adapts as a process runs, so with its defaults the same loop faults 15 times per step
+    # in one process and 4,600 in the next. Its starting threshold (128 KB), pinned, is the faulting state every
+    # time: each step's activations mmapped, handed back to the OS when freed, and faulted in again.
     result = subprocess.run([sys.executable, "-c", LOOP], capture_output=True, text=True, timeout=300,
                             env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"})
     assert result.returncode == 0, result.stderr

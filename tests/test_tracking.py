@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from conftest import check_ok, epoch_records, launch
 from launcher.tracking import WandbRun
 from test_checkpoint import ARGS, RECIPE
@@ -82,7 +85,7 @@ def test_wandb_finishes_while_data_loader_workers_hold_copies_of_its_pipe(tmp_pa
 def test_the_wandb_process_dying_costs_one_warning_and_logging_goes_on_without_it(tmp_path, caplog):
     options = {"project": "launcher", "dir": str(tmp_path), "id": "dying001", "resume": "allow"}
     run = WandbRun("dying001", 0, {"mode": "offline", "options": options, "log_level": "warning"})
-    run.log({"step": 1, "train/loss": 1.0})
+    run.log({"step": 1, "train/loss": torch.tensor(1.0), "eval/accuracy": np.float32(0.5)})  # a recipe's metrics
     os.kill(run._process.pid, signal.SIGKILL)
     run._process.wait()
     for step in (2, 3):
