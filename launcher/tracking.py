@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -47,13 +48,16 @@ class WandbRun:
         self._send({"summary": values})
 
     def finish(self) -> None:
-        """Wait for the wandb process to finish the run (offline: write it out; online: upload) and end."""
+        """Tell the wandb process to finish the run (offline: write it out; online: upload), without waiting for
+        it: this process waits for it only at its exit, so no rank, stop message or error report waits for wandb
+        (a rank still in here when another has left is one torchrun ends), yet a command that returns has its
+        wandb run complete."""
         self._send({"finish": True})
         if self._process is None:
             return
         with contextlib.suppress(OSError):
             self._process.stdin.close()
-        self._process.wait()
+        atexit.register(self._process.wait)
         self._process = None
 
     def _send(self, message: dict) -> None:
