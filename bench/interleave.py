@@ -85,18 +85,17 @@ def main() -> None:
     start_epoch(state.train_loader, 1, 0)
     total, launcher_batches = steps_per_epoch(state.train_loader, cfg.train.batch_size), iter(state.train_loader)
 
-    def run_launcher(steps: int) -> None:
-        train_steps(state, cfg, dist_env, training.metrics, training.checkpointer, stop, launcher_batches, total,
-                    state.global_step + steps)
+    def launcher_on(batches):
+        """The launcher's loop on ``batches``: ``run(steps)``."""
+        return lambda steps: train_steps(state, cfg, dist_env, training.metrics, training.checkpointer, stop,
+                                         batches, total, state.global_step + steps)
 
-    sides = {"launcher": run_launcher, "plain": plain_side(state.train_loader.dataset, cfg, device),
+    sides = {"launcher": launcher_on(launcher_batches), "plain": plain_side(state.train_loader.dataset, cfg, device),
              "plain_again": plain_side(state.train_loader.dataset, cfg, device)}
     if args.data_wait:
         inputs, targets = next(iter(state.train_loader))
         resident = itertools.repeat((state.precision.prepare(inputs.to(device)), targets.to(device)))
-        sides["launcher_resident"] = lambda steps: train_steps(state, cfg, dist_env, training.metrics,
-                                                               training.checkpointer, stop, resident, total,
-                                                               state.global_step + steps)
+        sides["launcher_resident"] = launcher_on(resident)
     for run in sides.values():
         run(args.warmup)
     times = {side: [] for side in sides}

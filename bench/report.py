@@ -16,12 +16,17 @@ import sys
 from pathlib import Path
 
 
+def summaries(lines: list[dict], on_gpu: bool) -> list[dict]:
+    """The per-case summaries of overhead.py's output, those of GPU runs or of CPU runs."""
+    return [line for line in lines if line.get("summary") and (line["device"] != "cpu") == on_gpu]
+
+
 def overhead_table(lines: list[dict]) -> str:
     rows = ["| model | processes | runs | launcher steps/s | plain steps/s | ratio: all runs pooled | ratio: median "
             "(min-max) of runs | A/A control: pooled, min-max | host reads per step: launcher / plain | "
             "collectives per step: launcher / plain |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for case in (line for line in lines if line.get("summary") and line["device"] == "cpu"):
+    for case in summaries(lines, on_gpu=False):
         ratio, control = case["ratio"], case["control_ratio"]
         rows.append(
             f"| {case['arch']} | {case['procs']} | {case['runs']} | {case['launcher_steps_per_s']:.1f} | "
@@ -37,7 +42,7 @@ def gpu_table(lines: list[dict]) -> str:
     rows = ["| model | GPUs | device | launcher settings | launcher images/s | plain images/s | ratio: all runs pooled "
             "(min-max of runs) | A/A control: pooled | GPU waiting for data (launcher) |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for case in (line for line in lines if line.get("summary") and line["device"] != "cpu"):
+    for case in summaries(lines, on_gpu=True):
         ratio, wait = case["ratio"], case.get("data_wait_fraction")
         rows.append(
             f"| {case['arch']} | {case['procs']} | {case['device']} | {' '.join(case['launcher_args'])} | "
@@ -48,7 +53,7 @@ def gpu_table(lines: list[dict]) -> str:
 
 
 def scaling_table(lines: list[dict]) -> str:
-    cases = {(case["arch"], case["procs"]): case for case in lines if case.get("summary") and case["device"] == "cpu"}
+    cases = {(case["arch"], case["procs"]): case for case in summaries(lines, on_gpu=False)}
     rows = ["| model | program | samples/s, 1 process | samples/s, 2 processes | speedup |", "|---|---|---|---|---|"]
     for arch in dict.fromkeys(arch for arch, _ in cases):
         if (arch, 1) not in cases or (arch, 2) not in cases:
@@ -89,9 +94,8 @@ def main() -> None:
     overhead, startup, checkpoint = (Path(name).read_text() for name in sys.argv[1:4])
     wandb_log = [json.loads(line) for line in Path(sys.argv[4]).read_text().splitlines()] if sys.argv[4:] else []
     overhead_lines = [json.loads(line) for line in overhead.splitlines()]
-    on_gpu = any(line.get("summary") and line["device"] != "cpu" for line in overhead_lines)
     print(overhead_table(overhead_lines), scaling_table(overhead_lines),
-          *([gpu_table(overhead_lines)] if on_gpu else []),
+          *([gpu_table(overhead_lines)] if summaries(overhead_lines, on_gpu=True) else []),
           startup_table([json.loads(line) for line in startup.splitlines()]),
           checkpoint_table(json.loads(checkpoint)), *([wandb_log_table(wandb_log)] if wandb_log else []), sep="\n\n")
 
