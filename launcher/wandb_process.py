@@ -90,7 +90,7 @@ def main() -> None:
     # it starts, which inherits this) takes what they leave instead of taking turns with them.
     os.nice(10)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)  # training handles these; this process ends when its pipe closes
+        signal.signal(signum, signal.SIG_IGN)  # training handles these; this process ends as training says
     start = json.loads(sys.stdin.readline())["start"]
     logger = logging.getLogger("launcher")  # as rank 0 logs: to stdout, at log.level; not wandb's own loggers
     logger.addHandler(logging.StreamHandler(sys.stdout))
