@@ -2,7 +2,8 @@
 
     python bench/checkpoint.py [--params 100_000_000] [--dir /tmp]
 
-Each case runs in a fresh process (so one cannot inherit the other's memory), after one SGD-with-momentum step
+"load" is what a resume does: load the file, put it into the model and optimizer, and touch the optimizer state
+as the next step does. Each case runs in a fresh process (so one cannot inherit the other's memory), after one SGD-with-momentum step
 (so the optimizer holds a momentum buffer as large as the model). Memory is the process's resident set, sampled
 every millisecond during the save; "extra" is the peak minus the resident set just before the save. Prints JSON.
 """
@@ -66,13 +67,18 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     start = time.perf_counter()
     with PeakRss() as memory:
         if case == "launcher":
-            path = Checkpointer(folder, cfg, DistEnv()).save(training_state, {"rng": None})
+            checkpointer = Checkpointer(folder, cfg, DistEnv(), run_id="bench")
+            path = checkpointer.save(training_state, {"rng": None, "loss_sum": 0.0})
         else:
             path = folder / "plain.pt"
             torch.save(training_state, path)
     save_s = time.perf_counter() - start
     start = time.perf_counter()
-    load_checkpoint(path) if case == "launcher" else torch.load(path, weights_only=True)
+    payload = load_checkpoint(path) if case == "launcher" else torch.load(path, weights_only=True)
+    model.load_state_dict(payload["model"])  # what a resume does with it
+    optimizer.load_state_dict(payload["optimizer"])
+    for value in optimizer.state.values():  # and touched, as the next step touches it (memory-mapped pages fault in)
+        value["momentum_buffer"].mul_(1)
     return {
         "case": case,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -88,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=100_000_000)
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--reps", type=int, default=2, help="runs of each case, alternating")
     parser.add_argument("--case", choices=("launcher", "torch.save"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -95,7 +102,7 @@ def main() -> None:
             print(json.dumps(run_case(args.case, args.params, Path(folder))))
         return
     results = []
-    for case in ("torch.save", "launcher", "torch.save", "launcher"):
+    for case in ("torch.save", "launcher") * args.reps:
         command = [sys.executable, __file__, "--case", case, "--params", str(args.params)]
         command += ["--dir", args.dir] if args.dir else []
         results.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))

@@ -103,8 +103,7 @@ def main() -> None:
         for side in rotation(list(sides), chunk):
             times[side].append(timed(counter, side, lambda: sides[side](args.chunk_steps), device))
     stop.close()
-    if training.wandb_run:
-        training.wandb_run.finish()
+    training.close("finished")
     if dist_env.is_main:
         result = summarize(times, counter, args, dist_env.world_size, cfg.train.batch_size)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

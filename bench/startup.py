@@ -41,8 +41,10 @@ def commands(arch: str) -> dict[str, list[str]]:
 
 
 def time_command(command: list[str], workdir: Path) -> dict:
+    """One timed run, in a directory of its own: the launcher's runs/ there is new, so it trains (the same command
+    in the same directory would find its run complete)."""
+    workdir = Path(tempfile.mkdtemp(dir=workdir))
     out = workdir / "first_step.json"
-    out.unlink(missing_ok=True)
     env = {**bench_env(), "BENCH_OUT": str(out), "BENCH_TRAIN_SAMPLES": "60000"}
     start = time.time()
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
@@ -62,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             for name in (list(cases) if rep % 2 == 0 else list(reversed(cases))):
-                timings[name].append(time_command(cases[name], Path(tmp)))  # each launcher run: a new run dir
+                timings[name].append(time_command(cases[name], Path(tmp)))
     keys = ("first_step_s", "exit_s")
     for name, runs in timings.items():
         print(json.dumps({"command": name, "reps": len(runs),

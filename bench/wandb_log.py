@@ -45,7 +45,8 @@ def main() -> None:
         print(json.dumps({"case": "wandb run.log in the training process", **result}), flush=True)
 
         options = {"project": "launcher-bench", "dir": directory, "id": "benchlog", "resume": "allow"}
-        launcher_run = WandbRun("benchlog", 0, {"mode": "offline", "options": options, "log_level": "warning"})
+        launcher_run = WandbRun()
+        launcher_run.begin("benchlog", 0, {"mode": "offline", "options": options, "log_level": "warning"})
         time.sleep(5)  # started: what is timed is logging, not the start
         result = per_record_ms(lambda step: launcher_run.log({"step": step, **RECORD}), args.records, args.every)
         launcher_run.finish()

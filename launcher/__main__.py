@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
             run_worker(cfg, recipe, dist_env)
             return 0
+        from launcher.run_dir import new_run_id, run_dir_for
+        from launcher.run_lock import RunLock
         from launcher.spawn import launch_workers
-        from launcher.run_dir import new_run_id
 
-        return launch_workers(argv, cfg.dist.nproc_per_node, new_run_id())
+        job = new_run_id()
+        if not cfg.eval.only:  # a directory in use, or one that cannot be written, fails before any worker starts
+            RunLock(run_dir_for(cfg, recipe), job).check_free()
+        return launch_workers(argv, cfg.dist.nproc_per_node, job)
     except LauncherError as error:
         return report(error, dist_env)
 
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(error: LauncherError, dist_env: DistEnv) -> int:
     """Print the error once (rank 0) when every rank has it, else from the rank that has it; give the exit code."""
     if dist_env.is_main or not error.same_on_all_ranks:
-        where = f"[rank {dist_env.rank}] " if dist_env.is_distributed else ""
+        where = f"[rank {dist_env.rank}] " if dist_env.is_distributed and not error.same_on_all_ranks else ""
         print(f"{where}launcher: {error.prefix}{error}", file=sys.stderr)
     return error.exit_code
 

@@ -10,11 +10,12 @@ from launcher.dist_env import DistEnv
 from launcher.errors import UserError
 
 
-def run_agreed(dist_env: DistEnv, build: Callable | None):
+def run_agreed(dist_env: DistEnv, build: Callable | None, name_rank: bool = True):
     """Run ``build`` (None: nothing) on this rank; if a UserError happens on any rank, every rank raises it.
 
     So a bad data path fails the job once, with one message from rank 0, instead of once per process or with
-    the healthy ranks waiting forever in their next collective.
+    the healthy ranks waiting forever in their next collective. The message names the rank it came from when
+    some ranks succeeded (``name_rank``: where every rank ran ``build``).
     """
     result, error = None, None
     try:
@@ -28,6 +29,15 @@ def run_agreed(dist_env: DistEnv, build: Callable | None):
     failures = [(rank, message) for rank, message in enumerate(errors) if message]
     if failures:
         rank, message = failures[0]
-        where = f"rank {rank}: " if dist_env.is_distributed and len(failures) < dist_env.world_size else ""
+        some = dist_env.is_distributed and len(failures) < dist_env.world_size
+        where = f"rank {rank}: " if name_rank and some else ""
         raise UserError(where + message, same_on_all_ranks=True)
     return result
+
+
+def on_main(dist_env: DistEnv, decide: Callable):
+    """Rank 0 runs ``decide``; every rank gets its (small, picklable) result, or raises its UserError."""
+    result = [run_agreed(dist_env, decide if dist_env.is_main else None, name_rank=False)]
+    if dist_env.is_distributed:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]

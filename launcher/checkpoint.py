@@ -1,12 +1,19 @@
-"""Checkpoints: atomic state_dict files written by rank 0, kept newest-first, found again after any crash."""
+"""Checkpoints: atomic, verified state_dict files written by rank 0, kept newest-first within the run's own lineage,
+found again after any crash."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import mmap
 import os
 import platform
 import shutil
+import struct
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -15,20 +22,45 @@ from omegaconf import OmegaConf
 
 import launcher
 from launcher.dist_env import DistEnv
-from launcher.errors import UserError
+from launcher.errors import LauncherError, UserError
 
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
 
 
+class BadCheckpoint(Exception):
+    """A checkpoint file that does not load, or whose content does not match its checksums."""
+
+
+class TrainingDiverged(UserError):
+    """The loss stopped being a finite number: nothing after it is worth keeping."""
+
+
 def save_atomic(state: dict, path: Path) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
 
     A reader sees the old file or the new one, never a partial one; a writer killed half-way leaves only a
-    ``.tmp`` file behind, which the next save removes.
+    ``.tmp`` file behind, which the next save removes. Every record of the file carries its CRC-32 (torch's zip
+    writer computes it as it writes, at no measurable cost), which ``load_checkpoint`` verifies.
     """
-    _write_atomic(path, lambda file: torch.save(state, file))
+    with _crc32_on_save():
+        _write_atomic(path, lambda file: torch.save(state, file))
+
+
+@contextlib.contextmanager
+def _crc32_on_save():
+    """torch computes the records' CRC-32 unless its serialization config says not to: make sure it does."""
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    save_config = getattr(config, "save", None)
+    if save_config is None or not hasattr(save_config, "compute_crc32"):  # an older torch: always computed
+        yield
+        return
+    before, save_config.compute_crc32 = save_config.compute_crc32, True
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = before
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -57,48 +89,138 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True``."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified: every
+    record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``.
+
+    The file is memory-mapped: the verification reads it once, at the CRC's speed, and the tensors are its pages
+    (copy-on-write), which is faster than reading it into fresh memory and then checking it.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated, corrupt, or not a torch file at all
+        raise BadCheckpoint(f"{type(error).__name__}: {_first_line(error)}") from None
+    if not isinstance(payload, dict):
+        raise BadCheckpoint(f"it holds a {type(payload).__name__}, not a dict")
+    _verify_records(path)
+    return payload
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def _verify_records(path: Path) -> None:
+    """Check each zip record's CRC-32 against its bytes (stored, uncompressed, as torch writes them). A record with
+    no CRC (0: written with torch's compute_crc32 off) cannot be checked and is let through."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            try:
+                records = zipfile.ZipFile(file).infolist()
+            except zipfile.BadZipFile as error:
+                raise BadCheckpoint(f"BadZipFile: {error}") from None
+            for record in records:
+                if record.CRC == 0 and record.file_size:
+                    continue
+                if record.compress_type != zipfile.ZIP_STORED:
+                    raise BadCheckpoint(f"record {record.filename} is compressed, which torch.save never does")
+                start = record.header_offset + 30 + sum(struct.unpack("<HH", view[record.header_offset + 26:
+                                                                                  record.header_offset + 30]))
+                crc, chunk = 0, 64 * 2**20
+                for offset in range(start, start + record.file_size, chunk):
+                    crc = zlib.crc32(view[offset:min(offset + chunk, start + record.file_size)], crc)
+                if crc != record.CRC:
+                    raise BadCheckpoint(f"record {record.filename} does not match its checksum")
+        finally:
+            view.release()
+
+
+def step_files(folder: Path) -> list[Path]:
+    """Step checkpoints, newest first."""
+    return sorted(folder.glob(f"{STEP_PREFIX}*.pt"), reverse=True)
+
+
+def lineage(path: Path) -> str | None:
+    """The id of the run that wrote ``path`` ("" for a checkpoint from before checkpoints carried one), read without
+    loading its tensors; None when it does not load at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id", "")
+    except Exception:
+        return None
+
+
+def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
+    """The newest step checkpoint that loads, verifies and belongs to run ``run_id`` (None: to any run); the others
+    are skipped with a one-line warning each."""
+    for path in step_files(folder):
+        try:
+            payload = load_checkpoint(path)
+        except BadCheckpoint as error:
+            log.warning("checkpoint %s is unreadable (%s); trying the one before", path, error)
+            continue
+        if run_id is not None and payload.get("run_id", run_id) != run_id:
+            log.warning("checkpoint %s belongs to another run (%s), not this directory's (%s); skipped", path,
+                        payload["run_id"], run_id)
+            continue
+        return path, payload
+    return None
 
 
 class Checkpointer:
-    """Writes ``<run.dir>/checkpoints/step_<global step>.pt`` (and ``best.pt``), keeps the newest ``ckpt.keep``."""
+    """Writes ``<run.dir>/checkpoints/step_<global step>.pt`` (and ``best.pt``) for run ``run_id``, and keeps the
+    newest ``ckpt.keep`` of that run's own: a file it cannot read, or another run's, it never deletes."""
 
-    def __init__(self, run_dir: Path, cfg, dist_env: DistEnv):
+    def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None):
         self.folder = run_dir / "checkpoints"
-        self.cfg = cfg
-        self.dist_env = dist_env
+        self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
+        self.lock = lock  # rank 0's RunLock: no writes once it is lost
+        self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
 
     def path_for(self, global_step: int) -> Path:
         return self.folder / f"{STEP_PREFIX}{global_step:09d}.pt"
 
-    def step_files(self) -> list[Path]:
-        """Step checkpoints, newest first."""
-        return sorted(self.folder.glob(f"{STEP_PREFIX}*.pt"), reverse=True)
-
     def save(self, training_state: dict, rank_state: dict) -> Path:
-        """Collective: every rank hands in its own state (RNG, ...); rank 0 writes one file; all wait for it."""
-        rank_states = [rank_state]
+        """Collective: every rank hands in its own state (RNG, ...); rank 0 writes one file; all wait for it.
+
+        Before anything is written every rank sees every rank's state, so all refuse together: a non-finite loss
+        (a diverged run is not worth a checkpoint) or a lost lock (another job owns the directory now).
+        """
+        lock_lost = bool(self.lock and self.lock.lost)
+        gathered = [(rank_state, lock_lost)]
         if self.dist_env.is_distributed:
-            rank_states = [None] * self.dist_env.world_size if self.dist_env.is_main else None
-            dist.gather_object(rank_state, rank_states, dst=0)
-        path = self.path_for(training_state["global_step"])
+            gathered = [None] * self.dist_env.world_size
+            dist.all_gather_object(gathered, (rank_state, lock_lost))
+        rank_states = [state for state, _ in gathered]
+        step = training_state["global_step"]
+        if not all(math.isfinite(state["loss_sum"]) for state in rank_states):
+            raise TrainingDiverged(self.diverged_message(step), same_on_all_ranks=True)
+        if any(lost for _, lost in gathered):
+            raise LauncherError(f"the lock on {self.folder.parent} was taken over by another job: stopped at step "
+                                f"{step} without writing a checkpoint", same_on_all_ranks=True)
+        path = self.path_for(step)
         if self.dist_env.is_main:
             payload = {
                 **training_state,
+                "run_id": self.run_id,
                 "rank_states": rank_states,
                 "world_size": self.dist_env.world_size,
                 "config": OmegaConf.to_container(self.cfg),
                 "versions": {"launcher": launcher.__version__, "torch": str(torch.__version__),
                              "python": platform.python_version()},
             }
-            for stale in self.folder.glob(".*.tmp"):  # left by a writer that was killed
+            for stale in self.folder.glob(".*.tmp"):  # left by a writer that was killed; the lock makes it ours
                 stale.unlink(missing_ok=True)
             save_atomic(payload, path)
             self._prune()
         if self.dist_env.is_distributed:
             dist.barrier()
+        self.last_good = path
         return path
+
+    def diverged_message(self, step: int) -> str:
+        last = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+        return (f"training diverged: the loss is not a finite number at step {step}; {last}. Lower optim.lr "
+                "(or clip with train.clip_grad_norm), or look for NaN or inf in the data")
 
     def save_best(self, source: Path) -> None:
         """Rank 0: keep a copy of ``source`` as best.pt (atomically, like every checkpoint)."""
@@ -110,24 +232,15 @@ class Checkpointer:
         _write_atomic(self.folder / "best.pt", copy)
 
     def _prune(self) -> None:
-        for old in self.step_files()[self.cfg.ckpt.keep :]:
+        ours = [path for path in step_files(self.folder) if lineage(path) in (self.run_id, "")]
+        for old in ours[self.cfg.ckpt.keep :]:
             old.unlink(missing_ok=True)
-
-    def newest_loadable(self) -> tuple[Path, dict] | None:
-        """The newest step checkpoint that loads; unreadable ones are skipped with a one-line warning."""
-        for path in self.step_files():
-            try:
-                return path, load_checkpoint(path)
-            except Exception as error:  # truncated or corrupt: any reader error means "not this one"
-                log.warning("checkpoint %s is unreadable (%s: %s); trying the one before", path,
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        return None
 
 
 def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:
     """Fail with the first parameter whose name or shape differs between ``saved`` and ``model``."""
     current = model.state_dict()
-    hint = "the model config changed since it was saved: use a new run.dir, or ckpt.resume=never"
+    hint = "the model changed since it was saved: start a new run (run.name=<new name> or a new run.dir)"
     for name, tensor in current.items():
         if name not in saved:
             raise UserError(f"checkpoint {path} does not fit the model: it has no '{name}'; {hint}")

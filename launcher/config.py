@@ -20,7 +20,8 @@ from launcher.errors import UserError
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "recipe": "",
-    "run": {"dir": ""},  # "" = runs/<recipe>/<run id>
+    # dir "" = runs/<recipe>/<name>; name "" = a name derived from the keys that define the run (launcher/run_dir.py).
+    "run": {"dir": "", "name": ""},
     "train": {
         "epochs": 10, "batch_size": 256, "seed": 0, "log_every": 50,
         "grad_accum": 1,  # micro-batches per optimizer step; the global batch (and so the math) stays batch_size
@@ -48,6 +49,29 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "model": {},
 }
 
+# How a key may change when a run continues from its checkpoint (launcher/resume.py). A key in neither list
+# defines the run (the model, the data, the seed, the optimizer's kind, the recipe's own keys): a changed one is a
+# different run, refused on resume and given a directory of its own by the derived run name.
+CHANGES_FREELY = ("run", "train.epochs", "train.max_steps", "train.log_every", "train.limit_eval_batches",
+                  "train.compile", "train.channels_last", "train.keep_host_memory", "data.root", "data.num_workers",
+                  "data.download", "eval", "ckpt", "dist", "log", "wandb")
+# Applied to the restored optimizer and schedule (batch size: at an epoch boundary only, where no position breaks).
+APPLIED_ON_RESUME = ("optim.lr", "optim.momentum", "optim.weight_decay", "sched", "train.clip_grad_norm",
+                     "train.grad_accum", "train.amp", "train.batch_size")
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def changes_freely(key: str) -> bool:
+    return _matches(key, CHANGES_FREELY)
+
+
+def applied_on_resume(key: str) -> bool:
+    return _matches(key, APPLIED_ON_RESUME)
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -72,19 +96,19 @@ def _typed_node(value: Any):
     return node_type(value) if node_type else AnyNode(value)
 
 
-def _leaves(tree: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def leaves(tree: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:
     """(dotted key, value) for every leaf of a nested mapping."""
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            yield from _leaves(value, path + ".")
+            yield from leaves(value, path + ".")
         else:
             yield path, value
 
 
 def leaf_keys(cfg: DictConfig) -> list[str]:
     """Every settable key of a config, dotted."""
-    return [key for key, _ in _leaves(OmegaConf.to_container(cfg))]
+    return [key for key, _ in leaves(OmegaConf.to_container(cfg))]
 
 
 def _type_name(node) -> str:
@@ -159,10 +183,10 @@ def build_config(
 ) -> DictConfig:
     """Merge the four layers into one config (not yet validated, still writable)."""
     cfg = _typed_node(ENGINE_DEFAULTS)
-    for key, value in _leaves(recipe_defaults):
+    for key, value in leaves(recipe_defaults):
         _add_recipe_default(cfg, key, value, recipe_origin)
     OmegaConf.set_struct(cfg, True)
-    for key, value in _leaves(yaml_values):
+    for key, value in leaves(yaml_values):
         _set(cfg, key, value, "config file")
     for key, value in overrides:
         _set(cfg, key, value, "command line")

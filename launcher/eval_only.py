@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from launcher.agree import run_agreed
-from launcher.checkpoint import Checkpointer, check_model_fits
+from launcher.checkpoint import check_model_fits
 from launcher.dist_env import DistEnv
 from launcher.errors import UserError
 from launcher.evaluate import evaluate
-from launcher.resume import choose_checkpoint, is_checkpoint, load_for_resume
+from launcher.resume import checkpoint_to_evaluate, is_checkpoint, load_named
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_checkpoint(cfg, model, eval_set, recipe, checkpointer: Checkpointer, dist_env: DistEnv, device) -> None:
+def evaluate_checkpoint(cfg, model, eval_set, recipe, run_dir: Path, dist_env: DistEnv, device) -> None:
     """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``) and print the metrics."""
-    path, payload = choose_checkpoint(cfg, checkpointer, dist_env, allow_model=True)
-    if path is None:
-        raise UserError(f"eval.only=true found no checkpoint or model.pt in run.dir={checkpointer.folder.parent}: "
-                        "pass ckpt.resume=<checkpoint or model.pt>", same_on_all_ranks=True)
     if eval_set is None:
         raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
+    path, payload = checkpoint_to_evaluate(cfg, run_dir, dist_env)
 
     def load_weights():
-        loaded = payload or load_for_resume(path)
+        loaded = payload or load_named(path)
         weights = loaded["model"] if is_checkpoint(loaded) else loaded
         check_model_fits(model, weights, path)
         model.load_state_dict(weights)

@@ -36,6 +36,7 @@ class Recipe:
 
     name: str  # short name, used in run directories
     module: ModuleType
+    origin: str = ""  # where it came from: a shipped recipe's short name, a dotted module path, a file's absolute path
 
     @property
     def defaults(self) -> Mapping[str, Any]:
@@ -76,15 +77,26 @@ def available_recipes() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
 
 
+def _is_file_spec(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def recipe_name(spec: str) -> str:
+    """The short name a recipe spec gives its runs: a file's stem, a module path's last part."""
+    return Path(spec).stem if _is_file_spec(spec) else spec.rsplit(".", 1)[-1]
+
+
 def load_recipe(spec: str) -> Recipe:
     """Import the recipe named by ``spec`` and check it defines what the engine calls."""
-    if spec.endswith(".py") or "/" in spec or "\\" in spec:
-        module = _import_file(Path(spec))
-        name = Path(spec).stem
+    if _is_file_spec(spec):
+        path = Path(spec).expanduser()
+        module = _import_file(path)
+        origin = str(path.resolve())
     else:
         module_name = spec if "." in spec else f"recipes.{spec}"
         module = _import_module(module_name, spec)
-        name = spec.rsplit(".", 1)[-1]
+        origin = spec
+    name = recipe_name(spec)
     missing = [fn for fn in REQUIRED if not callable(getattr(module, fn, None))]
     if missing:
         raise UserError(
@@ -93,7 +105,7 @@ def load_recipe(spec: str) -> Recipe:
         )
     if not isinstance(getattr(module, "DEFAULTS", {}), Mapping):
         raise UserError(f"recipe={spec}: DEFAULTS must be a dict of config sections, e.g. {{'train': {{'epochs': 5}}}}")
-    return Recipe(name=name, module=module)
+    return Recipe(name=name, module=module, origin=origin)
 
 
 def _unknown(spec: str) -> UserError:

@@ -33,6 +33,8 @@ class GracefulStop:
 
     def __init__(self, dist_env: DistEnv, every: int = 1):
         self.signal_name: str | None = None
+        self.diverged_at: int | None = None  # agreed: the step at which rank 0 read a non-finite loss
+        self._diverged_seen: int | None = None  # this rank's own reading, until agreed
         self._distributed, self._every = dist_env.is_distributed, every
         self._pending = None
         for signum in STOP_SIGNALS:
@@ -41,19 +43,28 @@ class GracefulStop:
     def _on_signal(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
+    def diverged(self, step: int) -> None:
+        """This rank read a non-finite loss after ``step``: every rank stops at the next agreement, without a
+        checkpoint (``diverged_at`` says where)."""
+        if self._diverged_seen is None:
+            self._diverged_seen = step
+
     def should_stop(self, step: int) -> bool:
         """Collective: every rank calls it after each optimizer step (``step``) and gets the same answer."""
         if not self._distributed:
-            return self.signal_name is not None
+            self.diverged_at = self._diverged_seen
+            return self.signal_name is not None or self.diverged_at is not None
         if step % self._every:
             return False
         agreed = False
         if self._pending is not None:
-            work, flag = self._pending
+            work, flags = self._pending
             work.wait()
-            agreed = bool(flag.item())
-        flag = torch.tensor([1.0 if self.signal_name else 0.0])
-        self._pending = (dist.all_reduce(flag, async_op=True), flag)
+            signalled, diverged_at = flags.tolist()
+            self.diverged_at = int(diverged_at) or None
+            agreed = bool(signalled) or self.diverged_at is not None
+        flags = torch.tensor([1.0 if self.signal_name else 0.0, float(self._diverged_seen or 0)], dtype=torch.float64)
+        self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), flags)
         return agreed
 
     def close(self) -> None:

@@ -26,13 +26,18 @@ class WandbRun:
     history never goes back. Any failure (of wandb, or of its process) is one warning; training goes on.
     """
 
-    def __init__(self, run_id: str, logged_through: int, start: dict):
-        self.id, self.logged_through = run_id, logged_through
+    def __init__(self):
+        self.id, self.logged_through = None, 0
         # The launcher may run from a checkout that is not installed: the process finds it where this one did.
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self._process: subprocess.Popen | None = subprocess.Popen(
             [sys.executable, "-m", "launcher.wandb_process"], stdin=subprocess.PIPE, text=True, env=env)
+
+    def begin(self, run_id: str, logged_through: int, start: dict) -> None:
+        """Start (or continue: ``run_id``) the run. Until this, the process only imports wandb: a start that fails
+        before it creates no wandb run."""
+        self.id, self.logged_through = run_id, logged_through
         self._send({"start": start})
 
     def log(self, record: dict) -> None:
@@ -83,13 +88,16 @@ def new_wandb_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def start_wandb(cfg, run_dir: Path, job_group: str | None, run_id: str | None, logged_through: int):
-    """Rank 0: start or continue (``run_id``) the job's wandb run, in its own process; None when wandb is disabled.
+def spawn_wandb(cfg) -> WandbRun | None:
+    """Rank 0: the wandb process, importing wandb while the run is set up; None when wandb is disabled."""
+    return None if cfg.wandb.mode == "disabled" else WandbRun()
 
-    A run that fails to start logs its warning (from that process) and logs nothing."""
-    if cfg.wandb.mode == "disabled":
-        return None
-    run_id = run_id or new_wandb_id()
+
+def begin_wandb(wandb_run: WandbRun, cfg, run_dir: Path, job_group: str | None, logged_through: int) -> None:
+    """Rank 0: start or continue the job's wandb run (its id is kept in run.dir/wandb_id across restarts). A run that
+    fails to start logs its warning (from its process) and logs nothing."""
+    id_file = run_dir / "wandb_id"
+    run_id = (id_file.read_text().strip() if id_file.exists() else "") or new_wandb_id()
     options = dict(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity or None,
@@ -101,5 +109,5 @@ def start_wandb(cfg, run_dir: Path, job_group: str | None, run_id: str | None, l
         id=run_id,
         resume="allow",
     )
-    return WandbRun(run_id, logged_through, {"mode": cfg.wandb.mode, "options": options, "log_level": cfg.log.level})
-
+    id_file.write_text(run_id)
+    wandb_run.begin(run_id, logged_through, {"mode": cfg.wandb.mode, "options": options, "log_level": cfg.log.level})

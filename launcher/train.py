@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -12,9 +13,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.checkpoint import Checkpointer
+from launcher.agree import on_main
+from launcher.checkpoint import Checkpointer, TrainingDiverged
 from launcher.data import start_epoch, steps_per_epoch
 from launcher.dist_env import DistEnv
+from launcher.errors import UserError
 from launcher.evaluate import evaluate
 from launcher.metrics import MetricsFile, format_epoch
 from launcher.precision import Precision
@@ -132,10 +135,15 @@ def train_steps(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer
         if bar is not None:
             bar.update()
         if state.global_step % log_every == 0 and dist_env.is_main:
-            _log_step(state, window.take(batch_size), total, metrics, bar)
+            report = window.take(batch_size)
+            _log_step(state, report, total, metrics, bar)
+            if not math.isfinite(report["train/loss"]):
+                stop.diverged(state.global_step)  # every rank stops at the next agreement
         if save_every and state.global_step % save_every == 0 and state.step_in_epoch < total:
             save_checkpoint(state, cfg, checkpointer)  # the epoch's last step is saved after its evaluation
         if stop.should_stop(state.global_step):
+            if stop.diverged_at is not None:
+                raise TrainingDiverged(checkpointer.diverged_message(stop.diverged_at), same_on_all_ranks=True)
             if state.saved_step != state.global_step:
                 save_checkpoint(state, cfg, checkpointer)
             return True
@@ -187,15 +195,19 @@ def _log_step(state: TrainState, report: dict, steps_per_epoch: int, metrics: Me
 
 
 def _new_best(state: TrainState, cfg, record: dict, dist_env: DistEnv) -> float | None:
-    """Rank 0 judges the new eval metric against the best so far; every rank learns the new best, or None."""
-    verdict = [None]
-    if dist_env.is_main and cfg.ckpt.best_metric in record:
+    """Rank 0 judges the new eval metric against the best so far; every rank learns the new best, or None, or
+    that ``ckpt.best_metric`` names a metric evaluation does not produce."""
+
+    def judge() -> float | None:
+        if cfg.ckpt.best_metric not in record:
+            produced = ", ".join(sorted(key for key in record if key.startswith("eval/")))
+            raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} is not a metric this run's evaluation "
+                            f"produces ({produced}): use one of those, or '' for no best checkpoint")
         value, best = record[cfg.ckpt.best_metric], state.best
-        if best is None or (value > best if cfg.ckpt.best_mode == "max" else value < best):
-            verdict = [value]
-    if dist_env.is_distributed:
-        dist.broadcast_object_list(verdict, src=0)
-    return verdict[0]
+        improved = best is None or (value > best if cfg.ckpt.best_mode == "max" else value < best)
+        return value if improved else None
+
+    return on_main(dist_env, judge)
 
 
 def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointer, start: float, steps_run: int):
@@ -204,6 +216,8 @@ def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointe
     if dist_env.is_distributed:
         dist.all_reduce(loss_sum)
     train_loss = loss_sum.item() / (max(1, state.step_in_epoch) * dist_env.world_size)  # also waits for the device
+    if not math.isfinite(train_loss):  # the same all-reduced value on every rank: all stop here
+        raise TrainingDiverged(checkpointer.diverged_message(state.global_step), same_on_all_ranks=True)
     seconds = time.perf_counter() - start
     record = {
         "step": state.global_step,

@@ -4,7 +4,7 @@ In the training process, every ``wandb.log`` cost about 2 ms of Python and threa
 and training waited for wandb to import and start before its first step. Here the training process pays one pipe
 write per record (0.2 ms) and waits for nothing; wandb starts, logs and finishes on its own time, at nice 10.
 
-    python -m launcher.wandb_process   # stdin: {"start": {...}}, then {"log": ..., "step": N} / {"summary": ...},
+    python -m launcher.wandb_process   # stdin: {"start": {...}} (or {"finish": true}: no run), then {"log": ..., "step": N} / {"summary": ...},
                                        # then {"finish": true}
 
 It finishes the run and ends on the finish message, or when its stdin closes (the training process died); it is
@@ -91,12 +91,19 @@ def main() -> None:
     os.nice(10)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # training handles these; this process ends as training says
-    start = json.loads(sys.stdin.readline())["start"]
+    messages: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=read_messages, args=(sys.stdin, messages), daemon=True).start()
+    try:  # the slow part of starting, done while training sets up; the start message comes once setup passed
+        import wandb  # noqa: F401
+    except Exception:
+        pass  # init_run reports it
+    first = messages.get()
+    if first is None or "start" not in first:
+        return  # the start failed before it began a wandb run: none is made
+    start = first["start"]
     logger = logging.getLogger("launcher")  # as rank 0 logs: to stdout, at log.level; not wandb's own loggers
     logger.addHandler(logging.StreamHandler(sys.stdout))
     logger.setLevel(start["log_level"].upper())
-    messages: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=read_messages, args=(sys.stdin, messages), daemon=True).start()
     run = init_run(start["mode"], start["options"])
     while (message := messages.get()) is not None and "finish" not in message:
         if run is None:

@@ -13,27 +13,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.agree import run_agreed
+from launcher.agree import on_main, run_agreed
 from launcher.checkpoint import Checkpointer, save_atomic
 from launcher.config import with_run_dir
 from launcher.data import build_train_loader, steps_per_epoch
 from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group, resolve_backend
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, UserError
 from launcher.eval_only import evaluate_checkpoint
 from launcher.metrics import MetricsFile
 from launcher.optim import build_optimizer
 from launcher.precision import Precision
 from launcher.recipe import Recipe
-from launcher.resume import choose_checkpoint, load_for_resume, restore
-from launcher.run_dir import choose_run_dir
+from launcher.resume import Start, load_named, plan_start, restore
+from launcher.run_dir import Ledger, run_dir_for
+from launcher.run_lock import RunLock
 from launcher.schedule import build_scheduler
-from launcher.stop import GracefulStop
+from launcher.stop import GracefulStop, StopRequested
 from launcher.summary import model_summary, parameter_counts
 from launcher.host_memory import keep_freed_memory
-from launcher.tracking import WandbRun, start_wandb
+from launcher.tracking import WandbRun, begin_wandb, spawn_wandb
 from launcher.train import TrainState, fit
 
 log = logging.getLogger(__name__)
@@ -126,34 +126,9 @@ def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> str
     return text
 
 
-def _resume(state: TrainState, cfg, checkpointer: Checkpointer, dist_env: DistEnv, metrics: MetricsFile | None):
-    """Continue from the checkpoint ``ckpt.resume`` names, if any."""
-    path, payload = choose_checkpoint(cfg, checkpointer, dist_env)
-    if path is None:
-        return
-    loaded = run_agreed(dist_env, lambda: payload or load_for_resume(path))
-    run_agreed(dist_env, lambda: restore(state, loaded, path, cfg, dist_env))
-    if dist_env.is_main:
-        metrics.drop_after(state.global_step)
-        log.info("resumed from %s: epoch %d, step %d of it, global step %d", path, state.epoch,
-                 state.step_in_epoch, state.global_step)
-
-
-def _start_wandb(cfg, run_dir: Path, dist_env: DistEnv, metrics: MetricsFile) -> WandbRun | None:
-    """Rank 0: the job's wandb run, the same one across restarts (its id is kept in run.dir); starts in its own
-    process."""
-    id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else None
-    wandb_run = start_wandb(cfg, run_dir, dist_env.job_group, run_id, logged_through=metrics.last_step())
-    if wandb_run is not None:
-        id_file.write_text(wandb_run.id)
-        metrics.wandb = wandb_run
-    return wandb_run
-
-
 @dataclass
 class Training:
-    """A run ready to train: the state and what records it (rank 0 alone holds ``metrics`` and ``wandb_run``)."""
+    """A run ready to train: the state, where it is recorded, and (rank 0) who records it and holds the lock."""
 
     cfg: object  # with run.dir filled in
     run_dir: Path
@@ -161,55 +136,135 @@ class Training:
     checkpointer: Checkpointer
     metrics: MetricsFile | None
     wandb_run: WandbRun | None
+    lock: RunLock | None
+    attempt: int = 0  # this attempt's number in the run's history (rank 0)
+
+    def close(self, outcome: str, detail: str = "") -> None:
+        """Record how the attempt ended, let wandb finish, and give the run directory back (rank 0's work)."""
+        if self.wandb_run:
+            self.wandb_run.finish()
+        if self.lock:
+            Ledger(self.run_dir).end_attempt(self.attempt, outcome, self.state.global_step, detail)
+            self.lock.release()
 
 
 def build_training(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> Training | None:
-    """Everything a run needs, built on every rank and resumed if a checkpoint says so; None for ``eval.only``
-    (evaluated here instead)."""
+    """Everything a run needs, built on every rank and resumed if a checkpoint says so; None when there is nothing
+    to train (``eval.only``, evaluated here, or a run already complete).
+
+    Rank 0 holds the run directory's lock from the start, and writes nothing into it until every check passed: a
+    start that fails on its config, recipe, data or checkpoint leaves no trace (not even the directory, if it made
+    it), and no wandb run.
+    """
     if cfg.train.keep_host_memory:
         keep_freed_memory()  # before anything is built: every allocation after it is served this way
-    run_dir = choose_run_dir(cfg, recipe, dist_env)
+    run_dir = run_dir_for(cfg, recipe)
     cfg = with_run_dir(cfg, str(run_dir))
-    metrics, wandb_run = None, None
-    if dist_env.is_main and not cfg.eval.only:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsFile(run_dir / "metrics.jsonl")
-        # wandb takes about a second to import and start, in its own process: while the model and data are built.
-        wandb_run = _start_wandb(cfg, run_dir, dist_env, metrics)
-    return _build(cfg, recipe, dist_env, device, run_dir, metrics, wandb_run)
+    if cfg.eval.only:
+        model, _, eval_set = _build_model_and_data(cfg, recipe, dist_env, device)
+        evaluate_checkpoint(cfg, model, eval_set, recipe, run_dir, dist_env, device)
+        return None
+    lock = RunLock(run_dir, dist_env.job_id) if dist_env.is_main else None
+    on_main(dist_env, lock.acquire if lock else None)
+    # wandb takes about a second to import, in its own process: while the model and data are built.
+    wandb_run = spawn_wandb(cfg) if dist_env.is_main else None
+    try:
+        return _build(cfg, recipe, dist_env, device, run_dir, lock, wandb_run)
+    except BaseException:
+        if wandb_run:
+            wandb_run.finish()
+        if lock:
+            lock.release(keep_dirs=Ledger(run_dir).holds_run())
+        raise
 
 
-def _build(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, run_dir: Path, metrics: MetricsFile | None,
-           wandb_run: WandbRun | None) -> Training | None:
+def _build_model_and_data(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device):
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
     model = run_agreed(dist_env, lambda: recipe.build_model(cfg)).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
-    checkpointer = Checkpointer(run_dir, cfg, dist_env)
-    if cfg.eval.only:
-        evaluate_checkpoint(cfg, model, eval_set, recipe, checkpointer, dist_env, device)
+    return model, train_set, eval_set
+
+
+def _check_eval_set(cfg, eval_set) -> None:
+    if eval_set is not None and len(eval_set) == 0:
+        raise UserError("the recipe's eval set is empty: give it samples, or return None as the eval set for no "
+                        "evaluation", same_on_all_ranks=True)
+    if eval_set is None and cfg.ckpt.best_metric:
+        raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
+                        "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
+
+
+def _build(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, run_dir: Path, lock: RunLock | None,
+           wandb_run: WandbRun | None) -> Training | None:
+    start, payload = plan_start(cfg, run_dir, dist_env)
+    if start.complete:
+        if dist_env.is_main:
+            _report_complete(start, payload, run_dir)
+            lock.release()
         return None
+    model, train_set, eval_set = _build_model_and_data(cfg, recipe, dist_env, device)
+    _check_eval_set(cfg, eval_set)
     train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
     optimizer = run_agreed(dist_env, lambda: build_optimizer(model, recipe.param_groups(model, cfg), cfg))
-    if dist_env.is_main:
-        OmegaConf.save(cfg, run_dir / "config.yaml")
-        _log_header(cfg, recipe, dist_env, device, model, run_dir)
-        summary = _write_summary(model, train_set, device, run_dir)
-        if wandb_run:
-            wandb_run.save_summary(*parameter_counts(model), summary)
     seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
     progress = dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
     scheduler = build_scheduler(optimizer, cfg, _total_steps(cfg, train_loader))
     precision = Precision(cfg.train.amp, cfg.train.channels_last, device)
     state = TrainState(model, model, optimizer, scheduler, precision, recipe.loss, recipe.predictions, train_loader,
                        eval_set, device, progress=progress)
-    _resume(state, cfg, checkpointer, dist_env, metrics)  # before DDP, which broadcasts rank 0's weights
+    checkpointer = Checkpointer(run_dir, cfg, dist_env, start.run_id, lock)
+    if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
+        path = Path(start.checkpoint)
+        loaded = run_agreed(dist_env, lambda: payload or load_named(path))
+        run_agreed(dist_env, lambda: restore(state, loaded, path, cfg, dist_env))
+        checkpointer.last_good = path
+    metrics, attempt = None, 0
+    if dist_env.is_main:
+        _log_header(cfg, recipe, dist_env, device, model, run_dir)
+        if start.checkpoint:
+            log.info("resumed from %s: epoch %d, step %d of it, global step %d", start.checkpoint, state.epoch,
+                     state.step_in_epoch, state.global_step)
+            for line in start.describe_changes():
+                log.info("%s", line)
+        metrics, attempt = _record_start(cfg, dist_env, start, run_dir, wandb_run)
+        summary = _write_summary(model, train_set, device, run_dir)
+        if wandb_run:
+            wandb_run.save_summary(*parameter_counts(model), summary)
     state.ddp_model = wrap_model(model, cfg, dist_env, device)
     # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
     # collection no longer walks it, so it pauses the loop for far less.
     gc.freeze()
-    return Training(cfg, run_dir, state, checkpointer, metrics, wandb_run)
+    return Training(cfg, run_dir, state, checkpointer, metrics, wandb_run, lock, attempt)
+
+
+def _record_start(cfg, dist_env: DistEnv, start: Start, run_dir: Path,
+                  wandb_run: WandbRun | None) -> tuple[MetricsFile, int]:
+    """Rank 0, once every check passed: the ledger, config.yaml, the metrics file and wandb."""
+    ledger = Ledger(run_dir)
+    if start.new_run:
+        ledger.create(start.run_id, cfg, start.started_from)
+    resumed_from = {"checkpoint": start.checkpoint, "step": start.step} if start.checkpoint else None
+    changes = {key: list(values) for key, values in start.changes.items()}
+    attempt = ledger.start_attempt(cfg, dist_env.job_id, dist_env.world_size, resumed_from, changes)
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    logged_through = metrics.last_step()  # by an earlier attempt: wandb has those steps already
+    metrics.drop_after(start.step)
+    if wandb_run:
+        begin_wandb(wandb_run, cfg, run_dir, dist_env.job_group, logged_through)
+        metrics.wandb = wandb_run
+    return metrics, attempt
+
+
+def _report_complete(start: Start, payload: dict, run_dir: Path) -> None:
+    """Rank 0: a run already trained as far as its config asks says so (and writes model.pt if it was lost)."""
+    model_file = run_dir / "model.pt"
+    if not model_file.is_file():
+        save_atomic(payload["model"], model_file)
+    log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
+             "train.epochs; for a new run set run.name=<new name>", run_dir, start.step, payload["epoch"] - 1,
+             start.checkpoint, model_file)
 
 
 def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
@@ -219,14 +274,22 @@ def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None
     cfg, state = training.cfg, training.state
     stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
     start = time.perf_counter()
+    outcome, detail = "failed", ""
     try:
         final = fit(state, cfg, dist_env, training.metrics, training.checkpointer, stop)
+        if dist_env.is_main:
+            save_atomic(state.model.state_dict(), training.run_dir / "model.pt")
+        outcome = "finished"
+    except StopRequested as stopped:
+        outcome, detail = "stopped", str(stopped)
+        raise
+    except BaseException as error:
+        detail = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise
     finally:
         stop.close()
-        if training.wandb_run:
-            training.wandb_run.finish()
+        training.close(outcome, detail)
     if dist_env.is_main:
-        save_atomic(state.model.state_dict(), training.run_dir / "model.pt")
         results = " | ".join(f"{key} {value:.4f}" for key, value in final.items() if key.startswith("eval/"))
         log.info("done: %d steps in %.1f s%s | model: %s", state.global_step, time.perf_counter() - start,
                  f" | {results}" if results else "", training.run_dir / "model.pt")

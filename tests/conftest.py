@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,40 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def start(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None,
+          torchrun_args: tuple = ()) -> subprocess.Popen:
+    """What ``launch`` runs, started in the background (output to files in ``cwd``)."""
+    if nproc:
+        command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", "launcher", *args]
+    else:
+        command = [sys.executable, "-m", "launcher", *args]
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, **(env or {})}
+    environ = {key: value for key, value in merged.items() if value is not None}
+    out = (cwd / f"job-{len(list(cwd.glob('job-*.out')))}.out").open("w")
+    return subprocess.Popen(command, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

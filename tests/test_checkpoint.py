@@ -10,9 +10,10 @@ from launcher.sampler import ResumableDistributedSampler
 
 # Digits with dropout (so the random streams matter), and test stand-ins for the accidents of real clusters:
 # INTERRUPT="<rank>:<step>:<signal>" sends the signal to that rank during that step, once (a marker file
-# remembers), KILL_IN_SAVE=<n> kills rank 0 while it writes its n-th checkpoint, once.
+# remembers), KILL_IN_SAVE=<n> kills rank 0 while it writes its n-th checkpoint, once; STEP_SLEEP=<s> slows each
+# step down, so a test can act on a job while it runs.
 RECIPE = textwrap.dedent("""
-    import os, signal
+    import os, signal, time
     from pathlib import Path
     import torch.nn.functional as F
     from torch import nn
@@ -42,6 +43,7 @@ RECIPE = textwrap.dedent("""
     def loss(outputs, targets):
         global calls
         calls += 1
+        time.sleep(float(os.environ.get("STEP_SLEEP", 0)))
         if os.environ.get("INTERRUPT") and not MARKER.exists():
             rank, step, name = os.environ["INTERRUPT"].split(":")
             if rank == os.environ.get("RANK", "0") and calls == int(step):
@@ -138,10 +140,23 @@ def test_retention_keeps_the_newest_and_the_best_and_everything_loads_weights_on
     assert not any(key.startswith("module.") for key in last["model"])
 
 
-def test_resuming_with_a_different_model_names_the_first_mismatch(tmp_path):
-    check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=1"], tmp_path))
-    result = launch(["recipe=digits", "run.dir=run", "model.channels=16"], tmp_path)
-    assert result.returncode == 2
+def test_resuming_into_a_model_the_recipe_code_changed_names_the_first_mismatch(tmp_path):
+    # The config is the same; the recipe's code now builds another model.
+    (tmp_path / "grown.py").write_text(textwrap.dedent("""
+        import os
+        from torch import nn
+        import recipes.digits as digits
+        from recipes.digits import DEFAULTS, build_datasets
+
+        def build_model(cfg):
+            if not os.environ.get("GROWN"):
+                return digits.build_model(cfg)
+            return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Flatten(), nn.Linear(1024, 10))
+    """))
+    check_ok(launch(["recipe=grown.py", "run.dir=run", "train.epochs=1", "wandb.mode=disabled"], tmp_path))
+    result = launch(["recipe=grown.py", "run.dir=run", "train.epochs=2", "wandb.mode=disabled"], tmp_path,
+                    env={"GROWN": "1"})
+    assert result.returncode == 2, result.stderr
     assert "'0.weight' is [32, 1, 3, 3] there but [16, 1, 3, 3] in the model this config builds" in result.stderr
 
 

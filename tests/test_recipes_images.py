@@ -56,8 +56,9 @@ def test_resnet18_trains_on_an_image_folder_and_groups_its_parameters(tmp_path, 
     steps = [r for r in read_metrics(tmp_path / "run") if "lr/group0" in r]
     # backbone with and without decay at optim.lr, the classifier's two groups at a tenth of it
     assert [round(steps[0][f"lr/group{i}"] / steps[0]["lr/group0"], 6) for i in range(4)] == [1, 1, 0.1, 0.1]
-    wrong = launch([*args, *FEW_STEPS, "model.num_classes=10"], tmp_path)
+    wrong = launch([*args, *FEW_STEPS, "model.num_classes=10", "run.dir=wrong"], tmp_path)
     assert wrong.returncode == 2 and "has 2 classes but model.num_classes=10" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_resnet18_loads_a_pretrained_state_dict_keeping_a_new_head(tmp_path, caplog):

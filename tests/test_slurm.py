@@ -55,7 +55,7 @@ def test_sbatch_single_node_template_trains_to_completion(slurm, tmp_path):
         "recipe=digits", "train.epochs=3", "ckpt.every_steps=10", cwd=tmp_path,
     )
     assert slurm.wait_until_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, f"launcher-{job}.out")
-    run_dir = tmp_path / "runs" / "digits" / str(job)  # keyed on the job id
+    (run_dir,) = (tmp_path / "runs" / "digits").iterdir()
     assert {"metrics.jsonl", "model.pt", "config.yaml", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
     assert list((run_dir / "checkpoints").glob("step_*.pt"))
     assert "2 process(es), backend gloo" in log_of(tmp_path, f"launcher-{job}.out")
@@ -84,7 +84,7 @@ def test_multi_node_template_runs_on_two_nodes(slurm, tmp_path):
     assert state["NodeList"] == "n[1-2]"
     assert "2 nodes, rendezvous at 127.0.0.2:" in log  # not the loopback 127.0.1.1 `hostname -i` gives
     assert "2 process(es), backend gloo" in log
-    assert (tmp_path / "runs" / "digits" / str(job) / "model.pt").exists()
+    assert [path.name for path in (tmp_path / "runs" / "digits").glob("*/model.pt")] == ["model.pt"]
 
 
 SLOW_RECIPE = textwrap.dedent("""
@@ -103,8 +103,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(
     overrides = ["recipe=slow.py", "train.epochs=3", "ckpt.every_steps=5"]
     check_ok(launch([*overrides, "run.dir=reference"], tmp_path, nproc=2))
     job = submit(tmp_path, "single", "--nproc-per-node", "2", *overrides, env=slurm.env)
-    checkpoints = tmp_path / "runs" / "slow" / str(job) / "checkpoints"
-    slurm.wait_for(lambda: list(checkpoints.glob("step_*.pt")), "a first checkpoint", 120)
+    slurm.wait_for(lambda: list((tmp_path / "runs" / "slow").glob("*/checkpoints/step_*.pt")), "a first checkpoint",
+                   120)
+    (checkpoints,) = (tmp_path / "runs" / "slow").glob("*/checkpoints")
     # What Slurm's --signal=B:USR1@SECONDS does before the time limit.
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, env=slurm.env)
     slurm.wait_for(lambda: slurm.job(job).get("Restarts") == "1", "requeue", 120)
@@ -125,8 +126,10 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(
 def test_array_template_runs_one_task_per_sweep_line(slurm, tmp_path):
     (tmp_path / "sweep.txt").write_text("# seeds\ntrain.seed=1\n\ntrain.seed=2 optim.lr=0.1\n")
     job = submit(tmp_path, "array", "--sweep", "sweep.txt", "recipe=digits", "train.epochs=1", env=slurm.env)
-    runs = [tmp_path / "runs" / "digits" / f"{job}_{task}" for task in (1, 2)]
     slurm.wait_for(lambda: not slurm.run("squeue", "-h", "-j", str(job)).strip(), "both array tasks done", 300)
+    # One run directory per sweep line (the lines define different runs), told apart by their config.
+    runs = sorted((tmp_path / "runs" / "digits").iterdir(),
+                  key=lambda run: "seed: 2" in (run / "config.yaml").read_text())
     assert all((run / "model.pt").exists() for run in runs)
     first, second = ((run / "config.yaml").read_text() for run in runs)
     assert "seed: 1" in first and "lr: 0.05" in first

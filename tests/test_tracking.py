@@ -84,7 +84,8 @@ def test_wandb_finishes_while_data_loader_workers_hold_copies_of_its_pipe(tmp_pa
 
 def test_the_wandb_process_dying_costs_one_warning_and_logging_goes_on_without_it(tmp_path, caplog):
     options = {"project": "launcher", "dir": str(tmp_path), "id": "dying001", "resume": "allow"}
-    run = WandbRun("dying001", 0, {"mode": "offline", "options": options, "log_level": "warning"})
+    run = WandbRun()
+    run.begin("dying001", 0, {"mode": "offline", "options": options, "log_level": "warning"})
     run.log({"step": 1, "train/loss": torch.tensor(1.0), "eval/accuracy": np.float32(0.5)})  # a recipe's metrics
     os.kill(run._process.pid, signal.SIGKILL)
     run._process.wait()

@@ -23,7 +23,8 @@ def test_digits_on_two_processes_reaches_95_percent(tmp_path):
         epochs[-1]
     )
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.txt", "wandb", "wandb_id"
+        "checkpoints", "config.yaml", "history.jsonl", "metrics.jsonl", "model.pt", "run.json", "summary.txt", "wandb",
+        "wandb_id"
     ]
     assert "Total params: 14,698" in (run_dir / "summary.txt").read_text()
     assert "2 process(es), backend gloo" in result.stdout
