@@ -86,7 +86,8 @@ def test_a_fresh_start_in_a_used_run_dir_is_refused_and_changes_nothing(tmp_path
     assert "run.dir x is complete: 66 steps, 3 epochs" in again.stdout and "resumed from" not in again.stdout
     assert snapshot(tmp_path / "x") == before
     # A new run, deliberately: a name of its own.
-    check_ok(launch([*DIGITS, "run.name=second", "train.epochs=2", "optim.lr=0.01", "train.log_every=10"], tmp_path, nproc=2))
+    check_ok(launch([*DIGITS, "run.name=second", "train.epochs=2", "optim.lr=0.01", "train.log_every=10"], tmp_path,
+                    nproc=2))
     second = tmp_path / "runs" / "digits" / "second"
     assert [record["epoch"] for record in epoch_records(second)] == [1, 2]
     assert {record["lr/group0"] for record in read_metrics(second) if "lr/group0" in record} == {0.01}
@@ -190,22 +191,28 @@ NAN_DATA = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("cause", ["huge learning rate", "NaN inputs"])
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path, cause):
+@pytest.mark.parametrize("cause, args, message, ended_at", [
+    # The LR jumps 1e12-fold at step 30 (after the checkpoint of step 30): the weights blow up, the loss read at
+    # step 35 is not finite, and the checkpoint due at step 40 refuses to be written.
+    ("huge learning rate",
+     ["recipe=digits", "sched.name=step", "sched.step_size=30", "sched.gamma=1e12", "ckpt.every_steps=10"],
+     "at step 40; the last good checkpoint is x/checkpoints/step_000000030.pt", 40),
+    # NaN from the first step: the loss logged at step 5 is NaN; the ranks agree on it at step 20.
+    ("NaN inputs", ["recipe=nan_data.py"], "at step 5; no checkpoint was written", 20),
+])
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path, cause, args, message,
+                                                                                    ended_at):
     (tmp_path / "nan_data.py").write_text(NAN_DATA)
-    args = (["recipe=digits", "optim.lr=1e12"] if cause == "huge learning rate" else ["recipe=nan_data.py"])
-    result = launch([*args, "wandb.mode=disabled", "run.dir=x", "train.log_every=5", "ckpt.every_steps=3"],
-                    tmp_path, nproc=2)
+    result = launch([*args, "wandb.mode=disabled", "run.dir=x", "train.log_every=5"], tmp_path, nproc=2)
     assert result.returncode != 0
     (line,) = [line for line in result.stderr.splitlines() if "launcher: error:" in line]
-    assert "training diverged: the loss is not a finite number at step" in line
-    assert "the last good checkpoint is x/checkpoints/step_000000003.pt" in line or "no checkpoint was written" in line
+    assert f"training diverged: the loss is not a finite number {message}" in line
     assert not (tmp_path / "x" / "model.pt").exists()
     for path in (tmp_path / "x" / "checkpoints").glob("step_*.pt"):
         weights = torch.load(path, weights_only=True)["model"]
         assert all(torch.isfinite(tensor).all() for tensor in weights.values()), path
     ended = json.loads((tmp_path / "x" / "history.jsonl").read_text().splitlines()[-1])
-    assert ended["outcome"] == "failed" and "training diverged" in ended["detail"]
+    assert ended["outcome"] == "failed" and "training diverged" in ended["detail"] and ended["step"] == ended_at
 
 
 def test_a_best_metric_evaluation_never_produces_fails_at_the_first_evaluation(tmp_path):
