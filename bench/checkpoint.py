@@ -3,9 +3,10 @@
     python bench/checkpoint.py [--params 100_000_000] [--dir /tmp]
 
 "load" is what a resume does: load the file, put it into the model and optimizer, and touch the optimizer state
-as the next step does. Each case runs in a fresh process (so one cannot inherit the other's memory), after one SGD-with-momentum step
-(so the optimizer holds a momentum buffer as large as the model). Memory is the process's resident set, sampled
-every millisecond during the save; "extra" is the peak minus the resident set just before the save. Prints JSON.
+as the next step does. Each case runs in a fresh process (so one cannot inherit the other's memory), after one
+SGD-with-momentum step (so the optimizer holds a momentum buffer as large as the model). Memory is the process's
+resident set, sampled every millisecond during the save; "extra" is the peak minus the resident set just before the
+save. Prints JSON.
 """
 
 from __future__ import annotations

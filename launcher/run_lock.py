@@ -227,8 +227,8 @@ class RunLock:
             holder = self._read(self.path)
             if holder is None or holder.token != self.me.token:
                 if not self.lost:
-                    log.error("run.dir %s: the lock was taken over by %s; no more checkpoints are written", self.run_dir,
-                              holder.describe() if holder else "someone who then released it")
+                    log.error("run.dir %s: the lock was taken over by %s; no more checkpoints are written",
+                              self.run_dir, holder.describe() if holder else "someone who then released it")
                 self.lost = True
                 continue
             try:

@@ -4,7 +4,8 @@ In the training process, every ``wandb.log`` cost about 2 ms of Python and threa
 and training waited for wandb to import and start before its first step. Here the training process pays one pipe
 write per record (0.2 ms) and waits for nothing; wandb starts, logs and finishes on its own time, at nice 10.
 
-    python -m launcher.wandb_process   # stdin: {"start": {...}} (or {"finish": true}: no run), then {"log": ..., "step": N} / {"summary": ...},
+    python -m launcher.wandb_process   # stdin: {"start": {...}} (or {"finish": true}: no run),
+                                       # then {"log": ..., "step": N} / {"summary": ...},
                                        # then {"finish": true}
 
 It finishes the run and ends on the finish message, or when its stdin closes (the training process died); it is
