@@ -21,6 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import launcher
+from launcher.agree import run_agreed
 from launcher.dist_env import DistEnv
 from launcher.errors import LauncherError, UserError
 
@@ -88,6 +89,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def save_model(state_dict: dict, path: Path) -> None:
+    """model.pt: the bare state_dict, atomically; one line if it cannot be written."""
+    try:
+        save_atomic(state_dict, path)
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise LauncherError(f"writing {path} failed ({type(error).__name__}: {_first_line(error)}; {free:.1f} MB free "
+                            "on its device); the run's last checkpoint is intact: free space, then run the same "
+                            "command to write it") from None
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified: every
     record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``.
@@ -135,6 +147,16 @@ def _verify_records(path: Path) -> None:
             view.release()
 
 
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors(value)]
+    return []
+
+
 def step_files(folder: Path) -> list[Path]:
     """Step checkpoints, newest first."""
     return sorted(folder.glob(f"{STEP_PREFIX}*.pt"), reverse=True)
@@ -179,8 +201,9 @@ class Checkpointer:
     def path_for(self, global_step: int) -> Path:
         return self.folder / f"{STEP_PREFIX}{global_step:09d}.pt"
 
-    def save(self, training_state: dict, rank_state: dict) -> Path:
-        """Collective: every rank hands in its own state (RNG, ...); rank 0 writes one file; all wait for it.
+    def save(self, training_state: dict, rank_state: dict, best: bool = False) -> Path:
+        """Collective: every rank hands in its own state (RNG, ...); rank 0 writes one file (and, ``best``, its copy
+        best.pt); all wait for it, and all fail together if it cannot be written.
 
         Before anything is written every rank sees every rank's state, so all refuse together: a non-finite loss
         (a diverged run is not worth a checkpoint) or a lost lock (another job owns the directory now).
@@ -198,7 +221,8 @@ class Checkpointer:
             raise LauncherError(f"the lock on {self.folder.parent} was taken over by another job: stopped at step "
                                 f"{step} without writing a checkpoint", same_on_all_ranks=True)
         path = self.path_for(step)
-        if self.dist_env.is_main:
+
+        def write() -> None:
             payload = {
                 **training_state,
                 "run_id": self.run_id,
@@ -210,20 +234,34 @@ class Checkpointer:
             }
             for stale in self.folder.glob(".*.tmp"):  # left by a writer that was killed; the lock makes it ours
                 stale.unlink(missing_ok=True)
-            save_atomic(payload, path)
+            try:
+                save_atomic(payload, path)
+                if best:
+                    self._save_best(path)
+            except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
+                raise LauncherError(self._write_failed(path, payload, error)) from None
             self._prune()
-        if self.dist_env.is_distributed:
-            dist.barrier()
+
+        run_agreed(self.dist_env, write if self.dist_env.is_main else None, name_rank=False)  # all wait for the file
         self.last_good = path
         return path
+
+    def _write_failed(self, path: Path, payload: dict, error: BaseException) -> str:
+        needed = sum(t.untyped_storage().nbytes() for t in _tensors(payload))
+        free = shutil.disk_usage(path.parent).free
+        reason = (f"no space left: {free / 2**20:.1f} MB free on its device, the checkpoint needs about "
+                  f"{needed / 2**20:.1f} MB" if free < needed else f"{type(error).__name__}: {_first_line(error)}")
+        kept = f"the previous checkpoint {self.last_good} is intact" if self.last_good else "no checkpoint was lost"
+        return (f"writing checkpoint {path} failed ({reason}); {kept}. Free space (or lower ckpt.keep), then run the "
+                "same command to continue")
 
     def diverged_message(self, step: int) -> str:
         last = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
         return (f"training diverged: the loss is not a finite number at step {step}; {last}. Lower optim.lr "
                 "(or clip with train.clip_grad_norm), or look for NaN or inf in the data")
 
-    def save_best(self, source: Path) -> None:
-        """Rank 0: keep a copy of ``source`` as best.pt (atomically, like every checkpoint)."""
+    def _save_best(self, source: Path) -> None:
+        """Keep a copy of ``source`` as best.pt (atomically, like every checkpoint)."""
 
         def copy(file) -> None:
             with source.open("rb") as original:

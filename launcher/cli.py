@@ -13,6 +13,8 @@ usage: python -m launcher recipe=NAME [key=value ...] [--config FILE] [--cfg]
   recipe=NAME     a recipe: a short name from recipes/ (digits, lenet, ...), a dotted module path, or a .py file
   key=value       set a config key, e.g. train.epochs=3 optim.lr=0.05 dist.nproc_per_node=2
   --config FILE   a YAML file of keys, applied before the key=value overrides
+  --sweep-task FILE:N
+                  also the overrides of the N-th task line of a sweep file (Slurm array jobs pass this)
   --cfg           print the fully resolved config and exit
   --quiet         only warnings and errors (log.level=warning)
   -h, --help      this text
@@ -25,6 +27,7 @@ Keys, their types and defaults: python -m launcher recipe=NAME --cfg
 class CommandLine:
     overrides: list[str] = field(default_factory=list)
     config_file: str | None = None
+    sweep_task: str | None = None  # FILE:N
     print_config: bool = False
     quiet: bool = False
     help: bool = False
@@ -44,8 +47,13 @@ def parse_command_line(argv: list[str]) -> CommandLine:
             parsed.config_file = item.partition("=")[2] or next(items, None)
             if not parsed.config_file:
                 raise UserError("--config needs a file: --config my_run.yaml")
+        elif item == "--sweep-task" or item.startswith("--sweep-task="):
+            parsed.sweep_task = item.partition("=")[2] or next(items, None)
+            if not parsed.sweep_task:
+                raise UserError("--sweep-task needs FILE:N, e.g. --sweep-task sweep.txt:3")
         elif item.startswith("-"):
-            raise UserError(f"unknown option '{item}': options are --config FILE, --cfg, --quiet, --help")
+            raise UserError(f"unknown option '{item}': options are --config FILE, --sweep-task FILE:N, --cfg, "
+                            "--quiet, --help")
         else:
             parsed.overrides.append(item)
     return parsed

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -141,18 +141,30 @@ def _set(cfg: DictConfig, key: str, value: Any, origin: str) -> None:
         raise UserError(f"{origin}: {key}={value!r} is not {_type_name(node)}") from None
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+class Override(NamedTuple):
+    key: str
+    value: Any
+    origin: str  # where it was written, for error messages: "command line", "sweep.txt line 3"
+
+
+def _parse_override(item: str, origin: str) -> Override:
     key, sep, text = item.partition("=")
+    where = "" if origin == "command line" else f"{origin}: "
     if not sep or not key:
-        raise UserError(f"expected key=value, got '{item}' (e.g. recipe={item} or train.epochs=3)")
+        raise UserError(f"{where}expected key=value, got '{item}' (e.g. recipe={item} or train.epochs=3)")
     # YAML rules give "3" -> 3, "true" -> True, "[1,2]" -> a list, as OmegaConf's own dotlist does.
-    parsed = OmegaConf.from_dotlist([f"value={text}"])
-    return key.strip(), OmegaConf.to_container(parsed)["value"]
+    try:
+        parsed = OmegaConf.from_dotlist([f"value={text}"])
+    except Exception as error:  # the YAML parser's: an unclosed bracket or quote
+        problem = str(error).splitlines()[0]
+        raise UserError(f"{where}{key}={text} is not a value ({problem}): close its bracket or quote; a value with "
+                        f"spaces goes in quotes, quoted again for the shell: '{key}=\"my run\"'") from None
+    return Override(key.strip(), OmegaConf.to_container(parsed)["value"], origin)
 
 
-def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
-    """``key=value`` strings from the command line, in order (a later one wins)."""
-    return [_parse_override(item) for item in items]
+def parse_overrides(items: Iterable[str], origin: str = "command line") -> list[Override]:
+    """``key=value`` strings (from the command line, or ``origin``), in order (a later one wins)."""
+    return [_parse_override(item, origin) for item in items]
 
 
 def load_yaml(path: str) -> dict:
@@ -169,9 +181,9 @@ def load_yaml(path: str) -> dict:
     return OmegaConf.to_container(loaded)
 
 
-def recipe_name_from(yaml_values: Mapping, overrides: list[tuple[str, Any]]) -> str:
+def recipe_name_from(yaml_values: Mapping, overrides: list[Override]) -> str:
     """The recipe named on the command line, else in the YAML file."""
-    named = [value for key, value in overrides if key == "recipe"]
+    named = [override.value for override in overrides if override.key == "recipe"]
     recipe = str(named[-1]) if named else str(yaml_values.get("recipe") or "")
     if not recipe:
         raise UserError("no recipe given: add recipe=<name>, e.g. `python -m launcher recipe=digits`")
@@ -179,7 +191,7 @@ def recipe_name_from(yaml_values: Mapping, overrides: list[tuple[str, Any]]) -> 
 
 
 def build_config(
-    recipe_defaults: Mapping, yaml_values: Mapping, overrides: list[tuple[str, Any]], recipe_origin: str
+    recipe_defaults: Mapping, yaml_values: Mapping, overrides: list[Override], recipe_origin: str
 ) -> DictConfig:
     """Merge the four layers into one config (not yet validated, still writable)."""
     cfg = _typed_node(ENGINE_DEFAULTS)
@@ -188,8 +200,8 @@ def build_config(
     OmegaConf.set_struct(cfg, True)
     for key, value in leaves(yaml_values):
         _set(cfg, key, value, "config file")
-    for key, value in overrides:
-        _set(cfg, key, value, "command line")
+    for key, value, origin in overrides:
+        _set(cfg, key, value, origin)
     return cfg
 
 
@@ -216,6 +228,7 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     """
     checks = [
         (cfg.train.epochs >= 1, "train.epochs", "at least 1"),
+        (0 <= cfg.train.seed < 2**31, "train.seed", "in [0, 2**31)"),
         (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -34,6 +36,7 @@ class DistEnv:
     master_addr: str = "localhost"
     master_port: int = 0
     restart_count: int = 0  # torchrun's restarts of this worker group so far
+    max_restarts: int = 0  # torchrun's --max-restarts: a worker that exits non-zero is started again
     agent_store: bool = False  # torchrun's agent serves the store that init_process_group uses
 
     @classmethod
@@ -55,6 +58,7 @@ class DistEnv:
             master_addr=environ.get("MASTER_ADDR", "localhost"),
             master_port=int(environ.get("MASTER_PORT", 0)),
             restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            max_restarts=int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)),
             agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
 
@@ -98,38 +102,80 @@ def device_for(dist_env: DistEnv, backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int) -> None:
-    """Join the job's process group (torchrun's env:// rendezvous); a no-op for a single process."""
-    if not dist_env.is_distributed:
+def end_with_parent() -> None:
+    """A torchrun worker gets SIGHUP when the torchrun that started it dies, even by SIGKILL: it stops gracefully
+    instead of training on with no parent (torchrun starts workers in sessions of their own, which no signal to
+    torchrun's process group reaches)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux with glibc: nothing to do
         return
+    if os.getppid() == 1:  # the parent died before the call: the signal would never come
+        os.kill(os.getpid(), signal.SIGHUP)
+
+
+class JobStore:
+    """The key-value store every process of this attempt of the job reaches (the rendezvous store, under a prefix
+    per attempt): where a failing rank says so, so that the others stop at once instead of waiting for it."""
+
+    def __init__(self, client: dist.Store, restart_count: int):
+        self._store = dist.PrefixStore(f"{_attempt_prefix(restart_count)}/job", client)
+
+    def report_failure(self, who: str) -> None:
+        try:
+            self._store.compare_set("failed", "", who)  # the first failure is the one to name
+        except Exception:  # the store is gone with its host: the job is ending anyway
+            pass
+
+    def failure(self) -> str | None:
+        """Who failed, if any rank said so (a store that cannot be reached says nothing)."""
+        try:
+            return self._store.get("failed").decode() if self._store.check(["failed"]) else None
+        except Exception:
+            return None
+
+
+def _attempt_prefix(restart_count: int) -> str:
+    return f"launcher/attempt_{restart_count}"
+
+
+def _store_client(dist_env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """A client of the job's rendezvous store (torchrun's agent's, or rank 0's)."""
+    return dist.TCPStore(dist_env.master_addr, dist_env.master_port, is_master=False, timeout=timeout,
+                         wait_for_workers=False)
+
+
+def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int) -> JobStore | None:
+    """Join the job's process group (torchrun's env:// rendezvous), and return the job's store; nothing for a
+    single process."""
+    if not dist_env.is_distributed:
+        return None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = resolve_backend(backend)
     timeout = datetime.timedelta(seconds=timeout_s)
+    client = _store_client(dist_env, timeout) if _agent_store_per_attempt(dist_env) else None
     dist.init_process_group(
-        **_store_per_attempt(dist_env, timeout),
+        **({"store": dist.PrefixStore(_attempt_prefix(dist_env.restart_count), client), "rank": dist_env.rank,
+            "world_size": dist_env.world_size} if client else {}),
         # CPU tensors (stop flags, small agreements) go through gloo on the same group, even on GPUs: a separate
         # group made with new_group would find stale rendezvous keys after an elastic restart and hang.
         backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
         timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+    return JobStore(client or _store_client(dist_env, timeout), dist_env.restart_count)
 
 
-def _store_per_attempt(dist_env: DistEnv, timeout: datetime.timedelta) -> dict:
-    """Arguments that give each torchrun restart its own key space in the agent's store.
+def _agent_store_per_attempt(dist_env: DistEnv) -> bool:
+    """Whether to give each torchrun restart its own key space in the agent's store.
 
     torchrun shares one store across restarts of the worker group and nothing separates them (pytorch#135712):
     a restarted group reads the dead group's addresses and fails to connect. On one node the restart count is
     the same for every worker, so it can name the attempt. Across nodes it is not: there, start torchrun with
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a fresh store (and turns this off).
     """
-    if not (dist_env.agent_store and dist_env.world_size == dist_env.local_world_size):
-        return {}
-    client = dist.TCPStore(dist_env.master_addr, dist_env.master_port, dist_env.world_size, is_master=False,
-                           timeout=timeout)
-    store = dist.PrefixStore(f"launcher/attempt_{dist_env.restart_count}", client)
-    return {"store": store, "rank": dist_env.rank, "world_size": dist_env.world_size}
+    return dist_env.agent_store and dist_env.world_size == dist_env.local_world_size
 
 
 def destroy_process_group(dist_env: DistEnv) -> None:

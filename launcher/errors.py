@@ -20,3 +20,7 @@ class UserError(LauncherError):
     """Something the user typed or provided (config, recipe, data) is wrong; the message says what would work."""
 
     exit_code = 2
+
+
+class PeerFailed(LauncherError):
+    """This rank stopped because another one failed or died: that rank's error is the root cause, not this."""

@@ -14,7 +14,7 @@ def setup_logging(dist_env: DistEnv, level: str = "info") -> None:
     logger = logging.getLogger("launcher")
     logger.handlers.clear()
     if dist_env.is_main:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _AroundProgressBar(sys.stdout)
         logger.setLevel(level.upper())
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -23,3 +23,16 @@ def setup_logging(dist_env: DistEnv, level: str = "info") -> None:
         warnings.simplefilter("ignore")  # rank 0 shows them; the same warning from every rank is noise
     logger.addHandler(handler)
     logger.propagate = False
+
+
+class _AroundProgressBar(logging.StreamHandler):
+    """Lines written around tqdm's progress bar (cleared, written, drawn again) instead of onto it; plain lines where
+    there is no bar. Other threads log here too (the wandb process's notices)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)

@@ -129,7 +129,11 @@ def _import_module(module_name: str, spec: str) -> ModuleType:
 
 def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
-        raise _unknown(str(path))
+        where = f" (relative to {Path.cwd()})" if not path.is_absolute() else ""
+        raise UserError(f"recipe={path}: no such file{where}; a recipe is a short name "
+                        f"({', '.join(available_recipes())}), a dotted module path or a path to a .py file")
+    if path.suffix != ".py":
+        raise UserError(f"recipe={path} is not a Python file: a recipe file ends in .py")
     module_name = f"launcher_recipe_{path.stem}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)

@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -88,9 +89,13 @@ def check_writable(run_dir: Path) -> None:
     if existing.is_file() or not existing.is_dir():
         where = "is a file" if existing == run_dir else f"is under {existing}, which is a file"
         raise UserError(f"run.dir={run_dir} {where}: give a directory (or a path where one can be made)")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:  # by trying: root passes os.access on a read-only file system
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".launcher-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
         what = "is not writable" if existing == run_dir else f"cannot be made: {existing} is not writable"
-        raise UserError(f"run.dir={run_dir} {what} by this user: pick a run.dir you can write to")
+        raise UserError(f"run.dir={run_dir} {what} ({error.strerror}): pick a run.dir you can write to") from None
 
 
 class RunLock:

@@ -15,6 +15,7 @@ from pathlib import Path
 from launcher.__main__ import load
 from launcher.config import freeze, validate
 from launcher.errors import LauncherError, UserError
+from launcher.sweep import sweep_tasks
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 TEMPLATES = {"single": "single_node.sbatch", "multi": "multi_node.sbatch", "array": "array.sbatch"}
@@ -37,26 +38,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--account", help="Slurm account")
     parser.add_argument("--job-name", help="job name (logs are logs/<job name>-<job id>.out)")
     parser.add_argument("--sweep", help="array: a file with one line of overrides per task")
+    parser.add_argument("--config", help="a YAML file of keys, as `python -m launcher --config FILE` takes")
+    parser.add_argument("--cpus-per-task", type=int, default=None,
+                        help="CPUs for each node's task, shared by its processes and their data loaders "
+                             "(default: 4 per process)")
     parser.add_argument("--sbatch-arg", action="append", default=[], help="any other sbatch option, repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the script and sbatch command; submit nothing")
     return parser.parse_intermixed_args(argv)
 
 
-def sweep_lines(path: str) -> list[str]:
-    """The sweep file's task lines: neither blank nor a # comment (as array.sbatch reads them)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--sweep {path}: no such file")
-    lines = [line.strip() for line in file.read_text().splitlines()]
-    tasks = [line for line in lines if line and not line.startswith("#")]
-    if not tasks:
-        raise UserError(f"--sweep {path}: no task lines (one line of key=value overrides per task)")
-    return tasks
-
-
-def check_run(overrides: list[str], world_size: int, nproc: int) -> str:
+def check_run(launcher_args: list[str], world_size: int, nproc: int) -> str:
     """Build and validate the config (loading the recipe) as the job's workers will; returns the recipe name."""
-    command, recipe, cfg = load(overrides)
+    command, recipe, cfg = load(launcher_args)
     if command.help or command.print_config:
         raise UserError("pass only key=value overrides after the template")
     validate(cfg, world_size, nproc, local_gpus=False)  # the GPUs are on the compute nodes, not here
@@ -71,6 +64,7 @@ def sbatch_options(args: argparse.Namespace, nodes: int, tasks: int | None) -> d
             options[key.replace("_", "-")] = getattr(args, key)
     if args.gpus_per_node:
         options["gpus-per-node"] = str(args.gpus_per_node)
+    options["cpus-per-task"] = str(args.cpus_per_task or 4 * (args.nproc_per_node or args.gpus_per_node or 1))
     if tasks:
         options["array"] = f"1-{tasks}"
     return options
@@ -100,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--nodes {nodes}: the {args.template} template runs on one node; use `multi`")
         if args.template == "array" and not args.sweep:
             raise UserError("the array template needs --sweep FILE")
-        tasks = sweep_lines(args.sweep) if args.template == "array" else None
-        for task in tasks or [""]:
-            check_run(args.overrides + shlex.split(task), nodes * nproc, nproc)
+        config = ["--config", str(Path(args.config).resolve())] if args.config else []
+        tasks = sweep_tasks(args.sweep) if args.template == "array" else None
+        for task in tasks or [None]:
+            check_run(args.overrides + config + (["--sweep-task", f"{task.file}:{task.task}"] if task else []),
+                      nodes * nproc, nproc)
     except LauncherError as error:
         print(f"launcher.slurm: error: {error}", file=sys.stderr)
         return error.exit_code
     script = render(TEMPLATES[args.template], sbatch_options(args, nodes, len(tasks) if tasks else None), nproc)
-    script_args = ([str(Path(args.sweep).resolve())] if tasks else []) + args.overrides
+    script_args = ([str(Path(args.sweep).resolve())] if tasks else []) + args.overrides + config
     logs = Path("logs")
     script_file = logs / f"{args.job_name or 'launcher'}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     command = ["sbatch", *args.sbatch_arg, str(script_file), *script_args]

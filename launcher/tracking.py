@@ -11,11 +11,19 @@ import secrets
 import string
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launcher.config import ENGINE_DEFAULTS
+
 log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = ENGINE_DEFAULTS["wandb"]["project"]
+NOTICES_FILE = "wandb-process.log"  # in the run's wandb folder: what the wandb process says once training has gone
+FINISH_WAIT_S = 5.0  # how long the end of a run waits for wandb to finish; then it finishes in the background
+_WANDB_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 
 
 class WandbRun:
@@ -27,17 +35,21 @@ class WandbRun:
     """
 
     def __init__(self):
-        self.id, self.logged_through = None, 0
+        self.id, self.logged_through, self.notices = None, 0, None
         # The launcher may run from a checkout that is not installed: the process finds it where this one did.
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self._process: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-m", "launcher.wandb_process"], stdin=subprocess.PIPE, text=True, env=env)
+            [sys.executable, "-m", "launcher.wandb_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=env)
+        # Its notices come back here and are logged like rank 0's own lines (around a progress bar, at log.level).
+        threading.Thread(target=_relay, args=(self._process.stdout,), name="launcher-wandb-relay", daemon=True).start()
 
     def begin(self, run_id: str, logged_through: int, start: dict) -> None:
         """Start (or continue: ``run_id``) the run. Until this, the process only imports wandb: a start that fails
         before it creates no wandb run."""
         self.id, self.logged_through = run_id, logged_through
+        self.notices = Path(start["options"]["dir"]) / "wandb" / NOTICES_FILE
         self._send({"start": start})
 
     def log(self, record: dict) -> None:
@@ -54,15 +66,15 @@ class WandbRun:
 
     def finish(self) -> None:
         """Tell the wandb process to finish the run (offline: write it out; online: upload), without waiting for
-        it: this process waits for it only at its exit, so no rank, stop message or error report waits for wandb
-        (a rank still in here when another has left is one torchrun ends), yet a command that returns has its
-        wandb run complete."""
+        it: this process waits for it only at its exit, and at most ``FINISH_WAIT_S``, so no rank, stop message or
+        error report waits for wandb (a rank still in here when another has left is one torchrun ends), and a slow
+        upload goes on in the background instead of holding the end of the run."""
         self._send({"finish": True})
         if self._process is None:
             return
         with contextlib.suppress(OSError):
             self._process.stdin.close()
-        atexit.register(self._process.wait)
+        atexit.register(_wait_briefly, self._process, self.notices)
         self._process = None
 
     def _send(self, message: dict) -> None:
@@ -78,6 +90,23 @@ class WandbRun:
             self._process = None
 
 
+def _relay(lines) -> None:
+    """The wandb process's notices ("LEVEL<tab>text" lines), logged in this process."""
+    notices = logging.getLogger("launcher.wandb")
+    for line in lines:
+        level, tab, text = line.rstrip("\n").partition("\t")
+        notices.log(logging.getLevelName(level) if tab and level.isupper() else logging.INFO, "%s",
+                    text if tab else line.rstrip("\n"))
+
+
+def _wait_briefly(process: subprocess.Popen, notices: Path | None) -> None:
+    try:
+        process.wait(timeout=FINISH_WAIT_S)
+    except subprocess.TimeoutExpired:
+        log.warning("wandb is still finishing its run (pid %d, in the background; its notices go to %s); "
+                    "metrics.jsonl has every record", process.pid, notices)
+
+
 def _plain_value(value):
     """What JSON cannot carry as it is: a tensor or NumPy scalar (a recipe's metric) as its number, else text."""
     return value.item() if hasattr(value, "item") else str(value)
@@ -88,21 +117,33 @@ def new_wandb_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def wandb_mode(cfg) -> str:
+    """``wandb.mode``; under ``auto``, wandb's own WANDB_MODE where it is set."""
+    if cfg.wandb.mode != "auto":
+        return cfg.wandb.mode
+    return _WANDB_MODES.get(os.environ.get("WANDB_MODE", "").lower(), "auto")
+
+
 def spawn_wandb(cfg) -> WandbRun | None:
     """Rank 0: the wandb process, importing wandb while the run is set up; None when wandb is disabled."""
-    return None if cfg.wandb.mode == "disabled" else WandbRun()
+    return None if wandb_mode(cfg) == "disabled" else WandbRun()
 
 
 def begin_wandb(wandb_run: WandbRun, cfg, run_dir: Path, job_group: str | None, logged_through: int) -> None:
     """Rank 0: start or continue the job's wandb run (its id is kept in run.dir/wandb_id across restarts). A run that
-    fails to start logs its warning (from its process) and logs nothing."""
+    fails to start logs its warning (from its process) and logs nothing.
+
+    A key left at its default yields to wandb's own environment variable (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME,
+    WANDB_RUN_GROUP, WANDB_TAGS): wandb reads it where the launcher passes nothing.
+    """
     id_file = run_dir / "wandb_id"
     run_id = (id_file.read_text().strip() if id_file.exists() else "") or new_wandb_id()
+    from_env = os.environ.__contains__
     options = dict(
-        project=cfg.wandb.project,
+        project=None if cfg.wandb.project == DEFAULT_PROJECT and from_env("WANDB_PROJECT") else cfg.wandb.project,
         entity=cfg.wandb.entity or None,
-        name=cfg.wandb.name or f"{run_dir.parent.name}-{run_dir.name}",
-        group=cfg.wandb.group or job_group,
+        name=cfg.wandb.name or (None if from_env("WANDB_NAME") else f"{run_dir.parent.name}-{run_dir.name}"),
+        group=cfg.wandb.group or (None if from_env("WANDB_RUN_GROUP") else job_group),
         tags=list(cfg.wandb.tags) or None,
         config=OmegaConf.to_container(cfg),
         dir=str(run_dir),
@@ -110,4 +151,4 @@ def begin_wandb(wandb_run: WandbRun, cfg, run_dir: Path, job_group: str | None, 
         resume="allow",
     )
     id_file.write_text(run_id)
-    wandb_run.begin(run_id, logged_through, {"mode": cfg.wandb.mode, "options": options, "log_level": cfg.log.level})
+    wandb_run.begin(run_id, logged_through, {"mode": wandb_mode(cfg), "options": options})

@@ -71,9 +71,9 @@ class TrainState:
         return {"rng": capture_rng(self.device), "loss_sum": self.loss_sum.item()}
 
 
-def save_checkpoint(state: TrainState, cfg, checkpointer: Checkpointer):
+def save_checkpoint(state: TrainState, cfg, checkpointer: Checkpointer, best: bool = False):
     """Collective: every rank calls it at the same step."""
-    path = checkpointer.save(state.training_state(cfg), state.rank_state())
+    path = checkpointer.save(state.training_state(cfg), state.rank_state(), best)
     state.saved_step = state.global_step
     return path
 
@@ -238,9 +238,7 @@ def finish_epoch(state: TrainState, cfg, dist_env: DistEnv, metrics, checkpointe
     every = cfg.ckpt.every_epochs
     last = record["epoch"] == cfg.train.epochs or reached_max_steps(state, cfg)
     if improved or (every and record["epoch"] % every == 0) or last:
-        path = save_checkpoint(state, cfg, checkpointer)
-        if improved and dist_env.is_main:
-            checkpointer.save_best(path)
+        save_checkpoint(state, cfg, checkpointer, best=improved)
     if dist_env.is_main:
         metrics.write(record)
         log.info(format_epoch(record, cfg.train.epochs))

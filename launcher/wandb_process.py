@@ -20,8 +20,11 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
+from pathlib import Path
+from urllib.parse import urlparse
 
 log = logging.getLogger("launcher.wandb")
 
@@ -29,28 +32,51 @@ log = logging.getLogger("launcher.wandb")
 def _has_credentials() -> bool:
     """Whether W&B credentials are configured (API key in the environment or from `wandb login`), asked of wandb
     itself without any prompt or network call."""
-    import wandb
 
     try:
         from wandb.sdk.lib.wbauth.authenticate import authenticate_session
 
-        host = wandb.Settings().base_url
+        host = _base_url()
         return authenticate_session(host=host, source="launcher", prompt=False, update_session=False) is not None
     except Exception:  # an older or newer wandb without this helper: offline is the safe guess
         return False
 
 
+def _base_url() -> str:
+    """The W&B server wandb.init will use (wandb.Settings() alone does not read WANDB_BASE_URL)."""
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def _reachable(url: str) -> bool:
+    """Whether the W&B server answers a TCP connection within 3 s: without a network, online mode would wait its
+    whole init timeout before failing."""
+    address = urlparse(url)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def init_run(mode: str, options: dict):
-    """The wandb run (online falling back to offline), or None after a warning."""
+    """The wandb run (online falling back to offline, with every record), or None after a warning."""
     try:
         import wandb
 
         if mode == "auto":
             mode = "online" if _has_credentials() else "offline"
-        # No console capture (the launcher logs itself), no hanging without a network.
-        options["settings"] = wandb.Settings(silent=True, console="off", init_timeout=30)
+        base_url = _base_url()
+        if mode == "online" and not _reachable(base_url):
+            log.warning("wandb: %s cannot be reached; logging offline instead", base_url)
+            mode = "offline"
+        # No console capture (the launcher logs itself); a bounded wait for the server (WANDB_INIT_TIMEOUT wins).
+        timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": 30}
+        options["settings"] = wandb.Settings(silent=True, console="off", **timeout)
     except Exception as error:
-        log.warning("wandb could not start (%s: %s); training goes on without it", type(error).__name__, error)
+        log.warning("wandb could not start (%s: %s); its records stay in metrics.jsonl", type(error).__name__, error)
         return None
     for attempt in (mode, "offline") if mode == "online" else (mode,):
         try:
@@ -58,7 +84,8 @@ def init_run(mode: str, options: dict):
         except Exception as error:
             log.warning("wandb could not start in %s mode (%s: %s)%s", attempt, type(error).__name__,
                         str(error).splitlines()[0] if str(error) else "",
-                        "; logging offline instead" if attempt == "online" else "; training goes on without it")
+                        "; logging offline instead" if attempt == "online" else "; its records stay in metrics.jsonl")
+            wandb.teardown()  # else the offline start finds the run "in use" by the failed one
             continue
         if attempt == "offline":
             log.info("wandb: offline run %s; upload it with `wandb sync %s`", run.id, run.dir.removesuffix("/files"))
@@ -66,6 +93,27 @@ def init_run(mode: str, options: dict):
             log.info("wandb: %s", run.url)
         return run
     return None
+
+
+def _stderr_to_file(path: Path) -> None:
+    """What wandb and its service print on their own (retries, exporter errors) goes to a file in the run's wandb
+    folder, not across the training's terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        os.dup2(file.fileno(), 2)
+
+
+class _ToTrainingProcess(logging.Handler):
+    """Notices go back to the training process through stdout ("LEVEL<tab>text" lines), which logs them like its
+    own (around its progress bar). Once it has gone (a run that finishes in the background), to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record).replace("\n", " ")
+        try:
+            sys.stdout.write(f"{record.levelname}\t{text}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):  # the training process has gone: wandb-process.log keeps it
+            sys.stderr.write(f"launcher: {text}\n")
 
 
 def apply(run, message: dict) -> None:
@@ -102,9 +150,10 @@ def main() -> None:
     if first is None or "start" not in first:
         return  # the start failed before it began a wandb run: none is made
     start = first["start"]
-    logger = logging.getLogger("launcher")  # as rank 0 logs: to stdout, at log.level; not wandb's own loggers
-    logger.addHandler(logging.StreamHandler(sys.stdout))
-    logger.setLevel(start["log_level"].upper())
+    _stderr_to_file(Path(start["options"]["dir"]) / "wandb" / "wandb-process.log")  # tracking.NOTICES_FILE
+    log.addHandler(_ToTrainingProcess())
+    log.setLevel(logging.INFO)
+    log.propagate = False
     run = init_run(start["mode"], start["options"])
     while (message := messages.get()) is not None and "finish" not in message:
         if run is None:
@@ -112,7 +161,7 @@ def main() -> None:
         try:
             apply(run, message)
         except Exception as error:
-            log.warning("wandb failed (%s: %s); training goes on, metrics stay in metrics.jsonl",
+            log.warning("wandb failed (%s: %s); its records stay in metrics.jsonl",
                         type(error).__name__, error)
             run = None
     if run is not None:

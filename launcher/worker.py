@@ -16,11 +16,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.agree import on_main, run_agreed
-from launcher.checkpoint import Checkpointer, save_atomic
+from launcher.checkpoint import Checkpointer, save_model
 from launcher.config import with_run_dir
 from launcher.data import build_train_loader, steps_per_epoch
 from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group, resolve_backend
-from launcher.errors import LauncherError, UserError
+from launcher.errors import PeerFailed, UserError
 from launcher.eval_only import evaluate_checkpoint
 from launcher.metrics import MetricsFile
 from launcher.optim import build_optimizer
@@ -30,8 +30,8 @@ from launcher.resume import Start, load_named, plan_start, restore
 from launcher.run_dir import Ledger, run_dir_for
 from launcher.run_lock import RunLock
 from launcher.schedule import build_scheduler
-from launcher.stop import GracefulStop, StopRequested
-from launcher.summary import model_summary, parameter_counts
+from launcher.stop import GracefulStop, StopRequested, StopSignals
+from launcher.summary import model_summary, parameter_counts, parameter_table
 from launcher.host_memory import keep_freed_memory
 from launcher.tracking import WandbRun, begin_wandb, spawn_wandb
 from launcher.train import TrainState, fit
@@ -45,27 +45,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_worker(cfg, recipe: Recipe, dist_env: DistEnv) -> None:
+def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> None:
     """Train ``recipe`` as this process's part of the job described by ``dist_env``."""
     device = device_for(dist_env, cfg.dist.backend)
-    init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
+    job_store = init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
+    signals.job_store = job_store
     try:
-        _train(cfg, recipe, dist_env, device)
-    except RuntimeError as error:
-        if _is_collective_timeout(error):
-            raise LauncherError(
-                f"a collective operation did not finish within dist.timeout_s="
-                f"{cfg.dist.timeout_s} s, so another rank is stuck or has died (see its output); "
-                f"the backend said: {str(error).splitlines()[0]}"
-            ) from None
+        _train(cfg, recipe, dist_env, device, signals)
+    except BaseException as error:
+        if job_store and not isinstance(error, StopRequested):
+            job_store.report_failure(f"rank {dist_env.rank}")  # the others stop at once when torchrun ends them
+        waited = _waited_for_another_rank(error, cfg, job_store)
+        if waited:
+            raise waited from None
         raise
     finally:
         destroy_process_group(dist_env)
 
 
-def _is_collective_timeout(error: RuntimeError) -> bool:
-    text = str(error).lower()
-    return ("gloo" in text or "nccl" in text) and ("timed out" in text or "timeout" in text)
+def _waited_for_another_rank(error: BaseException, cfg, job_store) -> PeerFailed | None:
+    """The one line to say when a collective failed because of another rank (it timed out, or the rank's process
+    ended), else None. torch raises gloo's failures as plain RuntimeErrors: only their text tells them apart."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    failed = (job_store.failure() if job_store else None) or "another rank"
+    failed = "another rank" if failed == f"rank {dist.get_rank()}" else failed  # this rank said it first
+    if isinstance(error, dist.DistBackendError) and "timeout" in text.lower() or "Timed out" in text:
+        return PeerFailed(
+            f"a collective operation did not finish within dist.timeout_s={cfg.dist.timeout_s} s: {failed} is "
+            f"stuck or has died (see its output); the backend said: {text.splitlines()[0]}")
+    if any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return PeerFailed(f"stopped: {failed} ended while this rank waited for it (its error, if it had one, "
+                             "is above)")
+    return None
 
 
 def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
@@ -113,16 +126,19 @@ def _log_header(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, mo
     )
 
 
-def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> str | None:
-    """torchsummary's table, logged and saved as summary.txt; None when there is none."""
+def _write_summary(model, train_set, device: torch.device, run_dir: Path) -> str:
+    """torchsummary's table (or, where it cannot run the model, a table of the parameters), logged and saved as
+    summary.txt."""
     sample = train_set[0][0]
-    if not isinstance(sample, torch.Tensor):
-        log.warning("model summary skipped: the training set's inputs are %s, not tensors", type(sample).__name__)
-        return None
-    text = model_summary(model, sample, device)
-    if text:
-        log.info("%s", text.rstrip())
-        (run_dir / "summary.txt").write_text(text)
+    if isinstance(sample, torch.Tensor):
+        text, problem = model_summary(model, sample, device)
+    else:
+        text, problem = None, f"the training set's inputs are {type(sample).__name__}, not tensors"
+    if text is None:
+        log.warning("torchsummary cannot run this model (%s): summary.txt lists its parameters instead", problem)
+        text = parameter_table(model)
+    log.info("%s", text.rstrip())
+    (run_dir / "summary.txt").write_text(text)
     return text
 
 
@@ -261,24 +277,24 @@ def _report_complete(start: Start, payload: dict, run_dir: Path) -> None:
     """Rank 0: a run already trained as far as its config asks says so (and writes model.pt if it was lost)."""
     model_file = run_dir / "model.pt"
     if not model_file.is_file():
-        save_atomic(payload["model"], model_file)
+        save_model(payload["model"], model_file)
     log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
              "train.epochs; for a new run set run.name=<new name>", run_dir, start.step, payload["epoch"] - 1,
              start.checkpoint, model_file)
 
 
-def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
+def _train(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, signals: StopSignals) -> None:
     training = build_training(cfg, recipe, dist_env, device)
     if training is None:
         return
     cfg, state = training.cfg, training.state
-    stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
+    stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
     start = time.perf_counter()
     outcome, detail = "failed", ""
     try:
         final = fit(state, cfg, dist_env, training.metrics, training.checkpointer, stop)
         if dist_env.is_main:
-            save_atomic(state.model.state_dict(), training.run_dir / "model.pt")
+            save_model(state.model.state_dict(), training.run_dir / "model.pt")
         outcome = "finished"
     except StopRequested as stopped:
         outcome, detail = "stopped", str(stopped)

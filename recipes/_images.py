@@ -61,15 +61,25 @@ def cifar10(root: str, download: bool, train_transform, eval_transform) -> tuple
     return train, test
 
 
-def image_folder(root: str, train_transform, eval_transform) -> tuple[Dataset, Dataset]:
-    """``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` through torchvision's ImageFolder."""
-    from torchvision.datasets import ImageFolder
-
+def _image_folder_splits(root: str) -> list[Path]:
     splits = [Path(root) / split for split in ("train", "val")]
     missing = [str(split) for split in splits if not split.is_dir()]
     if missing:
         raise UserError(f"data.format=imagefolder needs {' and '.join(missing)}: one folder per class, e.g. "
                         f"{splits[0]}/cat/1.png")
+    return splits
+
+
+def image_folder_class_count(root: str) -> int:
+    """How many classes ``<root>/train`` has (its subfolders, as ImageFolder counts them), without reading an image."""
+    return sum(1 for entry in _image_folder_splits(root)[0].iterdir() if entry.is_dir())
+
+
+def image_folder(root: str, train_transform, eval_transform) -> tuple[Dataset, Dataset]:
+    """``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` through torchvision's ImageFolder."""
+    from torchvision.datasets import ImageFolder
+
+    splits = _image_folder_splits(root)
     train, val = (ImageFolder(str(split), transform=t) for split, t in zip(splits, (train_transform, eval_transform)))
     if train.classes != val.classes:
         raise UserError(f"{splits[0]} and {splits[1]} have different class folders: {train.classes} vs {val.classes}")

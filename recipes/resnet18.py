@@ -2,8 +2,11 @@
 
     torchrun --standalone --nproc_per_node 8 -m launcher recipe=resnet18 data.download=true train.amp=bf16 \\
         train.channels_last=true
-    python -m launcher recipe=resnet18 data.format=imagefolder data.root=/data/flowers model.num_classes=102 \\
-        data.image_size=224 model.pretrained=resnet18-imagenet.pt
+    python -m launcher recipe=resnet18 data.format=imagefolder data.root=/data/flowers data.image_size=224 \\
+        model.pretrained=resnet18-imagenet.pt
+
+``model.num_classes`` 0 (the default) takes the count from the data: 10 for CIFAR-10, the class folders of an
+ImageFolder tree.
 
 The backbone and the classifier (``fc``) are separate param groups (``model.classifier_lr_mult`` scales the
 classifier's LR, as for fine-tuning), and norms and biases get no weight decay. ``model.cifar_stem`` swaps the
@@ -18,7 +21,8 @@ from torchvision import transforms
 from torchvision.models import resnet18
 
 from launcher.errors import UserError
-from recipes._images import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, cifar10, image_folder
+from recipes._images import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, cifar10, image_folder,
+                             image_folder_class_count)
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +31,19 @@ DEFAULTS = {
     "optim": {"name": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 5e-4},
     "sched": {"name": "onecycle"},
     "data": {"format": "cifar10", "image_size": 224, "num_workers": 4},
-    "model": {"num_classes": 10, "cifar_stem": True, "classifier_lr_mult": 1.0, "pretrained": ""},
+    "model": {"num_classes": 0, "cifar_stem": True, "classifier_lr_mult": 1.0, "pretrained": ""},
 }
 
 
+def num_classes(cfg) -> int:
+    """``model.num_classes``, or (0) what the data has."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    return image_folder_class_count(cfg.data.root) if cfg.data.format == "imagefolder" else 10
+
+
 def build_model(cfg) -> nn.Module:
-    model = resnet18(num_classes=cfg.model.num_classes)
+    model = resnet18(num_classes=num_classes(cfg))
     if cfg.model.cifar_stem:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -70,10 +81,10 @@ def build_datasets(cfg):
         evaluate = transforms.Compose([transforms.Resize(round(size * 8 / 7)), transforms.CenterCrop(size),
                                        transforms.ToTensor(), normalize])
         train_set, eval_set = image_folder(cfg.data.root, train, evaluate)
-        if len(train_set.classes) != cfg.model.num_classes:
+        if len(train_set.classes) != num_classes(cfg):
             found = len(train_set.classes)
             raise UserError(f"data.root={cfg.data.root} has {found} classes but model.num_classes="
-                            f"{cfg.model.num_classes}: set model.num_classes={found}")
+                            f"{cfg.model.num_classes}: set model.num_classes={found}, or 0 to take it from the data")
         return train_set, eval_set
     raise UserError(f"data.format={cfg.data.format!r} is not one of: cifar10, imagefolder")
 

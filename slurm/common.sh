@@ -16,7 +16,10 @@ TORCHRUN_SIGNALS=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2
 # relay (srun answers it by killing the step), and SIGUSR1 stays out of the training processes, where NCCL and
 # debuggers may use it.
 launcher_run() {
-    local stop_requested=0 child status
+    local stop_requested=0 child status outcome
+    # The run's rank 0 writes how it ended here: finished, stopped (a checkpoint; the same job continues) or failed.
+    export LAUNCHER_STATUS_FILE="${LAUNCHER_STATUS_FILE:-$PWD/logs/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}.status}"
+    rm -f "$LAUNCHER_STATUS_FILE"
     trap 'stop_requested=1; echo "launcher: SIGUSR1: stopping to requeue job $SLURM_JOB_ID"; kill -USR2 "$child"' USR1
     "$@" &
     child=$!
@@ -25,11 +28,19 @@ launcher_run() {
         status=$?
         kill -0 "$child" 2>/dev/null || break  # `wait` also returns when the trap runs: wait again
     done
-    if [ "$stop_requested" = 1 ]; then
+    outcome=$(cat "$LAUNCHER_STATUS_FILE" 2>/dev/null || echo "failed")
+    echo "launcher: the run $outcome (exit $status)"
+    if [ "$outcome" = finished ]; then
+        exit 0
+    fi
+    if [ "$outcome" = stopped ] && [ "$stop_requested" = 1 ]; then
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
-    exit "$status"
+    if [ "$outcome" = stopped ]; then
+        exit 75  # stopped by someone else's signal (a preemption): a checkpoint is written, the same job continues
+    fi
+    exit $(( status == 0 ? 1 : status ))
 }
 
 # The head node's address, taken on the node itself (node names need not resolve) and never a loopback address

@@ -112,15 +112,18 @@ def descendants(pid: int) -> list[int]:
 
 def start(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None,
           torchrun_args: tuple = ()) -> subprocess.Popen:
-    """What ``launch`` runs, started in the background (output to files in ``cwd``)."""
+    """What ``launch`` runs, started in the background (its output in the file ``.output`` names, in ``cwd``)."""
     if nproc:
         command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", "launcher", *args]
     else:
         command = [sys.executable, "-m", "launcher", *args]
     merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, **(env or {})}
     environ = {key: value for key, value in merged.items() if value is not None}
-    out = (cwd / f"job-{len(list(cwd.glob('job-*.out')))}.out").open("w")
-    return subprocess.Popen(command, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT, text=True)
+    output = cwd / f"job-{len(list(cwd.glob('job-*.out')))}.out"
+    process = subprocess.Popen(command, cwd=cwd, env=environ, stdout=output.open("w"), stderr=subprocess.STDOUT,
+                               text=True)
+    process.output = output  # where its stdout and stderr go
+    return process
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:

@@ -1,5 +1,6 @@
 """What a user types: recipe forms, --cfg, and every error a user can cause, each a clear message and exit 2."""
 
+import re
 import textwrap
 
 import pytest
@@ -11,7 +12,9 @@ TORCHRUN_BANNER = "OMP_NUM_THREADS"  # torchrun prints this when it starts worke
 
 
 def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if "launcher: error:" in line]
+    """The launcher's error lines (not torchrun's report, which quotes the first one as its root cause)."""
+    return [line for line in result.stderr.splitlines()
+            if re.match(r"(\[rank \d+\] )?launcher: error:", line)]
 
 
 def assert_user_error(result, message: str, torchrun: bool = False) -> None:

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def submit(cwd: Path, *args: str, env: dict | None = None) -> int:
-    """`python -m launcher.slurm ARGS` (validates, renders, submits); returns the job id."""
-    result = subprocess.run([sys.executable, "-m", "launcher.slurm", *args], cwd=cwd, env=env,
+    """`python -m launcher.slurm ARGS` (validates, renders, submits); returns the job id. The test cluster's nodes
+    have 2 CPUs: the jobs ask for those."""
+    result = subprocess.run([sys.executable, "-m", "launcher.slurm", "--cpus-per-task", "2", *args], cwd=cwd, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return int(re.search(r"Submitted batch job (\d+)", result.stdout).group(1))
@@ -51,13 +52,15 @@ def test_submit_validates_before_it_submits_and_dry_run_prints_the_script(tmp_pa
 def test_sbatch_single_node_template_trains_to_completion(slurm, tmp_path):
     (tmp_path / "logs").mkdir()
     job = slurm.sbatch(
-        f"--export=ALL,LAUNCHER_HOME={REPO},LAUNCHER_NPROC=2", str(REPO / "slurm" / "single_node.sbatch"),
+        f"--export=ALL,LAUNCHER_HOME={REPO},LAUNCHER_NPROC=2", "--cpus-per-task=2",
+        str(REPO / "slurm" / "single_node.sbatch"),
         "recipe=digits", "train.epochs=3", "ckpt.every_steps=10", cwd=tmp_path,
     )
     assert slurm.wait_until_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, f"launcher-{job}.out")
     (run_dir,) = (tmp_path / "runs" / "digits").iterdir()
     assert {"metrics.jsonl", "model.pt", "config.yaml", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
     assert list((run_dir / "checkpoints").glob("step_*.pt"))
+    assert "launcher: the run finished (exit 0)" in log_of(tmp_path, f"launcher-{job}.out")
     assert "2 process(es), backend gloo" in log_of(tmp_path, f"launcher-{job}.out")
 
 
@@ -118,13 +121,14 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(
     log = log_of(tmp_path, f"launcher-{job}.out")
     assert state["JobState"] == "COMPLETED", log
     assert f"SIGUSR1: stopping to requeue job {job}" in log and "launcher: stopped after step" in log
+    assert "launcher: the run stopped (exit" in log and "launcher: the run finished (exit 0)" in log
     assert "resumed from" in log
     reference, resumed = load_weights(tmp_path / "reference"), load_weights(checkpoints.parent)
     assert all(torch.equal(reference[key], resumed[key]) for key in reference)
 
 
 def test_array_template_runs_one_task_per_sweep_line(slurm, tmp_path):
-    (tmp_path / "sweep.txt").write_text("# seeds\ntrain.seed=1\n\ntrain.seed=2 optim.lr=0.1\n")
+    (tmp_path / "sweep.txt").write_text('# seeds\ntrain.seed=1\n\ntrain.seed=2 optim.lr=0.1 wandb.name="seed two"\n')
     job = submit(tmp_path, "array", "--sweep", "sweep.txt", "recipe=digits", "train.epochs=1", env=slurm.env)
     slurm.wait_for(lambda: not slurm.run("squeue", "-h", "-j", str(job)).strip(), "both array tasks done", 300)
     # One run directory per sweep line (the lines define different runs), told apart by their config.
@@ -133,8 +137,9 @@ def test_array_template_runs_one_task_per_sweep_line(slurm, tmp_path):
     assert all((run / "model.pt").exists() for run in runs)
     first, second = ((run / "config.yaml").read_text() for run in runs)
     assert "seed: 1" in first and "lr: 0.05" in first
-    assert "seed: 2" in second and "lr: 0.1" in second
-    assert "sweep task 2: train.seed=2 optim.lr=0.1" in log_of(tmp_path, f"launcher-sweep-{job}_2.out")
+    assert "seed: 2" in second and "lr: 0.1" in second and "name: seed two" in second  # quotes kept it one value
+    log = log_of(tmp_path, f"launcher-sweep-{job}_2.out")
+    assert "sweep.txt line 4): train.seed=2 optim.lr=0.1 wandb.name=seed two" in log
     # Each task is its own wandb run, in one group: the sweep.
     groups = {record["run"]["run_group"] for run in runs for record in wandb_records(*offline_runs(run))
               if record["type"] == "run"}

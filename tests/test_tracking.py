@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import check_ok, epoch_records, launch
+from conftest import check_ok, epoch_records, launch, read_metrics
 from launcher.tracking import WandbRun
 from test_checkpoint import ARGS, RECIPE
 
@@ -96,12 +96,16 @@ def test_the_wandb_process_dying_costs_one_warning_and_logging_goes_on_without_i
     assert len(warnings) == 1 and warnings[0].startswith("the wandb process ended (BrokenPipeError"), warnings
 
 
-def test_wandb_online_without_network_or_key_warns_and_training_completes(tmp_path):
-    result = launch(["recipe=digits", "run.dir=run", "train.epochs=1", "wandb.mode=online"], tmp_path,
-                    env=without_credentials(tmp_path))
-    check_ok(result)
-    assert "wandb could not start in online mode (UsageError: No API key configured" in result.stdout
-    assert (tmp_path / "run" / "model.pt").exists() and epoch_records(tmp_path / "run")
+def test_wandb_online_with_credentials_and_no_network_logs_offline_at_once_and_keeps_every_record(tmp_path):
+    # A key, and a server nothing answers at: the start goes offline without waiting out wandb's init timeout.
+    env = {**without_credentials(tmp_path), "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    result = check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=2", "train.log_every=5",
+                              "wandb.mode=online"], tmp_path, env=env))
+    assert "wandb: http://127.0.0.1:9 cannot be reached; logging offline instead" in result.stdout
+    assert "could not start" not in result.stdout and "still finishing" not in result.stdout
+    (offline,) = offline_runs(tmp_path / "run")
+    assert [row["_step"] for row in history(wandb_records(offline))] == [
+        record["step"] for record in read_metrics(tmp_path / "run")]
 
 
 def test_a_terminal_gets_a_progress_bar_and_a_log_gets_plain_lines(tmp_path):
