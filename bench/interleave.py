@@ -40,7 +40,7 @@ from launcher.__main__ import load_validated  # noqa: E402
 from launcher.data import start_epoch, steps_per_epoch  # noqa: E402
 from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group  # noqa: E402
 from launcher.logs import setup_logging  # noqa: E402
-from launcher.stop import GracefulStop  # noqa: E402
+from launcher.stop import GracefulStop, StopSignals  # noqa: E402
 from launcher.train import train_steps  # noqa: E402
 from launcher.worker import build_training  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
     counter = workload.SyncCounter()
     training = build_training(cfg, recipe, dist_env, device)
     state, cfg = training.state, training.cfg
-    stop = GracefulStop(dist_env, cfg.dist.stop_check_every)
+    stop = GracefulStop(dist_env, StopSignals(dist_env), cfg.dist.stop_check_every)
     start_epoch(state.train_loader, 1, 0)
     total, launcher_batches = steps_per_epoch(state.train_loader, cfg.train.batch_size), iter(state.train_loader)
 

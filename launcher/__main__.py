@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+if __name__ == "__main__":  # first, before torch's import: a stop signal meanwhile is kept, not fatal
+    from launcher import early_signals
+
+    early_signals.hold()
+
+import logging  # noqa: E402
 import os
 import sys
 

@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from launcher import early_signals
 from launcher.dist_env import DistEnv, JobStore
 from launcher.errors import LauncherError
 
@@ -27,7 +28,9 @@ class StopRequested(LauncherError):
 
 class StopSignals:
     """The process's stop signals, caught from its start: a first one asks for a graceful stop (``requested``),
-    a second one ends the process at once.
+    a second Ctrl-C, or a second signal of another kind, ends the process at once. The same signal again is not a
+    second request: relays deliver one signal twice (srun to every process of the step, and torchrun forwarding
+    it too; a preemption's SIGTERM to every process, and torchrun's).
 
     A stop signal that arrives after another rank of the job failed is torchrun tearing the job down, not a request
     to checkpoint (no agreement can be reached any more): the process ends at once, in one line. SIGHUP, which a
@@ -42,6 +45,8 @@ class StopSignals:
         self._dist_env, self._pid = dist_env, os.getpid()
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        for signum in early_signals.HELD:  # what arrived while torch was being imported
+            self._on_signal(signum, None)
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:
@@ -56,7 +61,7 @@ class StopSignals:
             print(f"{where}launcher: {name}: stopping at once, as {failed} failed (its error is above)",
                   file=sys.stderr, flush=True)
             os._exit(1)
-        if self.requested:
+        if self.requested and (name != self.requested or signum == signal.SIGINT):
             print(f"{where}launcher: second stop signal ({name}): aborting at once, without a checkpoint",
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from launcher.config import build_config, freeze
+from launcher.config import build_config, freeze, parse_overrides
 from launcher.dist_env import DistEnv
 from launcher.worker import wrap_model
 
@@ -30,7 +30,7 @@ def backward_events(model: nn.Module, inputs: torch.Tensor) -> list[str]:
 def main() -> None:
     dist_env = DistEnv.from_environ()
     dist.init_process_group("gloo")
-    cfg = freeze(build_config({}, {}, [("train.compile", True), ("dist.bucket_cap_mb", 1.0)], "engine"))
+    cfg = freeze(build_config({}, {}, parse_overrides(["train.compile=true", "dist.bucket_cap_mb=1.0"]), "engine"))
     torch.manual_seed(0)
     layers = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)])  # 1 MB of weights each: one bucket each
     events = backward_events(wrap_model(layers, cfg, dist_env, torch.device("cpu")), torch.randn(8, 512))

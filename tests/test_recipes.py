@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from launcher.config import build_config
+from launcher.config import build_config, parse_overrides
 from launcher.optim import build_optimizer
 from launcher.recipe import available_recipes, load_recipe
 
 
 def config_for(recipe, overrides=()):
-    return build_config(recipe.defaults, {}, list(overrides), recipe.name)
+    return build_config(recipe.defaults, {}, parse_overrides(overrides), recipe.name)
 
 
 def test_shipped_recipes():
@@ -27,7 +27,7 @@ def test_classifiers_build_and_map_images_to_ten_logits(name, input_shape):
 
 def test_lenet_param_groups_give_the_classifier_its_own_learning_rate():
     recipe = load_recipe("lenet")
-    cfg = config_for(recipe, [("model.classifier_lr_mult", 0.1)])
+    cfg = config_for(recipe, ["model.classifier_lr_mult=0.1"])
     model = recipe.build_model(cfg)
     optimizer = build_optimizer(model, recipe.param_groups(model, cfg), cfg)
     assert [group["lr"] for group in optimizer.param_groups] == [0.9, pytest.approx(0.09)]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import (check_ok, descendants, epoch_records, launch, load_weights, read_metrics, start, wait_for)
+from test_cli import error_lines
 from test_checkpoint import ARGS, RECIPE, assert_identical, assert_steps_increase, reference_weights
 
 DIGITS = ["recipe=digits", "wandb.mode=disabled"]
@@ -205,7 +206,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
     (tmp_path / "nan_data.py").write_text(NAN_DATA)
     result = launch([*args, "wandb.mode=disabled", "run.dir=x", "train.log_every=5"], tmp_path, nproc=2)
     assert result.returncode != 0
-    (line,) = [line for line in result.stderr.splitlines() if "launcher: error:" in line]
+    (line,) = error_lines(result)
     assert f"training diverged: the loss is not a finite number {message}" in line
     assert not (tmp_path / "x" / "model.pt").exists()
     for path in (tmp_path / "x" / "checkpoints").glob("step_*.pt"):

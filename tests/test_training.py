@@ -5,13 +5,13 @@ import textwrap
 import torch
 
 from conftest import check_ok, epoch_records, launch, load_weights, read_metrics
-from launcher.config import build_config
+from launcher.config import build_config, parse_overrides
 from launcher.recipe import load_recipe
 
 
 def fresh_model(recipe_name: str, overrides=()):
     recipe = load_recipe(recipe_name)
-    return recipe.build_model(build_config(recipe.defaults, {}, list(overrides), recipe_name))
+    return recipe.build_model(build_config(recipe.defaults, {}, parse_overrides(overrides), recipe_name))
 
 
 def test_digits_on_two_processes_reaches_95_percent(tmp_path):

@@ -16,7 +16,7 @@ from launcher.dist_env import DistEnv
 from launcher.precision import Precision
 from launcher.recipe import load_recipe
 from launcher.schedule import lr_multiplier
-from launcher.stop import GracefulStop
+from launcher.stop import GracefulStop, StopSignals
 from launcher.train import TrainState, run_steps
 from test_checkpoint import ARGS, RECIPE
 
@@ -50,7 +50,7 @@ def _count_all_reduces(rank: int, store_file: str, accum: int, counts) -> None:
     precision = Precision("none", False, torch.device("cpu"))
     state = TrainState(ddp_model, model, optimizer, scheduler, precision, recipe.loss, recipe.predictions, loader,
                        None, torch.device("cpu"))
-    stop = GracefulStop(dist_env)
+    stop = GracefulStop(dist_env, StopSignals(dist_env))
     run_steps(state, cfg, dist_env, None, None, stop)
     stop.close()
     counts[rank] = (len(calls), state.global_step)
