@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def rss_bytes() -> int:
@@ -53,8 +54,9 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from launcher.checkpoint import Checkpointer, load_checkpoint
-    from launcher.dist_env import DistEnv
+    from launcher.checkpoint.checkpointer import Checkpointer, Position
+    from launcher.checkpoint.files import load_checkpoint
+    from launcher.distributed.env import DistEnv
 
     width = 4096
     layers = max(1, round(params / (width * width)))
@@ -64,12 +66,17 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     optimizer.step()
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     training_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": 1}
-    cfg = OmegaConf.create({"ckpt": {"keep": 1}})
+    cfg = OmegaConf.create({"ckpt": {"keep": 1}, "train": {"batch_size": 1}})
+    # What the Checkpointer reads of a Trainer, for this model.
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, cfg=cfg, device=torch.device("cpu"),
+                              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                              precision=SimpleNamespace(scaler=None), position=Position(global_step=1),
+                              loss_sum=torch.zeros((), dtype=torch.float64))
     start = time.perf_counter()
     with PeakRss() as memory:
         if case == "launcher":
             checkpointer = Checkpointer(folder, cfg, DistEnv(), run_id="bench")
-            path = checkpointer.save(training_state, {"rng": None, "loss_sum": 0.0})
+            path = checkpointer.save(trainer)
         else:
             path = folder / "plain.pt"
             torch.save(training_state, path)

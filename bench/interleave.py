@@ -3,8 +3,8 @@
     torchrun --standalone --nproc_per_node 2 bench/interleave.py --arch mlp [--chunks 54 --chunk-steps 15] \
         [launcher key=value ...]
 
-The launcher side is built by the launcher itself (``build_training``: metrics file, checkpointer, wandb run,
-resumable sampler, scheduler, stop agreement) and trained by its own ``train_steps``; the plain side is
+The launcher side is built by the launcher itself (``Trainer.build``: metrics file, checkpointer, wandb run,
+resumable sampler, scheduler, stop agreement) and trained by ``Trainer.train_steps``; the plain side is
 ``bench/plain_ddp.py``'s loop. A third side, ``plain_again``, is a second plain loop (its own model and loader):
 its ratio to the first, the A/A control, is what the harness reads for two identical loops, so it shows how far
 a launcher ratio can move by chance. Each round of chunks runs the three sides in a rotating order (each side as
@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402
 from plain_ddp import build_plain, plain_steps  # noqa: E402
 
-from launcher.__main__ import load_validated  # noqa: E402
-from launcher.data import start_epoch, steps_per_epoch  # noqa: E402
-from launcher.dist_env import DistEnv, destroy_process_group, device_for, init_process_group  # noqa: E402
-from launcher.logs import setup_logging  # noqa: E402
-from launcher.stop import GracefulStop, StopSignals  # noqa: E402
-from launcher.train import train_steps  # noqa: E402
-from launcher.worker import build_training  # noqa: E402
+from launcher.cli.main import load_validated  # noqa: E402
+from launcher.distributed.env import DistEnv, device_for  # noqa: E402
+from launcher.distributed.group import destroy_process_group, init_process_group  # noqa: E402
+from launcher.distributed.stop import StopSignals  # noqa: E402
+from launcher.engine.data import start_epoch  # noqa: E402
+from launcher.engine.trainer import Trainer  # noqa: E402
+from launcher.tracking.terminal import setup_logging  # noqa: E402
 
 
 def timed(counter: workload.SyncCounter, side: str, run, device: torch.device) -> tuple[float, float]:
@@ -79,22 +79,19 @@ def main() -> None:
     device = device_for(dist_env, cfg.dist.backend)
     init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
     counter = workload.SyncCounter()
-    training = build_training(cfg, recipe, dist_env, device)
-    state, cfg = training.state, training.cfg
-    stop = GracefulStop(dist_env, StopSignals(dist_env), cfg.dist.stop_check_every)
-    start_epoch(state.train_loader, 1, 0)
-    total, launcher_batches = steps_per_epoch(state.train_loader, cfg.train.batch_size), iter(state.train_loader)
+    trainer = Trainer.build(cfg, recipe, dist_env, device, StopSignals(dist_env))
+    loader = trainer.train_loader
+    start_epoch(loader, 1, 0)
 
     def launcher_on(batches):
         """The launcher's loop on ``batches``: ``run(steps)``."""
-        return lambda steps: train_steps(state, cfg, dist_env, training.metrics, training.checkpointer, stop,
-                                         batches, total, state.global_step + steps)
+        return lambda steps: trainer.train_steps(batches, until_step=trainer.position.global_step + steps)
 
-    sides = {"launcher": launcher_on(launcher_batches), "plain": plain_side(state.train_loader.dataset, cfg, device),
-             "plain_again": plain_side(state.train_loader.dataset, cfg, device)}
+    sides = {"launcher": launcher_on(iter(loader)), "plain": plain_side(loader.dataset, cfg, device),
+             "plain_again": plain_side(loader.dataset, cfg, device)}
     if args.data_wait:
-        inputs, targets = next(iter(state.train_loader))
-        resident = itertools.repeat((state.precision.prepare(inputs.to(device)), targets.to(device)))
+        inputs, targets = next(iter(loader))
+        resident = itertools.repeat((trainer.precision.prepare(inputs.to(device)), targets.to(device)))
         sides["launcher_resident"] = launcher_on(resident)
     for run in sides.values():
         run(args.warmup)
@@ -102,8 +99,7 @@ def main() -> None:
     for chunk in range(args.chunks):
         for side in rotation(list(sides), chunk):
             times[side].append(timed(counter, side, lambda: sides[side](args.chunk_steps), device))
-    stop.close()
-    training.close("finished")
+    trainer.close("finished")
     if dist_env.is_main:
         result = summarize(times, counter, args, dist_env.world_size, cfg.train.batch_size)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -15,7 +15,7 @@ import json
 import tempfile
 import time
 
-from launcher.tracking import WandbRun
+from launcher.tracking.wandb import WandbRun
 
 RECORD = {"epoch": 1, "train/loss": 2.3, "throughput/samples_per_s": 8000.0, "lr/group0": 0.1, "lr/group1": 0.1}
 

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import TensorDataset
 
 # The recipes whose models the benchmarks train, imported when used (resnet18 imports torchvision).
-ARCHS = {"lenet": "recipes.lenet", "mlp": "recipes.mlp", "resnet18": "recipes.resnet18"}
+ARCHS = {arch: f"launcher.recipes.{arch}" for arch in ("lenet", "mlp", "resnet18")}
 IMAGE_SHAPES = {"lenet": (1, 28, 28), "mlp": (1, 28, 28), "resnet18": (3, 32, 32)}  # Fashion-MNIST's, CIFAR's
 # Random labels drive weights and gradients toward tiny values; denormal floats are up to 100x slower on x86, and
 # whichever loop met more of them would look slower for a reason that has nothing to do with it.

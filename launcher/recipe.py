@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping
 import torch.nn.functional as F
 from torch import nn
 
-import recipes
 from launcher.errors import UserError
+from launcher.packaged import recipes_package
 
 REQUIRED = ("build_model", "build_datasets")
 
@@ -73,8 +73,8 @@ class Recipe:
 
 
 def available_recipes() -> list[str]:
-    """Short names of the recipes shipped in `recipes/` (modules starting with `_` are helpers)."""
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+    """Short names of the shipped recipes (`recipes/`, installed as launcher.recipes; `_` modules are helpers)."""
+    return sorted(m.name for m in pkgutil.iter_modules(recipes_package().__path__) if not m.name.startswith("_"))
 
 
 def _is_file_spec(spec: str) -> bool:
@@ -93,7 +93,7 @@ def load_recipe(spec: str) -> Recipe:
         module = _import_file(path)
         origin = str(path.resolve())
     else:
-        module_name = spec if "." in spec else f"recipes.{spec}"
+        module_name = spec if "." in spec else f"{recipes_package().__name__}.{spec}"
         module = _import_module(module_name, spec)
         origin = spec
     name = recipe_name(spec)

@@ -10,8 +10,8 @@ On scikit-learn's digits: cross-entropy on the logits plus a small penalty on ev
 import torch.nn.functional as F
 from torch import nn
 
-from recipes.digits import DEFAULTS as DIGITS_DEFAULTS
-from recipes.digits import build_datasets  # noqa: F401  (the recipe's data: the digits split)
+from launcher.recipes.digits import DEFAULTS as DIGITS_DEFAULTS
+from launcher.recipes.digits import build_datasets  # noqa: F401  (the recipe's data: the digits split)
 
 DEFAULTS = {**DIGITS_DEFAULTS, "model": {"width": 16}}
 ACTIVATION_PENALTY = 1e-3

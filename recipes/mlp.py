@@ -5,7 +5,7 @@
 
 from torch import nn
 
-from recipes._fashion_mnist import load_fashion_mnist
+from launcher.recipes._fashion_mnist import load_fashion_mnist
 
 DEFAULTS = {
     "train": {"epochs": 10, "batch_size": 256},

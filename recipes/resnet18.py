@@ -21,8 +21,15 @@ from torchvision import transforms
 from torchvision.models import resnet18
 
 from launcher.errors import UserError
-from recipes._images import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, cifar10, image_folder,
-                             image_folder_class_count)
+from launcher.recipes._images import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    cifar10,
+    image_folder,
+    image_folder_class_count,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-# Shared by the sbatch templates in this folder (sourced, not run). See README.md, "Slurm".
+# Shared by the sbatch templates in this folder (sourced, not run). See docs/slurm.md.
 
 # Processes per node: LAUNCHER_NPROC, else the GPUs Slurm gave this node, else 1.
 launcher_nproc() {

@@ -1,0 +1,194 @@
+"""Checkpoint files: written atomically, verified against their records' CRC-32 when loaded, found again after any
+crash."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import torch
+
+from launcher.errors import LauncherError, UserError
+
+log = logging.getLogger(__name__)
+
+STEP_PREFIX = "step_"
+
+
+class BadCheckpoint(Exception):
+    """A checkpoint file that does not load, or whose content does not match its checksums."""
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A reader sees the old file or the new one, never a partial one; a writer killed half-way leaves only a
+    ``.tmp`` file behind, which the next save removes. Every record of the file carries its CRC-32 (torch's zip
+    writer computes it as it writes, at no measurable cost), which ``load_checkpoint`` verifies.
+    """
+    with _crc32_on_save():
+        _write_atomic(path, lambda file: torch.save(state, file))
+
+
+@contextlib.contextmanager
+def _crc32_on_save():
+    """torch computes the records' CRC-32 unless its serialization config says not to: make sure it does."""
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    save_config = getattr(config, "save", None)
+    if save_config is None or not hasattr(save_config, "compute_crc32"):  # an older torch: always computed
+        yield
+        return
+    before, save_config.compute_crc32 = save_config.compute_crc32, True
+    try:
+        yield
+    finally:
+        save_config.compute_crc32 = before
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model(state_dict: dict, path: Path) -> None:
+    """model.pt: the bare state_dict, atomically; one line if it cannot be written."""
+    try:
+        save_atomic(state_dict, path)
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise LauncherError(f"writing {path} failed ({type(error).__name__}: {_first_line(error)}; {free:.1f} MB free "
+                            "on its device); the run's last checkpoint is intact: free space, then run the same "
+                            "command to write it") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified: every
+    record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``.
+
+    The file is memory-mapped: the verification reads it once, at the CRC's speed, and the tensors are its pages
+    (copy-on-write), which is faster than reading it into fresh memory and then checking it.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated, corrupt, or not a torch file at all
+        raise BadCheckpoint(f"{type(error).__name__}: {_first_line(error)}") from None
+    if not isinstance(payload, dict):
+        raise BadCheckpoint(f"it holds a {type(payload).__name__}, not a dict")
+    _verify_records(path)
+    return payload
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def _verify_records(path: Path) -> None:
+    """Check each zip record's CRC-32 against its bytes (stored, uncompressed, as torch writes them). A record with
+    no CRC (0: written with torch's compute_crc32 off) cannot be checked and is let through."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            try:
+                records = zipfile.ZipFile(file).infolist()
+            except zipfile.BadZipFile as error:
+                raise BadCheckpoint(f"BadZipFile: {error}") from None
+            for record in records:
+                if record.CRC == 0 and record.file_size:
+                    continue
+                if record.compress_type != zipfile.ZIP_STORED:
+                    raise BadCheckpoint(f"record {record.filename} is compressed, which torch.save never does")
+                start = record.header_offset + 30 + sum(struct.unpack("<HH", view[record.header_offset + 26:
+                                                                                  record.header_offset + 30]))
+                crc, chunk = 0, 64 * 2**20
+                for offset in range(start, start + record.file_size, chunk):
+                    crc = zlib.crc32(view[offset:min(offset + chunk, start + record.file_size)], crc)
+                if crc != record.CRC:
+                    raise BadCheckpoint(f"record {record.filename} does not match its checksum")
+        finally:
+            view.release()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors(value)]
+    return []
+
+
+def step_files(folder: Path) -> list[Path]:
+    """Step checkpoints, newest first."""
+    return sorted(folder.glob(f"{STEP_PREFIX}*.pt"), reverse=True)
+
+
+def lineage(path: Path) -> str | None:
+    """The id of the run that wrote ``path`` ("" for a checkpoint from before checkpoints carried one), read without
+    loading its tensors; None when it does not load at all."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id", "")
+    except Exception:
+        return None
+
+
+def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
+    """The newest step checkpoint that loads, verifies and belongs to run ``run_id`` (None: to any run); the others
+    are skipped with a one-line warning each."""
+    for path in step_files(folder):
+        try:
+            payload = load_checkpoint(path)
+        except BadCheckpoint as error:
+            log.warning("checkpoint %s is unreadable (%s); trying the one before", path, error)
+            continue
+        if run_id is not None and payload.get("run_id", run_id) != run_id:
+            log.warning("checkpoint %s belongs to another run (%s), not this directory's (%s); skipped", path,
+                        payload["run_id"], run_id)
+            continue
+        return path, payload
+    return None
+
+
+def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:
+    """Fail with the first parameter whose name or shape differs between ``saved`` and ``model``."""
+    current = model.state_dict()
+    hint = "the model changed since it was saved: start a new run (run.name=<new name> or a new run.dir)"
+    for name, tensor in current.items():
+        if name not in saved:
+            raise UserError(f"checkpoint {path} does not fit the model: it has no '{name}'; {hint}")
+        if saved[name].shape != tensor.shape:
+            raise UserError(
+                f"checkpoint {path} does not fit the model: '{name}' is {list(saved[name].shape)} there but "
+                f"{list(tensor.shape)} in the model this config builds; {hint}"
+            )
+    extra = [name for name in saved if name not in current]
+    if extra:
+        raise UserError(f"checkpoint {path} does not fit the model: the model has no '{extra[0]}'; {hint}")

@@ -1,0 +1,104 @@
+"""The distributed environment, read once from the process environment and passed around as a value."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from launcher.errors import UserError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def first_bucket_mb() -> float:
+    """The size of the small first bucket DDP all-reduces early. torch keeps it in a private constant, read when
+    asked (not at import), and taken as its value today, 1 MiB, should torch rename it."""
+    return getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 2**20) / 2**20
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job: its ranks, the world, and the id that names the job.
+
+    ``job_id`` is stable for the whole job (the Slurm job id, <array job>_<task> for array tasks, else torchrun's
+    rendezvous id), so a restarted or requeued job finds the same run directory; ``None`` when nothing names it.
+    """
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    under_torchrun: bool = False
+    job_id: str | None = None
+    job_group: str | None = None  # the Slurm array job a task belongs to: its sweep
+    master_addr: str = "localhost"
+    master_port: int = 0
+    restart_count: int = 0  # torchrun's restarts of this worker group so far
+    max_restarts: int = 0  # torchrun's --max-restarts: a worker that exits non-zero is started again
+    agent_store: bool = False  # torchrun's agent serves the store that init_process_group uses
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "DistEnv":
+        """Read the variables torchrun (and Slurm) set; the only place the engine looks at them."""
+        under_torchrun = "TORCHELASTIC_RUN_ID" in environ or "LOCAL_RANK" in environ
+        array_job, array_task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+        slurm_id = f"{array_job}_{array_task}" if array_job and array_task else environ.get("SLURM_JOB_ID")
+        job_id = slurm_id or environ.get("TORCHELASTIC_RUN_ID")
+        return cls(
+            rank=int(environ.get("RANK", 0)),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            world_size=int(environ.get("WORLD_SIZE", 1)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", 1)),
+            under_torchrun=under_torchrun,
+            # plain `torchrun` without --rdzv-id names every job "none": that names nothing.
+            job_id=None if job_id in (None, "", "none") else job_id,
+            job_group=array_job if array_job and array_task else None,
+            master_addr=environ.get("MASTER_ADDR", "localhost"),
+            master_port=int(environ.get("MASTER_PORT", 0)),
+            restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            max_restarts=int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)),
+            agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` means nccl where there are GPUs, gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def check_backend(backend: str, procs_per_node: int) -> None:
+    """Fail early when the backend cannot serve ``procs_per_node`` processes on this machine."""
+    if resolve_backend(backend) != "nccl":
+        return
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise UserError(
+            f"dist.backend={backend} needs CUDA GPUs, and this machine has none: use dist.backend=gloo "
+            "(or auto, which picks gloo without GPUs)"
+        )
+    if procs_per_node > gpus:
+        raise UserError(
+            f"{procs_per_node} processes per node with dist.backend={backend}, but this machine has {gpus} GPU(s): "
+            f"use at most {gpus} processes per node (one per GPU), or dist.backend=gloo"
+        )
+
+
+def device_for(dist_env: DistEnv, backend: str) -> torch.device:
+    """One GPU per process (by local rank) under nccl; the CPU otherwise."""
+    if resolve_backend(backend) == "nccl":
+        return torch.device("cuda", dist_env.local_rank)
+    return torch.device("cpu")

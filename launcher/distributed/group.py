@@ -1,0 +1,153 @@
+"""The job's process group: joining it, leaving it, and agreeing on failure across it (an error on any rank fails
+every rank once, instead of hanging the rest)."""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import signal
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from launcher.distributed.env import DistEnv, resolve_backend
+from launcher.errors import LauncherError, PeerFailed
+
+
+def end_with_parent() -> None:
+    """A torchrun worker gets SIGHUP when the torchrun that started it dies, even by SIGKILL: it stops gracefully
+    instead of training on with no parent (torchrun starts workers in sessions of their own, which no signal to
+    torchrun's process group reaches)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux with glibc: nothing to do
+        return
+    if os.getppid() == 1:  # the parent died before the call: the signal would never come
+        os.kill(os.getpid(), signal.SIGHUP)
+
+
+class JobStore:
+    """The key-value store every process of this attempt of the job reaches (the rendezvous store, under a prefix
+    per attempt): where a failing rank says so, so that the others stop at once instead of waiting for it."""
+
+    def __init__(self, client: dist.Store, restart_count: int):
+        self._store = dist.PrefixStore(f"{_attempt_prefix(restart_count)}/job", client)
+
+    def report_failure(self, who: str) -> None:
+        try:
+            self._store.compare_set("failed", "", who)  # the first failure is the one to name
+        except Exception:  # the store is gone with its host: the job is ending anyway
+            pass
+
+    def failure(self) -> str | None:
+        """Who failed, if any rank said so (a store that cannot be reached says nothing)."""
+        try:
+            return self._store.get("failed").decode() if self._store.check(["failed"]) else None
+        except Exception:
+            return None
+
+
+def _attempt_prefix(restart_count: int) -> str:
+    return f"launcher/attempt_{restart_count}"
+
+
+def _store_client(dist_env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """A client of the job's rendezvous store (torchrun's agent's, or rank 0's)."""
+    return dist.TCPStore(dist_env.master_addr, dist_env.master_port, is_master=False, timeout=timeout,
+                         wait_for_workers=False)
+
+
+def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int) -> JobStore | None:
+    """Join the job's process group (torchrun's env:// rendezvous), and return the job's store; nothing for a
+    single process."""
+    if not dist_env.is_distributed:
+        return None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = resolve_backend(backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    client = _store_client(dist_env, timeout) if _agent_store_per_attempt(dist_env) else None
+    dist.init_process_group(
+        **({"store": dist.PrefixStore(_attempt_prefix(dist_env.restart_count), client), "rank": dist_env.rank,
+            "world_size": dist_env.world_size} if client else {}),
+        # CPU tensors (stop flags, small agreements) go through gloo on the same group, even on GPUs: a separate
+        # group made with new_group would find stale rendezvous keys after an elastic restart and hang.
+        backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
+    return JobStore(client or _store_client(dist_env, timeout), dist_env.restart_count)
+
+
+def _agent_store_per_attempt(dist_env: DistEnv) -> bool:
+    """Whether to give each torchrun restart its own key space in the agent's store.
+
+    torchrun shares one store across restarts of the worker group and nothing separates them (pytorch#135712):
+    a restarted group reads the dead group's addresses and fails to connect. On one node the restart count is
+    the same for every worker, so it can name the attempt. Across nodes it is not: there, start torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a fresh store (and turns this off).
+    """
+    return dist_env.agent_store and dist_env.world_size == dist_env.local_world_size
+
+
+def destroy_process_group(dist_env: DistEnv) -> None:
+    if dist_env.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_agreed(dist_env: DistEnv, build: Callable | None, name_rank: bool = True):
+    """Run ``build`` (None: nothing) on this rank; if a LauncherError happens on any rank, every rank raises it (with
+    its exit code).
+
+    So a bad data path fails the job once, with one message from rank 0, instead of once per process or with
+    the healthy ranks waiting forever in their next collective. The message names the rank it came from when
+    some ranks succeeded (``name_rank``: where every rank ran ``build``).
+    """
+    result, error = None, None
+    try:
+        result = build() if build else None
+    except LauncherError as caught:
+        error = (str(caught), caught.exit_code)
+    errors = [error]
+    if dist_env.is_distributed:
+        errors = [None] * dist_env.world_size
+        dist.all_gather_object(errors, error)
+    failures = [(rank, failure) for rank, failure in enumerate(errors) if failure]
+    if failures:
+        rank, (message, exit_code) = failures[0]
+        some = dist_env.is_distributed and len(failures) < dist_env.world_size
+        agreed = LauncherError(f"rank {rank}: {message}" if name_rank and some else message, same_on_all_ranks=True)
+        agreed.exit_code = exit_code
+        raise agreed
+    return result
+
+
+def on_main(dist_env: DistEnv, decide: Callable):
+    """Rank 0 runs ``decide``; every rank gets its (small, picklable) result, or raises its LauncherError."""
+    result = [run_agreed(dist_env, decide if dist_env.is_main else None, name_rank=False)]
+    if dist_env.is_distributed:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | None) -> PeerFailed | None:
+    """The one line to say when a collective failed because of another rank (it timed out, or the rank's process
+    ended), else None. A lost connection raises ``DistNetworkError`` where torch wraps it; gloo (torch 2.14) raises
+    both its timeouts and lost connections as plain RuntimeErrors, which only their text tells apart."""
+    if not isinstance(error, RuntimeError):  # DistError and its subclasses are RuntimeErrors
+        return None
+    text = str(error)
+    timed_out = "Timed out" in text or isinstance(error, dist.DistError) and "timeout" in text.lower()
+    closed = isinstance(error, dist.DistNetworkError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    if not (timed_out or closed):
+        return None
+    failed = (job_store.failure() if job_store else None) or "another rank"
+    failed = "another rank" if failed == f"rank {dist.get_rank()}" else failed  # this rank said it first
+    if timed_out:
+        return PeerFailed(
+            f"a collective operation did not finish within dist.timeout_s={timeout_s} s: {failed} is stuck or has "
+            f"died (see its output); the backend said: {text.splitlines()[0]}")
+    return PeerFailed(f"stopped: {failed} ended while this rank waited for it (its error, if it had one, is above)")

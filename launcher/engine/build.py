@@ -1,0 +1,42 @@
+"""What the recipe describes, built the same way on every rank: seeded, and failing together when it fails."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from launcher.distributed.env import DistEnv
+from launcher.distributed.group import run_agreed
+from launcher.errors import UserError
+from launcher.recipe import Recipe
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model_and_data(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device):
+    """(model on ``device``, train set, eval set or None), seeded with ``train.seed`` alike on every rank."""
+    seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
+    model = run_agreed(dist_env, lambda: recipe.build_model(cfg)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
+    if eval_set is not None and len(eval_set) == 0:
+        raise UserError("the recipe's eval set is empty: give it samples, or return None as the eval set for no "
+                        "evaluation", same_on_all_ranks=True)
+    return model, train_set, eval_set
+
+
+def _build_datasets(cfg, recipe: Recipe, dist_env: DistEnv):
+    build = lambda: recipe.build_datasets(cfg)  # noqa: E731
+    if not cfg.data.download:
+        return run_agreed(dist_env, build)
+    # Local rank 0 goes first, so each node downloads once and the others read finished files.
+    first = run_agreed(dist_env, build if dist_env.local_rank == 0 else None)
+    rest = run_agreed(dist_env, build if dist_env.local_rank != 0 else None)
+    return first or rest

@@ -1,0 +1,305 @@
+"""The Trainer: one rank's part of a run, from a locked run directory to the final model. It owns the training
+state (model, optimizer, schedule, position) and its collaborators (loader, checkpointer, records, stop agreement),
+so the loop's methods read what they need from it instead of passing it along."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.checkpoint.checkpointer import Checkpointer, Position, TrainingDiverged
+from launcher.checkpoint.files import save_model
+from launcher.checkpoint.resume import Start, load_named, plan_start, restore
+from launcher.distributed.env import DistEnv
+from launcher.distributed.group import on_main, run_agreed
+from launcher.distributed.parallel import wrap_model
+from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
+from launcher.engine.build import build_model_and_data, seed_everything
+from launcher.engine.data import build_train_loader, start_epoch, steps_per_epoch
+from launcher.engine.evaluate import evaluate
+from launcher.engine.optim import build_optimizer, build_scheduler
+from launcher.engine.precision import Precision
+from launcher.errors import UserError
+from launcher.recipe import Recipe
+from launcher.run.attempt import Attempt
+from launcher.tracking import terminal
+from launcher.tracking.summary import parameter_counts, write_summary
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """One rank's run. ``Trainer.build`` makes it (or says there is nothing to train), ``run`` trains to the end."""
+
+    def __init__(self, attempt: Attempt, recipe: Recipe, dist_env: DistEnv, device: torch.device,
+                 signals: StopSignals, start: Start, payload: dict | None):
+        """Everything the run needs, built alike on every rank and put back from ``start``'s checkpoint if any.
+        Rank 0 records the start (ledger, config.yaml, summary, wandb) only after every check passed."""
+        cfg = self.cfg = attempt.cfg
+        self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
+        self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, device)
+        if self.eval_set is None and cfg.ckpt.best_metric:
+            raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
+                            "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
+        self.train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
+        self.steps_per_epoch = steps_per_epoch(self.train_loader, cfg.train.batch_size)
+        groups = lambda: recipe.param_groups(self.model, cfg)  # noqa: E731
+        self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
+        seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
+        self.scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
+        self.precision = Precision(cfg.train.amp, cfg.train.channels_last, device)
+        self.position = Position()
+        # This rank's summed step losses in the epoch, on the device: progress windows are differences of it.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock)
+        if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
+            path = Path(start.checkpoint)
+            loaded = run_agreed(dist_env, lambda: payload or load_named(path))
+            run_agreed(dist_env, lambda: restore(self, loaded, path))
+            self.checkpointer.last_good = path
+        if dist_env.is_main:
+            self._record_start(start, train_set)
+        self.trained = wrap_model(self.model, cfg, dist_env, device)  # what trains; ``model`` is evaluated, saved
+        self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
+        self.progress = terminal.wants_progress_bar(dist_env)
+        # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
+        # collection no longer walks it, so it pauses the loop for far less.
+        gc.freeze()
+
+    @classmethod
+    def build(cls, cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device,
+              signals: StopSignals) -> Trainer | None:
+        """Collective: open the run directory, decide how this attempt starts, build; None when the run is already
+        complete (said so, nothing written). A start that fails leaves the directory as it was."""
+        attempt = Attempt.open(cfg, recipe, dist_env)
+        try:
+            start, payload = plan_start(attempt.cfg, attempt.run_dir, dist_env)
+            if start.complete:
+                attempt.complete(start, payload)
+                return None
+            return cls(attempt, recipe, dist_env, device, signals, start, payload)
+        except BaseException:
+            attempt.abandon()
+            raise
+
+    def _total_steps(self) -> int:
+        """Optimizer steps the whole run takes: what the LR schedule spans."""
+        total, max_steps = self.steps_per_epoch * self.cfg.train.epochs, self.cfg.train.max_steps
+        return min(total, max_steps) if max_steps else total
+
+    def _record_start(self, start: Start, train_set) -> None:
+        """Rank 0: the header, what the resume found, the attempt's records and the model summary."""
+        terminal.log_header(self.cfg, self.recipe.name, self.dist_env, self.device, self.model, self.attempt.run_dir)
+        if start.checkpoint:
+            where = self.position
+            log.info("resumed from %s: epoch %d, step %d of it, global step %d", start.checkpoint, where.epoch,
+                     where.step_in_epoch, where.global_step)
+            for line in start.describe_changes():
+                log.info("%s", line)
+        self.attempt.begin(start)
+        summary = write_summary(self.model, train_set, self.device, self.attempt.run_dir)
+        if self.attempt.wandb_run:
+            self.attempt.wandb_run.save_summary(*parameter_counts(self.model), summary)
+
+    @property
+    def model_file(self) -> Path:
+        return self.attempt.run_dir / "model.pt"
+
+    def run(self) -> None:
+        """Train to the end of ``train.epochs``, save model.pt, and record how the attempt ended."""
+        began = time.perf_counter()
+        outcome, detail = "failed", ""
+        try:
+            final = self.fit()
+            if self.dist_env.is_main:
+                save_model(self.model.state_dict(), self.model_file)
+            outcome = "finished"
+        except StopRequested as stopped:
+            outcome, detail = "stopped", str(stopped)
+            raise
+        except BaseException as error:
+            detail = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise
+        finally:
+            self.close(outcome, detail)
+        if self.dist_env.is_main:
+            results = "".join(f" | {key} {value:.4f}" for key, value in final.items() if key.startswith("eval/"))
+            log.info("done: %d steps in %.1f s%s | model: %s", self.position.global_step,
+                     time.perf_counter() - began, results, self.model_file)
+
+    def close(self, outcome: str, detail: str = "") -> None:
+        """Wait for the stop agreement in flight; rank 0 records the attempt's end and gives the directory back."""
+        self.stop.close()
+        self.attempt.end(outcome, self.position.global_step, detail)
+
+    def fit(self) -> dict:
+        """Train from where the position stands to the end of ``train.epochs``; returns the last epoch's record."""
+        record: dict = {}
+        while self.position.epoch <= self.cfg.train.epochs and not self._reached_max_steps():
+            began, first_step = time.perf_counter(), self.position.step_in_epoch
+            if self.run_epoch():
+                stopper = self.stop.signal_name or "a signal on another rank"
+                raise StopRequested(
+                    f"stopped after step {self.position.global_step} ({stopper}): checkpoint written to "
+                    f"{self.checkpointer.path_for(self.position.global_step)}; run the same command to continue",
+                    same_on_all_ranks=True,
+                )
+            record = self.finish_epoch(began, self.position.step_in_epoch - first_step)
+        return record
+
+    def _reached_max_steps(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.position.global_step >= self.cfg.train.max_steps
+
+    def run_epoch(self) -> bool:
+        """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint)."""
+        where = self.position
+        self.trained.train()
+        start_epoch(self.train_loader, where.epoch, where.step_in_epoch * self.cfg.train.batch_size)
+        bar = None
+        if self.progress:
+            bar = terminal.progress_bar(where.epoch, self.cfg.train.epochs, where.step_in_epoch, self.steps_per_epoch)
+        try:
+            return self.train_steps(iter(self.train_loader), self.cfg.train.max_steps, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def train_steps(self, batches, until_step: int = 0, bar=None) -> bool:
+        """Optimizer steps on ``batches`` (the current epoch's) until they run out or the global step reaches
+        ``until_step`` (0: no limit); True if a stop was agreed on (after writing a checkpoint).
+
+        The only host syncs are rank 0's, every ``train.log_every`` steps.
+        """
+        # Config values read once: an OmegaConf lookup costs microseconds, and this loop runs every step.
+        accum, clip, log_every = self.cfg.train.grad_accum, self.cfg.train.clip_grad_norm, self.cfg.train.log_every
+        save_every, where = self.cfg.ckpt.every_steps, self.position
+        window = _Window(self.loss_sum)
+        for micro, (inputs, targets) in enumerate(batches, 1):
+            inputs = self.precision.prepare(inputs.to(self.device, non_blocking=True))
+            self._micro_step(inputs, targets.to(self.device, non_blocking=True), accum, sync=micro % accum == 0)
+            if micro % accum:
+                continue
+            if clip:
+                self.precision.unscale(self.optimizer)
+                window.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.precision.step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            where.step_in_epoch += 1
+            where.global_step += 1
+            window.steps += 1
+            if bar is not None:
+                bar.update()
+            if where.global_step % log_every == 0 and self.dist_env.is_main:
+                self._report(window.take(self.cfg.train.batch_size), bar)
+            if save_every and where.global_step % save_every == 0 and where.step_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint()  # the epoch's last step is saved after its evaluation
+            if self.stop.should_stop(where.global_step):
+                if self.stop.diverged_at is not None:
+                    message = self.checkpointer.diverged_message(self.stop.diverged_at)
+                    raise TrainingDiverged(message, same_on_all_ranks=True)
+                if where.saved_step != where.global_step:
+                    self.save_checkpoint()
+                return True
+            if until_step and where.global_step >= until_step:
+                break
+        return False
+
+    def _micro_step(self, inputs, targets, accum: int, sync: bool) -> None:
+        """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
+        skip_sync = not sync and isinstance(self.trained, DistributedDataParallel)
+        with self.trained.no_sync() if skip_sync else contextlib.nullcontext():
+            with self.precision.autocast():
+                loss = self.recipe.loss(self.trained(inputs), targets)
+            self.precision.backward(loss / accum if accum > 1 else loss)  # the step's gradient: the batch mean
+        self.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
+
+    def _report(self, report: dict, bar) -> None:
+        """Rank 0: a progress record (and line, or bar text); a non-finite loss stops every rank at the next
+        agreement."""
+        where = self.position
+        lrs = {f"lr/group{i}": group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        self.attempt.records.write({"step": where.global_step, "epoch": where.epoch, **report, **lrs})
+        terminal.report_steps(report, where.epoch, where.step_in_epoch, self.steps_per_epoch, bar)
+        if not math.isfinite(report["train/loss"]):
+            self.stop.diverged(where.global_step)
+
+    def finish_epoch(self, began: float, steps_run: int) -> dict:
+        """Average the epoch's loss over ranks, evaluate, checkpoint, and write the epoch's record."""
+        cfg, where = self.cfg, self.position
+        loss_sum = self.loss_sum.clone()
+        if self.dist_env.is_distributed:
+            dist.all_reduce(loss_sum)
+        train_loss = loss_sum.item() / (max(1, where.step_in_epoch) * self.dist_env.world_size)  # waits for the device
+        if not math.isfinite(train_loss):  # the same all-reduced value on every rank: all stop here
+            raise TrainingDiverged(self.checkpointer.diverged_message(where.global_step), same_on_all_ranks=True)
+        seconds = time.perf_counter() - began
+        record = {"step": where.global_step, "epoch": where.epoch, "train/loss": train_loss, "time/epoch_s": seconds,
+                  "throughput/samples_per_s": steps_run * cfg.train.batch_size / seconds}
+        if self.eval_set is not None and (cfg.eval.sharded or self.dist_env.is_main):
+            record.update(evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env))
+        improved = self._new_best(record) if cfg.ckpt.best_metric else None
+        if improved is not None:
+            where.best = improved
+        where.epoch, where.step_in_epoch = where.epoch + 1, 0
+        self.loss_sum.zero_()
+        every, last = cfg.ckpt.every_epochs, record["epoch"] == cfg.train.epochs or self._reached_max_steps()
+        if improved is not None or (every and record["epoch"] % every == 0) or last:
+            self.save_checkpoint(best=improved is not None)
+        if self.dist_env.is_main:
+            self.attempt.records.write(record)
+            log.info(terminal.format_epoch(record, cfg.train.epochs))
+        return record
+
+    def _new_best(self, record: dict) -> float | None:
+        """Rank 0 judges the new eval metric against the best so far; every rank learns the new best, or None, or
+        that ``ckpt.best_metric`` names a metric evaluation does not produce."""
+        metric, mode = self.cfg.ckpt.best_metric, self.cfg.ckpt.best_mode
+
+        def judge() -> float | None:
+            if metric not in record:
+                produced = ", ".join(sorted(key for key in record if key.startswith("eval/")))
+                raise UserError(f"ckpt.best_metric={metric} is not a metric this run's evaluation produces "
+                                f"({produced}): use one of those, or '' for no best checkpoint")
+            value, best = record[metric], self.position.best
+            return value if best is None or (value > best if mode == "max" else value < best) else None
+
+        return on_main(self.dist_env, judge)
+
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """Collective: every rank calls it at the same step."""
+        path = self.checkpointer.save(self, best)
+        self.position.saved_step = self.position.global_step
+        return path
+
+
+class _Window:
+    """Loss and time since the last progress report; read (a host sync) only when reporting.
+
+    The window's loss is what the epoch's running loss sum gained since the window began, so a step adds nothing
+    but a count here.
+    """
+
+    def __init__(self, loss_sum: torch.Tensor):
+        self.loss_sum, self.sum_before = loss_sum, loss_sum.clone()
+        self.steps, self.start = 0, time.perf_counter()
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
+
+    def take(self, batch_size: int) -> dict:
+        """Mean loss and samples per second over the window, then start a new one."""
+        now = time.perf_counter()
+        report = {"train/loss": (self.loss_sum - self.sum_before).item() / self.steps,
+                  "throughput/samples_per_s": self.steps * batch_size / (now - self.start)}
+        if self.grad_norm is not None:
+            report["grad_norm"] = self.grad_norm.item()
+        self.sum_before.copy_(self.loss_sum)
+        self.steps, self.start = 0, now
+        return report

@@ -1,0 +1,46 @@
+"""One training process: join the job's process group, train (or only evaluate), leave the group together."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from launcher.distributed.env import DistEnv, device_for
+from launcher.distributed.group import destroy_process_group, init_process_group, peer_failure
+from launcher.distributed.stop import StopRequested, StopSignals
+from launcher.engine.evaluate import evaluate_only
+from launcher.engine.host_memory import keep_freed_memory
+from launcher.engine.trainer import Trainer
+from launcher.recipe import Recipe
+
+
+def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> None:
+    """Train ``recipe`` as this process's part of the job described by ``dist_env``."""
+    device = device_for(dist_env, cfg.dist.backend)
+    job_store = init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
+    signals.job_store = job_store
+    try:
+        _work(cfg, recipe, dist_env, device, signals)
+    except BaseException as error:
+        if job_store and not isinstance(error, StopRequested):
+            job_store.report_failure(f"rank {dist_env.rank}")  # the others stop at once when torchrun ends them
+        waited = peer_failure(error, cfg.dist.timeout_s, job_store)
+        if waited:
+            raise waited from None
+        raise
+    finally:
+        destroy_process_group(dist_env)
+
+
+def _work(cfg, recipe: Recipe, dist_env: DistEnv, device, signals: StopSignals) -> None:
+    if cfg.train.keep_host_memory:
+        keep_freed_memory()  # before anything is built: every allocation after it is served this way
+    if cfg.eval.only:
+        evaluate_only(cfg, recipe, dist_env, device)
+        return
+    trainer = Trainer.build(cfg, recipe, dist_env, device, signals)
+    if trainer is None:
+        return
+    trainer.run()
+    if dist_env.is_distributed:
+        # Leave together: a rank tearing down its connections while rank 0 still evaluates can abort in gloo.
+        dist.barrier()

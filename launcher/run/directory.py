@@ -1,0 +1,101 @@
+"""The run directory: where a run lives (named by what defines it, so the same command finds it again) and its
+ledger (run.json: the run's identity and first config; history.jsonl: every attempt, what it changed, how it ended).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from launcher.config.schema import ENGINE_DEFAULTS, changes_freely, leaves
+from launcher.recipe import Recipe
+
+
+def new_run_id() -> str:
+    """A fresh id: readable, sortable, and unlikely to collide."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def derived_name(cfg, recipe: Recipe) -> str:
+    """A name for the run from what defines it: the recipe and every key that may not change on resume, where it
+    differs from the engine's default (so a key the engine adds later does not rename existing runs).
+
+    Changing ``train.epochs``, logging, checkpointing, evaluation or the process count keeps the name, so the same
+    command (with more epochs, or on more GPUs) continues the same run; changing the model, the data, the seed or
+    the optimizer names another run.
+    """
+    engine = dict(leaves(ENGINE_DEFAULTS))
+    values = {key: value for key, value in leaves(OmegaConf.to_container(cfg))
+              if key != "recipe" and not changes_freely(key) and (key not in engine or value != engine[key])}
+    values["recipe"] = recipe.origin
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_dir_for(cfg, recipe: Recipe) -> Path:
+    """``run.dir`` if set, else runs/<recipe>/<run.name, or the name derived from the config>: the same on every
+    rank and every restart without any agreement."""
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    return Path("runs") / recipe.name / (cfg.run.name or derived_name(cfg, recipe))
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Ledger:
+    """What a run directory says about its run. Rank 0 alone writes it, and only once a start has passed every
+    check (a start that fails writes nothing)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.identity_file, self.history_file = run_dir / "run.json", run_dir / "history.jsonl"
+
+    def holds_run(self) -> bool:
+        return self.identity_file.is_file()
+
+    def run_id(self) -> str | None:
+        """The id of the run this directory holds; its checkpoints carry it."""
+        return json.loads(self.identity_file.read_text())["run_id"] if self.holds_run() else None
+
+    def create(self, run_id: str, cfg, parent: str | None) -> None:
+        """Record a new run: its id, where it started from (a checkpoint of another run, or nothing), its config."""
+        identity = {"run_id": run_id, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "started_from": parent,
+                    "config": OmegaConf.to_container(cfg)}
+        _write_atomic_text(self.identity_file, json.dumps(identity, indent=1) + "\n")
+
+    def attempts(self) -> list[dict]:
+        if not self.history_file.exists():
+            return []
+        return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
+
+    def start_attempt(self, cfg, job: str | None, world_size: int, resumed_from: dict | None,
+                      changes: dict[str, list]) -> int:
+        """Append this attempt's start (where it resumed from, what it changed) and write config.yaml: the
+        config in force now. Returns the attempt's number."""
+        attempt = 1 + sum(1 for event in self.attempts() if event["event"] == "start")
+        self._append({"event": "start", "attempt": attempt, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "host": socket.gethostname(), "job": job, "world_size": world_size,
+                      "resumed_from": resumed_from, "changes": changes})
+        _write_atomic_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        return attempt
+
+    def end_attempt(self, attempt: int, outcome: str, step: int, detail: str = "") -> None:
+        """How the attempt ended: finished, stopped (a signal; the same command continues) or failed."""
+        self._append({"event": "end", "attempt": attempt, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "outcome": outcome, "step": step, "detail": detail})
+
+    def _append(self, event: dict) -> None:
+        with self.history_file.open("a") as file:
+            file.write(json.dumps(event) + "\n")
+            file.flush()
+            os.fsync(file.fileno())

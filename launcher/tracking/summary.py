@@ -1,0 +1,71 @@
+"""The model summary (torchsummary's table, taken on a real sample's shape without disturbing the model or the RNG;
+a table of the parameters where torchsummary cannot run the model)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchsummary import summary
+
+log = logging.getLogger(__name__)
+
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def parameter_table(model: nn.Module) -> str:
+    """Every parameter's name, shape and count, and the totals torchsummary gives: a summary of any model."""
+    rows = [(name, str(list(p.shape)), f"{p.numel():,}", "" if p.requires_grad else "frozen")
+            for name, p in model.named_parameters()]
+    header = ("Parameter", "Shape", "Param #", "")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    line = lambda row: "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()  # noqa: E731
+    total, trainable = parameter_counts(model)
+    rule = "-" * max(64, sum(widths) + 6)
+    return "\n".join([rule, f"{type(model).__name__}", rule, line(header), "=" * len(rule), *map(line, rows),
+                      "=" * len(rule), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+                      f"Non-trainable params: {total - trainable:,}", rule]) + "\n"
+
+
+def model_summary(model: nn.Module, sample_input: torch.Tensor, device: torch.device) -> tuple[str | None, str]:
+    """torchsummary's table for ``model`` on inputs shaped like ``sample_input`` (one sample, no batch dimension).
+
+    Runs in eval mode (so BatchNorm statistics are untouched) and with a forked RNG (so every rank keeps the same
+    random stream). Returns (None, why) when torchsummary cannot handle the model.
+    """
+    was_training = model.training
+    model.eval()
+    text = io.StringIO()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            with contextlib.redirect_stdout(text):
+                summary(model, tuple(sample_input.shape), device=device.type)
+    except Exception as error:  # torchsummary only knows float tensor inputs and tensor (or list) outputs
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    finally:
+        model.train(was_training)
+    return text.getvalue(), ""
+
+
+def write_summary(model: nn.Module, train_set, device: torch.device, run_dir: Path) -> str:
+    """The summary, logged and saved as summary.txt."""
+    sample = train_set[0][0]
+    if isinstance(sample, torch.Tensor):
+        text, problem = model_summary(model, sample, device)
+    else:
+        text, problem = None, f"the training set's inputs are {type(sample).__name__}, not tensors"
+    if text is None:
+        log.warning("torchsummary cannot run this model (%s): summary.txt lists its parameters instead", problem)
+        text = parameter_table(model)
+    log.info("%s", text.rstrip())
+    (run_dir / "summary.txt").write_text(text)
+    return text

@@ -1,0 +1,92 @@
+"""The terminal: rank 0 tells the story on stdout (a header, a progress bar or periodic lines, a line per epoch);
+the other ranks speak only of errors, on stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import torch
+
+from launcher.distributed.env import DistEnv
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("launcher")
+
+
+def setup_logging(dist_env: DistEnv, level: str = "info") -> None:
+    """Rank 0 logs at ``level`` (the ``log.level`` key) to stdout; other ranks only errors, to stderr."""
+    logger = logging.getLogger("launcher")
+    logger.handlers.clear()
+    if dist_env.is_main:
+        handler = _AroundProgressBar(sys.stdout)
+        logger.setLevel(level.upper())
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {dist_env.rank}] %(message)s"))
+        logger.setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")  # rank 0 shows them; the same warning from every rank is noise
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+class _AroundProgressBar(logging.StreamHandler):
+    """Lines written around tqdm's progress bar (cleared, written, drawn again) instead of onto it; plain lines where
+    there is no bar. Other threads log here too (the wandb process's notices)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir) -> None:
+    from launcher.distributed.env import resolve_backend
+    from launcher.tracking.summary import parameter_counts
+
+    total, trainable = parameter_counts(model)
+    devices = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+    per_rank, accum = cfg.train.batch_size // dist_env.world_size, cfg.train.grad_accum
+    split = f"{per_rank} per rank" if accum == 1 else f"{per_rank // accum} per rank x {accum} accumulated"
+    log.info(
+        "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %s | "
+        "%s parameters (%s trainable) | run dir %s",
+        recipe_name, dist_env.world_size, resolve_backend(cfg.dist.backend) if dist_env.is_distributed else "none",
+        devices, cfg.train.batch_size, split, f"{total:,}", f"{trainable:,}", run_dir,
+    )
+
+
+def wants_progress_bar(dist_env: DistEnv) -> bool:
+    """Rank 0 on a terminal, at info level: a bar; else (a log file, a pipe) plain lines."""
+    return dist_env.is_main and sys.stdout.isatty() and log.isEnabledFor(logging.INFO)
+
+
+def progress_bar(epoch: int, epochs: int, steps_done: int, steps_per_epoch: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps_per_epoch, initial=steps_done, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
+                dynamic_ncols=True)
+
+
+def report_steps(report: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int, bar) -> None:
+    """A progress report on the bar, or as a line."""
+    loss, speed = report["train/loss"], report["throughput/samples_per_s"]
+    if bar is not None:
+        bar.set_postfix_str(f"loss {loss:.4f}, {speed:,.0f} samples/s")
+    else:
+        log.info("epoch %d step %d/%d | loss %.4f | %s samples/s", epoch, step_in_epoch, steps_per_epoch, loss,
+                 f"{speed:,.0f}")
+
+
+def format_epoch(record: dict, epochs: int) -> str:
+    """The per-epoch line: train loss, eval metrics, seconds per epoch, samples per second."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train/loss']:.4f}"]
+    parts += [f"{key.replace('/', ' ')} {value:.4f}" for key, value in record.items() if key.startswith("eval/")]
+    parts.append(f"{record['time/epoch_s']:.2f} s/epoch")
+    parts.append(f"{record['throughput/samples_per_s']:,.0f} samples/s")
+    return " | ".join(parts)

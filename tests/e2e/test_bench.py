@@ -1,0 +1,86 @@
+"""Smoke runs of the benchmarks in bench/: each script runs end to end, on a few steps, and emits its JSON.
+
+The timings themselves are not asserted (a loaded CI machine makes them meaningless); what the launcher does per
+step, which does not depend on the machine, is: no host reads or collectives beyond the plain loop's, except the
+stop agreement every dist.stop_check_every steps.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+BENCH = REPO / "bench"
+
+
+def run_bench(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
+    overhead = run_bench([str(BENCH / "overhead.py"), "--archs", "mlp", "--procs", "2", "--reps", "1", "--chunks",
+                          "2", "--chunk-steps", "50", "--warmup", "50", "--workdir", str(tmp_path)], tmp_path)
+    run, summary = (json.loads(line) for line in overhead.splitlines())
+    assert summary["summary"] and summary["procs"] == 2 and summary["runs"] == 1
+    # The ratios are what the rates say (the rates themselves depend on the machine: not asserted).
+    assert run["ratio"] == pytest.approx(run["launcher_steps_per_s"] / run["plain_steps_per_s"])
+    assert run["control_ratio"] == pytest.approx(run["plain_again_steps_per_s"] / run["plain_steps_per_s"])
+    assert summary["pooled_ratio"] == pytest.approx(run["ratio"])  # pooled over one run: that run's
+    assert summary["pooled_control_ratio"] == pytest.approx(run["control_ratio"])
+    # Both log the loss every 50 steps (one host read); the launcher adds the stop flag every 10 steps.
+    assert run["plain_host_reads_per_step"] == pytest.approx(0.02)
+    assert run["launcher_host_reads_per_step"] == pytest.approx(0.02 + 0.1)
+    assert run["plain_collectives_per_step"] == 0 and run["launcher_collectives_per_step"] == pytest.approx(0.1)
+
+    startup = run_bench([str(BENCH / "startup.py"), "--reps", "1"], tmp_path)
+    commands = [json.loads(line) for line in startup.splitlines()]
+    assert {line["command"] for line in commands} >= {"python -m launcher", "torchrun x2 plain_ddp.py"}
+    assert all(0 < line["first_step_s"] < line["exit_s"] for line in commands)
+
+    checkpoint = run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--dir", str(tmp_path)], tmp_path)
+    assert {result["case"] for result in json.loads(checkpoint)} == {"launcher", "torch.save"}
+
+    wandb_log = run_bench([str(BENCH / "wandb_log.py"), "--records", "3", "--every", "0"], tmp_path)
+    sides = [json.loads(line) for line in wandb_log.splitlines()]
+    assert [side["case"] for side in sides] == ["wandb run.log in the training process",
+                                                "launcher WandbRun.log (wandb in its own process)"]
+
+    schedule = json.loads(run_bench([str(BENCH / "schedule.py"), "--steps", "200", "--rounds", "2"], tmp_path))
+    assert set(schedule["schedule_us"]) == {"plain", "plain_again", "lr_scheduler", "lambda_lr"}
+
+    outputs = {"overhead.jsonl": overhead, "startup.jsonl": startup, "checkpoint.json": checkpoint,
+               "wandb_log.jsonl": wandb_log}
+    for name, output in outputs.items():
+        (tmp_path / name).write_text(output)
+    report = run_bench([str(BENCH / "report.py"), *outputs], tmp_path)
+    assert "| mlp | 2 |" in report and "| `python -m launcher` |" in report and "| launcher | 16,781,312 |" in report
+    assert "| launcher WandbRun.log (wandb in its own process) |" in report
+
+
+def test_the_gpu_benchmark_path_resnet18_bf16_channels_last_data_wait_runs_on_the_cpu(tmp_path):
+    # The GPU table's command (BENCHMARKS.md), on a CPU and a few tiny steps: both loops in bf16 and channels_last,
+    # the launcher also on a batch kept on the device. Only a GPU gives the numbers.
+    settings = ["train.amp=bf16", "train.channels_last=true", "train.batch_size=16", "wandb.mode=disabled"]
+    output = run_bench([str(BENCH / "overhead.py"), "--archs", "resnet18", "--procs", "1", "--reps", "1", "--chunks",
+                        "2", "--chunk-steps", "2", "--warmup", "1", "--data-wait", "--workdir", str(tmp_path),
+                        "--launcher-args", *settings], tmp_path, env={"BENCH_TRAIN_SAMPLES": "256"})
+    run, summary = (json.loads(line) for line in output.splitlines())
+    assert run["device"] == "cpu" and run["launcher_args"] == settings
+    resident_time = run["launcher_steps_per_s"] / run["launcher_resident_steps_per_s"]  # as a share of the loader's
+    assert run["data_wait_fraction"] == pytest.approx(1 - resident_time)
+    assert run["launcher_host_reads_per_step"] == 0 and run["plain_host_reads_per_step"] == 0  # no log in 5 steps
+    # The report's GPU table, for the same summary as a GPU would label it.
+    spec = importlib.util.spec_from_file_location("report", BENCH / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    table = report.gpu_table([{**summary, "device": "NVIDIA H100 80GB HBM3"}])
+    assert f"| resnet18 | 1 | NVIDIA H100 80GB HBM3 | {' '.join(settings)} |" in table
+    assert table.splitlines()[-1].endswith(f"| {summary['data_wait_fraction']:.1%} |")

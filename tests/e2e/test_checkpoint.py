@@ -1,0 +1,118 @@
+"""Checkpoints that survive anything: kills, signals, torn writes, truncated files; exact resume; retention."""
+
+import textwrap
+
+import pytest
+import torch
+from helpers import (
+    ARGS,
+    RECIPE,
+    assert_identical,
+    assert_steps_increase,
+    check_ok,
+    epoch_records,
+    launch,
+    load_weights,
+    reference_weights,
+)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "interruptible.py").write_text(RECIPE)
+    return tmp_path
+
+
+def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_identical(workdir):
+    reference = reference_weights(workdir)
+    # Step 30 is the 8th step of epoch 2; the newest checkpoint is step 25's.
+    result = check_ok(launch(
+        [*ARGS, "run.dir=run"], workdir, nproc=2, env={"INTERRUPT": "1:30:SIGKILL"}, torchrun_args=["--max-restarts=1"]
+    ))
+    assert "resumed from run/checkpoints/step_000000025.pt: epoch 2, step 3 of it, global step 25" in result.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert_steps_increase(workdir / "run")
+
+
+def test_sigterm_stops_all_ranks_with_a_checkpoint_and_the_same_command_continues(workdir):
+    reference = reference_weights(workdir)
+    command = [*ARGS, "run.dir=run", "dist.nproc_per_node=2"]
+    stopped = launch(command, workdir, env={"INTERRUPT": "1:30:SIGTERM"})
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    # Rank 1 got the signal during step 30; its flag went out with the agreement after step 30 (they come every
+    # dist.stop_check_every=10 steps), all ranks read it after step 40 and wrote that step's checkpoint.
+    assert "launcher: stopped after step 40 (a signal on another rank)" in stopped.stderr
+    assert (workdir / "run" / "checkpoints" / "step_000000040.pt").exists()
+    resumed = check_ok(launch(command, workdir, env={"INTERRUPT": "1:30:SIGTERM"}))
+    assert "resumed from run/checkpoints/step_000000040.pt: epoch 2, step 18 of it" in resumed.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert_steps_increase(workdir / "run")
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_from(workdir):
+    reference = reference_weights(workdir)
+    result = check_ok(launch(
+        [*ARGS, "run.dir=run"], workdir, nproc=2, env={"KILL_IN_SAVE": "3"}, torchrun_args=["--max-restarts=1"]
+    ))
+    assert "resumed from run/checkpoints/step_000000010.pt" in result.stdout  # the 2nd save; the 3rd was torn
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert not list((workdir / "run" / "checkpoints").glob(".*.tmp"))  # the torn file was cleaned up
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(workdir):
+    reference = reference_weights(workdir, nproc=None)
+    check_ok(launch([*ARGS, "run.dir=run", "train.epochs=2"], workdir))
+    newest = workdir / "run" / "checkpoints" / "step_000000044.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = check_ok(launch([*ARGS, "run.dir=run", "train.epochs=3"], workdir))  # longer than before: allowed
+    warnings = [line for line in result.stdout.splitlines() if "is unreadable" in line]
+    assert len(warnings) == 1 and "step_000000044.pt" in warnings[0]
+    assert "resumed from run/checkpoints/step_000000040.pt" in result.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+
+
+def test_retention_keeps_the_newest_and_the_best_and_everything_loads_weights_only(workdir):
+    check_ok(launch([*ARGS, "run.dir=run", "ckpt.keep=2", "ckpt.best_metric=eval/accuracy"], workdir, nproc=2))
+    folder = workdir / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "step_000000065.pt", "step_000000066.pt"]
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert best["best"] == max(record["eval/accuracy"] for record in epoch_records(workdir / "run"))
+    last = torch.load(folder / "step_000000066.pt", weights_only=True)
+    expected = {"model", "optimizer", "epoch", "samples_in_epoch", "global_step", "rank_states", "config", "versions"}
+    assert expected <= set(last)
+    assert len(last["rank_states"]) == 2 and set(last["rank_states"][1]["rng"]) == {"torch", "cuda", "python", "numpy"}
+    assert last["config"]["ckpt"]["keep"] == 2 and last["versions"]["torch"] == str(torch.__version__)
+    assert not any(key.startswith("module.") for key in last["model"])
+
+
+def test_resuming_into_a_model_the_recipe_code_changed_names_the_first_mismatch(tmp_path):
+    # The config is the same; the recipe's code now builds another model.
+    (tmp_path / "grown.py").write_text(textwrap.dedent("""
+        import os
+        from torch import nn
+        import launcher.recipes.digits as digits
+        from launcher.recipes.digits import DEFAULTS, build_datasets
+
+        def build_model(cfg):
+            if not os.environ.get("GROWN"):
+                return digits.build_model(cfg)
+            return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Flatten(), nn.Linear(1024, 10))
+    """))
+    check_ok(launch(["recipe=grown.py", "run.dir=run", "train.epochs=1", "wandb.mode=disabled"], tmp_path))
+    result = launch(["recipe=grown.py", "run.dir=run", "train.epochs=2", "wandb.mode=disabled"], tmp_path,
+                    env={"GROWN": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "'0.weight' is [32, 1, 3, 3] there but [16, 1, 3, 3] in the model this config builds" in result.stderr
+
+
+def test_eval_only_evaluates_a_checkpoint_or_model_pt(tmp_path):
+    check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=2"], tmp_path))
+    last = epoch_records(tmp_path / "run")[-1]
+    expected = f"eval/loss {last['eval/loss']:.4f} | eval/accuracy {last['eval/accuracy']:.4f}"
+    from_model = check_ok(launch(["recipe=digits", "eval.only=true", "ckpt.resume=run/model.pt"], tmp_path, nproc=2))
+    assert f"evaluated run/model.pt | {expected}" in from_model.stdout
+    sharded = ["recipe=digits", "eval.only=true", "run.dir=run", "eval.sharded=true"]
+    from_run = check_ok(launch(sharded, tmp_path, nproc=2))
+    assert f"evaluated run/checkpoints/step_000000044.pt | {expected}" in from_run.stdout
+
+

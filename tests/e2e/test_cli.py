@@ -1,0 +1,114 @@
+"""What a user types: recipe forms, --cfg, and every error a user can cause, each a clear message and exit 2."""
+
+import textwrap
+
+import pytest
+import yaml
+from helpers import TORCHRUN_BANNER, assert_user_error, check_ok, error_lines, launch
+
+
+def test_cfg_prints_the_resolved_config_and_exits(tmp_path):
+    (tmp_path / "run.yaml").write_text("train:\n  epochs: 7\noptim:\n  lr: 0.5\n")
+    result = check_ok(launch(["recipe=lenet", "--config", "run.yaml", "optim.lr=0.25", "--cfg"], tmp_path))
+    printed = yaml.safe_load(result.stdout)
+    assert printed["recipe"] == "lenet"
+    assert printed["train"]["epochs"] == 7  # YAML over the recipe's 10
+    assert printed["train"]["batch_size"] == 256 and printed["train"]["seed"] == 0  # recipe, engine
+    assert printed["optim"]["lr"] == 0.25  # command line over YAML
+    assert printed["model"] == {"classifier_lr_mult": 1.0}  # the recipe's own key
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipe_by_dotted_path_and_by_file(tmp_path):
+    package = tmp_path / "myproject"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tiny.py").write_text("from launcher.recipes.digits import *\nDEFAULTS = {'model': {'width': 3}}\n")
+    dotted = check_ok(launch(["recipe=myproject.tiny", "--cfg"], tmp_path, env={"PYTHONPATH": str(tmp_path)}))
+    assert yaml.safe_load(dotted.stdout)["model"] == {"width": 3}
+    by_file = check_ok(launch([f"recipe={package / 'tiny.py'}", "--cfg"], tmp_path))
+    assert yaml.safe_load(by_file.stdout)["model"] == {"width": 3}
+
+
+def test_unknown_recipe_lists_the_available_ones(tmp_path):
+    result = launch(["recipe=lenett"], tmp_path)
+    assert_user_error(result, "unknown recipe 'lenett': use a short name (digits, features, lenet, linreg, mlp,")
+
+
+def test_recipe_with_a_syntax_error(tmp_path):
+    (tmp_path / "broken.py").write_text("def build_model(cfg)\n    return None\n")
+    result = launch(["recipe=broken.py"], tmp_path)
+    assert_user_error(result, "syntax error in")
+    assert "broken.py, line 1" in error_lines(result)[0]
+
+
+def test_recipe_without_build_model(tmp_path):
+    (tmp_path / "incomplete.py").write_text("def build_datasets(cfg):\n    return None, None\n")
+    assert_user_error(launch(["recipe=incomplete.py"], tmp_path), "does not define build_model(cfg)")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recipe=digits", "train.epoch=3"], "unknown key 'train.epoch': did you mean train.epochs"),
+        (["recipe=digits", "train.epochs=three"], "train.epochs='three' is not an integer"),
+        (["recipe=digits", "optim.name=lamb"], "optim.name='lamb' is not one of: sgd, adam, adamw"),
+        (["recipe=digits", "--configs", "x.yaml"], "unknown option '--configs'"),
+        (["train.epochs=3"], "no recipe given"),
+    ],
+)
+def test_config_errors(tmp_path, args, message):
+    assert_user_error(launch(args, tmp_path), message)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.batch_size=63"], "train.batch_size=63 is the global batch and must split evenly over 2 processes"),
+        (["dist.backend=nccl"], "dist.backend=nccl needs CUDA GPUs, and this machine has none"),
+    ],
+)
+def test_config_errors_stop_before_workers_start(tmp_path, args, message):
+    result = launch(["recipe=digits", "dist.nproc_per_node=2", *args], tmp_path)
+    assert_user_error(result, message)
+    assert TORCHRUN_BANNER not in result.stderr
+
+
+def test_config_error_under_torchrun_is_printed_once(tmp_path):
+    assert_user_error(launch(["recipe=digits", "train.batch_size=63"], tmp_path, nproc=2), "split evenly over 2", True)
+
+
+def test_missing_data_is_reported_once_before_training(tmp_path):
+    result = launch(["recipe=lenet", f"data.root={tmp_path / 'nothing'}"], tmp_path, nproc=2)
+    assert_user_error(result, "Fashion-MNIST is not in data.root=", torchrun=True)
+    assert "FashionMNIST/raw" in error_lines(result)[0] and "data.download=true" in error_lines(result)[0]
+    assert "epoch 1" not in result.stdout
+
+
+def test_data_error_on_one_rank_only_fails_the_job_once(tmp_path):
+    (tmp_path / "half.py").write_text(textwrap.dedent("""
+        import os
+        from launcher.recipes.digits import build_model, DEFAULTS, build_datasets as digits_datasets
+        from launcher.errors import UserError
+
+        def build_datasets(cfg):
+            if os.environ["RANK"] == "1":  # a test stand-in for a node whose disk lacks the data
+                raise UserError("no data on this node")
+            return digits_datasets(cfg)
+    """))
+    result = launch(["recipe=half.py"], tmp_path, nproc=2)
+    assert_user_error(result, "rank 1: no data on this node", torchrun=True)
+
+
+def test_failed_download_says_where_to_put_the_files(tmp_path):
+    # A proxy on a closed local port makes every download fail at once, with or without a network.
+    closed = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    result = launch(["recipe=mlp", f"data.root={tmp_path}", "data.download=true"], tmp_path, env=closed)
+    assert_user_error(result, "downloading Fashion-MNIST into")
+    assert "copy the four files train-images-idx3-ubyte" in error_lines(result)[0]
+    assert str(tmp_path / "FashionMNIST" / "raw") in error_lines(result)[0]
+
+
+def test_help_lists_usage(tmp_path):
+    result = check_ok(launch(["--help"], tmp_path))
+    assert "usage: python -m launcher recipe=NAME" in result.stdout and "--cfg" in result.stdout

@@ -1,0 +1,395 @@
+"""Every way a run ends is clean: no false failures at exit, signals that stop and never orphan, one line for every
+mistake, wandb that never holds the end up, sweeps parsed one way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    ARGS,
+    RECIPE,
+    REPO,
+    assert_user_error,
+    check_ok,
+    descendants,
+    error_lines,
+    history,
+    launch,
+    offline_runs,
+    read_metrics,
+    start,
+    wait_for,
+    wandb_records,
+    without_credentials,
+)
+
+TESTS = Path(__file__).resolve().parent
+DIGITS = ["recipe=digits", "wandb.mode=disabled"]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "interruptible.py").write_text(RECIPE)
+    return tmp_path
+
+
+def busy_core():
+    """A process that keeps one core busy: gloo's threads then get the CPU late, as on a loaded machine."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def exit_trials(trials: int, workdir: Path, args: list[str]) -> dict:
+    load = busy_core()
+    try:
+        result = subprocess.run([sys.executable, str(TESTS / "exit_trials.py"), str(trials), str(workdir), *args],
+                                capture_output=True, text=True, timeout=900)
+    finally:
+        load.kill()
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+# 1. No false failures at exit. 48 two-process starts catch a 1-in-30 rate with probability 1 - (29/30)**48 = 0.80.
+def test_two_process_starts_end_without_an_abort(tmp_path):
+    check_ok(launch([*DIGITS, "run.dir=used", "train.epochs=1"], tmp_path))
+    finished = exit_trials(16, tmp_path, [*DIGITS, "run.dir=ok{trial}", "train.max_steps=4", "ckpt.every_steps=2",
+                                          "dist.stop_check_every=1", "train.log_every=1"])
+    refused = exit_trials(32, tmp_path, [*DIGITS, "run.dir=used", "model.channels=16"])  # an error after collectives
+    assert finished["abnormal"] == [] and refused["abnormal"] == [], finished["abnormal"] + refused["abnormal"]
+    assert all((tmp_path / f"ok{trial}" / "model.pt").exists() for trial in range(16))
+
+
+# 2. Signals.
+def run_then_signal(workdir, args, signum, run="run", then=None):
+    """Start a slow run in ``run``, send ``signum`` to its first process once a checkpoint exists; returns (process,
+    the file of its output)."""
+    job = start([*ARGS, f"run.dir={run}", "wandb.mode=disabled", *args], workdir, env={"STEP_SLEEP": "0.02"})
+    wait_for(lambda: list((workdir / run / "checkpoints").glob("step_*.pt")), "a first checkpoint")
+    workers = descendants(job.pid)
+    os.kill(job.pid, signum)
+    if then:
+        then(job)
+    job.wait(timeout=120)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the workers to end", 30)
+    return job, job.output
+
+
+def ended(run_dir: Path) -> dict:
+    return json.loads((run_dir / "history.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_a_stop_signal_to_the_parent_stops_every_worker_with_a_checkpoint(workdir, signum):
+    job, output = run_then_signal(workdir, ["dist.nproc_per_node=2"], signum)
+    text = output.read_text()
+    assert job.returncode == 75, text
+    assert "launcher: stopped after step" in text and f"({signal.Signals(signum).name})" in text
+    assert "Traceback" not in text and "SignalException" not in text
+    assert ended(workdir / "run")["outcome"] == "stopped"
+
+
+def test_ctrl_c_on_one_process_stops_with_a_checkpoint_and_a_second_one_aborts(workdir):
+    job, output = run_then_signal(workdir, [], signal.SIGINT)
+    assert job.returncode == 75 and "Traceback" not in output.read_text(), output.read_text()
+    def again(job):  # once the first has reached the workers (two signals in a row would merge into one)
+        wait_for(lambda: "closing signal SIGINT" in job.output.read_text(), "the first Ctrl-C forwarded")
+        os.kill(job.pid, signal.SIGINT)
+
+    job, output = run_then_signal(workdir, ["dist.nproc_per_node=2"], signal.SIGINT, run="twice", then=again)
+    text = output.read_text()
+    assert job.returncode == 130, text
+    assert "second stop signal" in text and "aborting at once, without a checkpoint" in text
+    assert "Traceback" not in text
+
+
+def test_workers_whose_parent_is_killed_stop_gracefully_and_do_not_run_on(workdir):
+    job, _ = run_then_signal(workdir, ["dist.nproc_per_node=2"], signal.SIGKILL)
+    assert job.returncode == -9
+    assert ended(workdir / "run")["outcome"] == "stopped"  # written by rank 0 after the parent died
+    assert "(SIGHUP)" in ended(workdir / "run")["detail"]
+
+
+def test_a_stop_under_torchrun_max_restarts_ends_the_job_and_says_stopped(workdir):
+    status = workdir / "status"
+    result = launch([*ARGS, "run.dir=run", "wandb.mode=disabled"], workdir, nproc=2, torchrun_args=["--max-restarts=3"],
+                    env={"INTERRUPT": "1:30:SIGTERM", "LAUNCHER_STATUS_FILE": str(status)})
+    assert result.returncode == 0, result.stderr
+    assert "exit 0, so torchrun --max-restarts does not start the job again" in result.stderr
+    assert status.read_text() == "stopped\n"
+    starts = [e for e in map(json.loads, (workdir / "run" / "history.jsonl").read_text().splitlines())
+              if e["event"] == "start"]
+    assert len(starts) == 1 and ended(workdir / "run")["outcome"] == "stopped"
+
+
+STUCK = textwrap.dedent("""
+    import os, time
+    import torch.nn.functional as F
+    from launcher.recipes.digits import build_model, DEFAULTS, build_datasets
+
+    steps = 0
+    def loss(outputs, targets):
+        global steps
+        steps += 1
+        if os.environ["RANK"] == "1" and steps == 3:
+            time.sleep(300)  # a stuck rank, in the middle of training
+        return F.cross_entropy(outputs, targets)
+""")
+
+
+def test_a_stuck_rank_is_ended_when_the_other_times_out_not_30_seconds_later(tmp_path):
+    (tmp_path / "stuck.py").write_text(STUCK)
+    result = launch(["recipe=stuck.py", "run.dir=x", "dist.timeout_s=4", "wandb.mode=disabled"], tmp_path, nproc=2,
+                    timeout=200)
+    assert result.returncode != 0
+    assert "[rank 0] launcher: error: a collective operation did not finish within dist.timeout_s=4 s" in result.stderr
+    assert "[rank 1] launcher: SIGTERM: stopping at once, as rank 0 failed" in result.stderr
+    assert "forcefully exiting via 9" not in result.stderr  # torchrun did not have to SIGKILL it after 30 s
+    # torchrun's report names our line as the root cause, read from the error file we wrote.
+    assert "traceback : launcher: error: a collective operation did not finish" in result.stderr
+
+
+DYING = textwrap.dedent("""
+    import os
+    import torch.nn.functional as F
+    from launcher.recipes.digits import build_model, DEFAULTS, build_datasets
+
+    steps = 0
+    def loss(outputs, targets):
+        global steps
+        steps += 1
+        if os.environ["RANK"] == "1" and steps == 3:
+            os._exit(9)  # a rank that dies without a word
+        if os.environ["RANK"] == "1" and steps == 2 and os.environ.get("RAISE"):
+            raise ValueError("a bug in the recipe")
+        return F.cross_entropy(outputs, targets)
+""")
+
+
+def test_a_rank_that_dies_mid_training_gets_one_line_from_the_other(tmp_path):
+    (tmp_path / "dying.py").write_text(DYING)
+    result = launch(["recipe=dying.py", "run.dir=x", "wandb.mode=disabled"], tmp_path, nproc=2,
+                    torchrun_args=["--signals-to-handle=SIGUSR1"])  # torchrun's SIGTERM would end rank 0 first
+    assert result.returncode != 0
+    assert "[rank 0] launcher: error: stopped: another rank ended while this rank waited for it" in result.stderr
+    assert "pair.cc" not in result.stderr.split("Root Cause")[0].replace("the backend said", "")
+
+
+def test_an_error_in_the_recipe_shows_the_recipes_frames_not_the_engines(tmp_path):
+    (tmp_path / "dying.py").write_text(DYING)
+    result = launch(["recipe=dying.py", "run.dir=x", "wandb.mode=disabled"], tmp_path, nproc=2, env={"RAISE": "1"})
+    assert result.returncode != 0
+    line = "[rank 1] launcher: error: ValueError: a bug in the recipe"
+    assert error_lines(result) in ([line], [line, "[rank 0] launcher: error: stopped: rank 1 ended while this rank "
+                                                 "waited for it (its error, if it had one, is above)"])
+    assert "traceback : launcher: error: ValueError: a bug in the recipe" in result.stderr.split("Root Cause")[1]
+    frames = result.stderr.split(line, 1)[1].split("[rank 0]")[0].split("Root Cause")[0]
+    assert 'dying.py", line 13, in loss\n    raise ValueError("a bug in the recipe")' in frames
+    assert "launcher/train.py" not in result.stderr and "launcher/worker.py" not in result.stderr
+
+
+# 3. One line for every mistake: exit 2, no traceback, before any worker starts where it can be.
+def read_only_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], check=True)
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["wandb.tags=[a,b"], "wandb.tags=[a,b is not a value (while parsing a flow sequence): close its bracket"),
+    (['wandb.name="my'], 'wandb.name="my is not a value (while scanning a quoted scalar)'),
+    (["recipe=/etc/hostname"], "recipe=/etc/hostname is not a Python file: a recipe file ends in .py"),
+    (["recipe=./nonexist.py"], "recipe=nonexist.py: no such file (relative to "),
+    (["train.seed=99999999999999999999"], "train.seed=99999999999999999999 must be in [0, 2**31)"),
+    (["run.dir=afile"], "run.dir=afile is a file: give a directory"),
+    (["run.dir=afile/run"], "run.dir=afile/run is under afile, which is a file"),
+    (["run.dir=ro/run"], "run.dir=ro/run cannot be made: ro is not writable (Read-only file system)"),
+])
+def test_mistakes_get_one_line_before_any_worker_starts(tmp_path, args, message):
+    (tmp_path / "afile").write_text("")
+    read_only_dir(tmp_path)
+    try:
+        result = launch(["recipe=digits", "dist.nproc_per_node=2", *args], tmp_path)
+        assert_user_error(result, message)
+        assert "OMP_NUM_THREADS" not in result.stderr  # no worker was started
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+
+
+def test_a_recipe_path_with_a_tilde_works_from_yaml_and_quoted(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "my_recipe.py").write_text("from launcher.recipes.digits import *\nDEFAULTS = {'model': {'width': 3}}\n")
+    (tmp_path / "run.yaml").write_text("recipe: ~/my_recipe.py\n")
+    for args in (["--config", "run.yaml"], ['recipe="~/my_recipe.py"']):
+        result = check_ok(launch([*args, "--cfg"], tmp_path, env={"HOME": str(home)}))
+        assert "width: 3" in result.stdout
+
+
+def test_a_run_dir_error_under_torchrun_is_torchruns_root_cause(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = launch(["recipe=digits", "run.dir=afile"], tmp_path, nproc=2)
+    assert_user_error(result, "run.dir=afile is a file", torchrun=True)
+    assert "error_file: <N/A>" not in result.stderr.split("Root Cause")[1]
+    assert "traceback : launcher: error: run.dir=afile is a file" in result.stderr
+
+
+FILLING = textwrap.dedent("""
+    import os
+    import torch.nn.functional as F
+    from pathlib import Path
+    from launcher.recipes.digits import build_model, DEFAULTS, build_datasets
+
+    steps = 0
+    def loss(outputs, targets):
+        global steps
+        steps += 1
+        if steps == 12 and os.environ["RANK"] == "0":  # something else fills the disk
+            with open(Path(os.environ["FILL"]) / "filler", "wb") as file:
+                try:
+                    while True:
+                        file.write(b"x" * 65536)
+                        file.flush()
+                except OSError:
+                    pass
+        return F.cross_entropy(outputs, targets)
+""")
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path):
+    (tmp_path / "filling.py").write_text(FILLING)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        result = launch(["recipe=filling.py", f"run.dir={disk}/run", "ckpt.every_steps=10", "wandb.mode=disabled"],
+                        tmp_path, nproc=2, env={"FILL": str(disk)})
+        assert result.returncode != 0
+        (line,) = error_lines(result)
+        assert f"launcher: error: writing checkpoint {disk}/run/checkpoints/step_000000020.pt failed (no space " \
+               "left:" in line
+        assert f"the previous checkpoint {disk}/run/checkpoints/step_000000010.pt is intact" in line
+        assert torch.load(disk / "run" / "checkpoints" / "step_000000010.pt", weights_only=True)["global_step"] == 10
+        assert "launcher/checkpoint.py" not in result.stderr and "inline_container" not in result.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# 4. wandb: its own environment variables, and never holding the end of a run.
+def test_wandb_mode_auto_honours_wandb_environment_variables(tmp_path):
+    check_ok(launch(["recipe=digits", "run.dir=off", "train.epochs=1"], tmp_path,
+                    env={**without_credentials(tmp_path), "WANDB_MODE": "disabled"}))
+    assert not (tmp_path / "off" / "wandb").exists()
+    check_ok(launch(["recipe=digits", "run.dir=named", "train.epochs=1"], tmp_path,
+                    env={**without_credentials(tmp_path), "WANDB_PROJECT": "from-env", "WANDB_RUN_GROUP": "g1"}))
+    (offline,) = offline_runs(tmp_path / "named")
+    run = next(record["run"] for record in wandb_records(offline) if record["type"] == "run")
+    assert run["project"] == "from-env" and run["run_group"] == "g1"
+
+
+class FailingServer:
+    """A W&B server that answers every request with HTTP 500: online mode can connect, and then fails."""
+
+    def __enter__(self):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(500)
+                self.end_headers()
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def offline_run_finished(run_dir: Path) -> bool:
+    try:
+        (offline,) = offline_runs(run_dir)
+        return any(record["type"] == "exit" for record in wandb_records(offline))
+    except (ValueError, subprocess.CalledProcessError):  # not there yet, or still being written
+        return False
+
+
+def test_wandb_that_fails_online_falls_back_offline_with_every_record_without_holding_up_the_end(tmp_path):
+    with FailingServer() as url:
+        env = {**without_credentials(tmp_path), "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": url,
+               "WANDB_INIT_TIMEOUT": "20"}
+        started = time.monotonic()
+        result = check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=1", "train.log_every=5",
+                                  "wandb.mode=online"], tmp_path, env=env))
+        assert time.monotonic() - started < 19  # the end did not wait for wandb's 20 s online attempt
+        assert "wandb is still finishing its run (pid" in result.stdout
+        # In the background: the online start fails, the offline one takes over with every record.
+        wait_for(lambda: offline_run_finished(tmp_path / "run"), "the offline run's last record", 120)
+    (offline,) = offline_runs(tmp_path / "run")
+    assert [row["_step"] for row in history(wandb_records(offline))] == [
+        record["step"] for record in read_metrics(tmp_path / "run")]
+    notices = (tmp_path / "run" / "wandb" / "wandb-process.log").read_text()
+    assert "wandb could not start in online mode (" in notices and "logging offline instead" in notices
+    assert "is in use" not in notices
+
+
+def test_wandb_notices_are_written_around_the_progress_bar(tmp_path):
+    command = " ".join(["stty cols 120 rows 40;", sys.executable, "-m", "launcher", "recipe=digits",
+                        "train.epochs=2", "run.dir=tty", "train.log_every=5"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    env.pop("WANDB_API_KEY", None)
+    terminal = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=tmp_path, capture_output=True, text=True,
+                              env=env)
+    assert terminal.returncode == 0, terminal.stdout
+    pieces = [piece for line in terminal.stdout.split("\n") for piece in line.split("\r")]
+    notices = [piece for piece in pieces if "wandb:" in piece]
+    assert notices and all(piece.startswith("wandb: offline run") for piece in notices), notices
+
+
+# 5. Sweeps: one parser, quotes kept, errors named by file and line.
+def test_a_sweep_task_line_is_split_as_a_shell_would_and_its_errors_name_the_line(tmp_path):
+    (tmp_path / "sweep.txt").write_text('# lr sweep\ntrain.seed=1\n\nwandb.name="my run" optim.lr=0.1\n'
+                                        "optim.lrr=0.2\n")
+    result = check_ok(launch([*DIGITS, "--sweep-task", "sweep.txt:2", "--cfg"], tmp_path))
+    assert "name: my run" in result.stdout and "lr: 0.1" in result.stdout
+    bad = launch([*DIGITS, "--sweep-task", "sweep.txt:3", "--cfg"], tmp_path)
+    assert_user_error(bad, "sweep.txt line 5: unknown key 'optim.lrr': did you mean optim.lr")
+    dry = subprocess.run([sys.executable, "-m", "launcher.slurm", "array", "--sweep", "sweep.txt", "--dry-run",
+                          "recipe=digits"], cwd=tmp_path, capture_output=True, text=True)
+    assert dry.returncode == 2 and "sweep.txt line 5: unknown key 'optim.lrr'" in dry.stderr
+
+
+# 6. Smaller ones.
+def test_every_run_has_a_summary_and_the_docs_name_the_keys_a_run_records(tmp_path):
+    check_ok(launch(["recipe=linreg", "run.dir=lin", "train.epochs=1", "wandb.mode=disabled"], tmp_path))
+    assert "Total params: 3" in (tmp_path / "lin" / "summary.txt").read_text()
+    documented = (REPO / "docs" / "configuration.md").read_text()
+    recorded = {key for record in read_metrics(tmp_path / "lin") for key in record}
+    for key in recorded:
+        assert f"`{key}`" in documented, key
+
+
+def test_slurm_helper_takes_a_config_file_and_asks_for_cpus(tmp_path):
+    (tmp_path / "run.yaml").write_text("train:\n  epochs: 3\n")
+    dry = subprocess.run([sys.executable, "-m", "launcher.slurm", "single", "--gpus-per-node", "2", "--config",
+                          "run.yaml", "--dry-run", "recipe=digits"], cwd=tmp_path, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert f"--config {tmp_path / 'run.yaml'}" in dry.stdout.splitlines()[0]
+    assert "#SBATCH --cpus-per-task=8" in dry.stdout  # 4 per process
+    (tmp_path / "bad.yaml").write_text("train:\n  epoch: 3\n")
+    bad = subprocess.run([sys.executable, "-m", "launcher.slurm", "single", "--config", "bad.yaml", "--dry-run",
+                          "recipe=digits"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "config file: unknown key 'train.epoch'" in bad.stderr

@@ -1,0 +1,29 @@
+"""README is the manual: its install and test commands are what CI runs, and its recipe example works."""
+
+import re
+
+import yaml
+from helpers import REPO, check_ok, epoch_records, launch
+
+README = (REPO / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_ci_installs_and_tests_exactly_as_readme_says():
+    install_and_test = next(block for block in code_blocks("bash") if "pip install" in block)
+    ci_script = (REPO / ".ci" / "run").read_text().splitlines()
+    for command in install_and_test.strip().splitlines():
+        assert command in ci_script, f"README's `{command}` is not what .ci/run runs"
+
+
+def test_the_readme_recipe_example_trains(tmp_path):
+    example = next(block for block in code_blocks("python") if block.startswith("# my_recipe.py"))
+    (tmp_path / "my_recipe.py").write_text(example)
+    result = check_ok(launch(["recipe=my_recipe.py", "model.hidden=128", "--cfg"], tmp_path))
+    printed = yaml.safe_load(result.stdout.split("\n", 1)[1])
+    assert printed["model"] == {"hidden": 128, "head_lr_mult": 0.5} and printed["optim"]["name"] == "adamw"
+    check_ok(launch(["recipe=my_recipe.py", "run.dir=out"], tmp_path, nproc=2))
+    assert epoch_records(tmp_path / "out")[-1]["eval/accuracy"] > 0.6

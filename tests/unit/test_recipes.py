@@ -1,0 +1,65 @@
+"""The shipped recipes build, and the recipe interface does what README promises."""
+
+import pytest
+import torch
+
+from launcher.config.build import build_config, parse_overrides
+from launcher.engine.optim import build_optimizer
+from launcher.recipe import available_recipes, load_recipe
+
+
+def config_for(recipe, overrides=()):
+    return build_config(recipe.defaults, {}, parse_overrides(overrides), recipe.name)
+
+
+def test_shipped_recipes():
+    assert available_recipes() == ["digits", "features", "lenet", "linreg", "mlp", "resnet18"]
+
+
+@pytest.mark.parametrize(
+    "name, input_shape", [("lenet", (1, 1, 28, 28)), ("mlp", (1, 1, 28, 28)), ("digits", (1, 1, 8, 8))]
+)
+def test_classifiers_build_and_map_images_to_ten_logits(name, input_shape):
+    recipe = load_recipe(name)
+    model = recipe.build_model(config_for(recipe))
+    assert model(torch.rand(input_shape)).shape == (1, 10)
+
+
+def test_lenet_param_groups_give_the_classifier_its_own_learning_rate():
+    recipe = load_recipe("lenet")
+    cfg = config_for(recipe, ["model.classifier_lr_mult=0.1"])
+    model = recipe.build_model(cfg)
+    optimizer = build_optimizer(model, recipe.param_groups(model, cfg), cfg)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.9, pytest.approx(0.09)]
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_lenet_is_d2l_lenet_with_sigmoid_and_xavier_init():
+    recipe = load_recipe("lenet")
+    model = recipe.build_model(config_for(recipe))
+    assert sum(isinstance(m, torch.nn.Sigmoid) for m in model.modules()) == 4
+    assert sum(p.numel() for p in model.parameters()) == 61_706  # d2l's LeNet-5
+    # Xavier-uniform on Linear(400, 120) reaches sqrt(6 / 520) = 0.107; PyTorch's default stops at 1/20 = 0.05.
+    assert model.classifier[1].weight.abs().max() > 0.08
+
+
+def test_linreg_data_follows_the_true_parameters():
+    recipe = load_recipe("linreg")
+    train, _ = recipe.build_datasets(config_for(recipe))
+    x, y = train.tensors
+    fit = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], dim=1), y).solution.flatten()
+    torch.testing.assert_close(fit, torch.tensor([2.0, -3.4, 4.2]), atol=2e-3, rtol=0)
+
+
+def test_resnet18_loads_a_pretrained_state_dict_keeping_a_new_head(tmp_path, caplog):
+    recipe = load_recipe("resnet18")
+    build = lambda *overrides: recipe.build_model(  # noqa: E731
+        build_config(recipe.defaults, {}, parse_overrides(overrides), "resnet18"))
+    source = build("model.num_classes=2")
+    torch.save(source.state_dict(), tmp_path / "pretrained.pt")
+    same = build("model.num_classes=2", f"model.pretrained={tmp_path / 'pretrained.pt'}")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), same.state_dict().values()))
+    with caplog.at_level("WARNING"):
+        finetune = build("model.num_classes=5", f"model.pretrained={tmp_path / 'pretrained.pt'}")
+    assert torch.equal(finetune.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert finetune.fc.out_features == 5 and "2 tensors kept as built" in caplog.text and "fc.weight" in caplog.text

@@ -1,0 +1,167 @@
+"""The run directory's lock, its identity and the checkpoint checksums, in one process: the logic, fast."""
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import launcher.run.lock as run_lock
+from launcher.checkpoint.files import BadCheckpoint, load_checkpoint, save_atomic
+from launcher.checkpoint.resume import _refuse_changes, config_changes
+from launcher.config.build import build_config, parse_overrides
+from launcher.errors import UserError
+from launcher.recipe import load_recipe
+from launcher.run.directory import derived_name
+from launcher.run.lock import Holder, RunLock
+
+
+def write_holder(path, **fields):
+    holder = {**vars(Holder.this_process("other-job")), **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(holder))
+    return Holder(**holder)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_live_holder_is_named_and_a_second_job_refused(tmp_path):
+    first = RunLock(tmp_path / "runs" / "x", job="a")
+    first.acquire()
+    with pytest.raises(UserError, match=r"is in use by another job \(job a, pid \d+ on .*, since .*\)"):
+        RunLock(tmp_path / "runs" / "x", job="b").acquire()
+    with pytest.raises(UserError, match="is in use by another job"):
+        RunLock(tmp_path / "runs" / "x", job="b").check_free()
+    first.release()
+    assert not (tmp_path / "runs" / "x" / ".lock").exists()
+    RunLock(tmp_path / "runs" / "x", job="b").check_free()
+
+
+def test_the_lock_of_a_dead_process_or_of_an_earlier_attempt_of_the_same_job_is_taken_over(tmp_path, caplog):
+    caplog.set_level("INFO")
+    write_holder(tmp_path / ".lock", pid=dead_pid())
+    lock = RunLock(tmp_path, job="new")
+    lock.acquire()
+    assert "its process is gone" in caplog.text
+    lock.release()
+    write_holder(tmp_path / ".lock", job="job-7")  # alive (this very process), but the same job
+    lock = RunLock(tmp_path, job="job-7")
+    lock.acquire()
+    assert "an earlier attempt of this job" in caplog.text
+    assert json.loads((tmp_path / ".lock").read_text())["token"] == lock.me.token
+    lock.release()
+
+
+def test_a_holder_on_another_host_is_dead_only_when_its_heartbeat_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "STALE_S", 0.3)
+    write_holder(tmp_path / ".lock", host="elsewhere")
+    beating, stop = tmp_path / ".lock", threading.Event()
+
+    def beat():
+        while not stop.wait(0.05):
+            beating.touch()
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(UserError, match="in use by another job"):
+            RunLock(tmp_path, job="new").acquire()
+    finally:
+        stop.set()
+        thread.join()
+    lock = RunLock(tmp_path, job="new")
+    lock.acquire()  # no beat for STALE_S: taken over
+    lock.release()
+
+
+def test_a_lock_taken_away_is_noticed(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "BEAT_S", 0.05)
+    lock = RunLock(tmp_path, job="a")
+    lock.acquire()
+    write_holder(tmp_path / ".lock", job="intruder")
+    deadline = time.monotonic() + 10
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lock.lost
+    lock.release()
+    assert json.loads((tmp_path / ".lock").read_text())["job"] == "intruder"  # not ours to remove
+
+
+def test_a_failed_start_removes_the_directories_its_lock_made(tmp_path):
+    lock = RunLock(tmp_path / "runs" / "digits" / "abc", job=None)
+    lock.acquire()
+    lock.release(keep_dirs=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where, message", [("file", "is a file"), ("under_file", "is under")])
+def test_a_run_dir_that_cannot_be_a_directory_is_refused_in_one_line(tmp_path, where, message):
+    (tmp_path / "file").write_text("")
+    run_dir = tmp_path / "file" if where == "file" else tmp_path / "file" / "run"
+    with pytest.raises(UserError, match=message):
+        RunLock(run_dir, job=None).acquire()
+
+
+def config(*overrides):
+    recipe = load_recipe("digits")
+    cfg = build_config(recipe.defaults, {}, parse_overrides(overrides), "digits")
+    cfg.recipe = "digits"
+    return recipe, cfg
+
+
+def test_the_derived_run_name_follows_what_defines_the_run():
+    recipe, base = config()
+    name = derived_name(base, recipe)
+    assert derived_name(config("train.epochs=40", "dist.nproc_per_node=2", "ckpt.keep=9", "wandb.mode=disabled",
+                               "data.num_workers=2", "eval.sharded=true")[1], recipe) == name
+    for changed in ("optim.lr=0.01", "train.seed=1", "model.channels=16", "train.batch_size=32"):
+        assert derived_name(config(changed)[1], recipe) != name, changed
+
+
+def test_config_changes_are_sorted_into_free_applied_and_refused():
+    _, saved = config("train.epochs=3")
+    payload = {"samples_in_epoch": 64}
+    _, now = config("train.epochs=5", "optim.lr=0.01", "log.level=warning")
+    changes = config_changes(OmegaConf.to_container(saved), now)
+    assert changes == {"train.epochs": (3, 5), "optim.lr": (0.05, 0.01), "log.level": ("info", "warning")}
+    _refuse_changes(changes, payload, "x")  # nothing refused
+    _, bigger = config("model.channels=16", "train.batch_size=32")
+    changes = config_changes(OmegaConf.to_container(saved), bigger)
+    with pytest.raises(UserError, match=r"model\.channels 32 -> 16, train\.batch_size 64 -> 32 \(mid-epoch"):
+        _refuse_changes(changes, payload, "x")
+    _refuse_changes({"train.batch_size": (64, 32)}, {"samples_in_epoch": 0}, "x")  # at an epoch boundary: fine
+    unknown_to_old = OmegaConf.to_container(saved)
+    del unknown_to_old["run"]["name"]  # a key the engine added since: its default is no change
+    assert "run.name" not in config_changes(unknown_to_old, saved)
+
+
+def test_every_single_bit_flip_inside_a_checkpoint_record_is_detected(tmp_path):
+    path = tmp_path / "step.pt"
+    save_atomic({"model": {"w": torch.randn(1000)}, "global_step": 3}, path)
+    assert load_checkpoint(path)["global_step"] == 3
+    with zipfile.ZipFile(path) as archive:
+        records = [info for info in archive.infolist() if info.file_size]
+    original = path.read_bytes()
+    rng = random.Random(0)
+    for record in rng.sample(records, k=min(3, len(records))) + rng.choices(records, k=3):
+        raw = bytearray(original)
+        name_and_extra = int.from_bytes(raw[record.header_offset + 26:record.header_offset + 28], "little") + \
+            int.from_bytes(raw[record.header_offset + 28:record.header_offset + 30], "little")
+        start = record.header_offset + 30 + name_and_extra
+        raw[start + rng.randrange(record.file_size)] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(raw))
+        with pytest.raises(BadCheckpoint):
+            load_checkpoint(path)
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(BadCheckpoint):
+        load_checkpoint(path)

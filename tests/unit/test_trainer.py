@@ -1,0 +1,107 @@
+"""The Trainer in this process (one rank, no process group): the loop, its records, checkpoints, a stop and the
+resume after it, config changes on resume, gradient accumulation. The multi-process versions are in tests/e2e."""
+
+import json
+import signal
+
+import pytest
+import torch
+from helpers import RECIPE
+
+from launcher.cli.main import load_validated
+from launcher.distributed.env import DistEnv
+from launcher.distributed.stop import STOP_SIGNALS, StopRequested, StopSignals
+from launcher.engine.trainer import Trainer
+from launcher.errors import LauncherError
+from launcher.tracking.metrics import read_records
+
+ONE_PROCESS = DistEnv.from_environ({})
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Each test in its own folder (run directories, the recipe's marker file), with this process's signal
+    handlers as they were afterwards."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "interruptible.py").write_text(RECIPE)
+    handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGHUP)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def build(*overrides, recipe="interruptible.py") -> Trainer | None:
+    """A Trainer as `python -m launcher recipe=... overrides` builds it."""
+    _, loaded, cfg = load_validated([f"recipe={recipe}", "wandb.mode=disabled", "log.level=warning", *overrides],
+                                    ONE_PROCESS)
+    return Trainer.build(cfg, loaded, ONE_PROCESS, torch.device("cpu"), StopSignals(ONE_PROCESS))
+
+
+def weights(run_dir) -> dict:
+    return torch.load(f"{run_dir}/model.pt", weights_only=True)
+
+
+def history(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(f"{run_dir}/history.jsonl")]
+
+
+def test_the_loop_trains_evaluates_checkpoints_and_records_every_step_it_reports(tmp_path):
+    trainer = build("recipe=digits", "run.dir=run", "train.epochs=2", "train.log_every=5", "ckpt.every_steps=10",
+                    recipe="digits")
+    trainer.run()
+    records = read_records(tmp_path / "run" / "metrics.jsonl")
+    epochs = [record for record in records if "eval/accuracy" in record]
+    assert [record["step"] for record in epochs] == [22, 44]  # 1,438 training samples // 64 = 22 steps an epoch
+    assert epochs[1]["train/loss"] < epochs[0]["train/loss"] and epochs[1]["eval/accuracy"] > 0.85
+    assert [record["step"] for record in records if "lr/group0" in record] == list(range(5, 45, 5))
+    checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    # Every 10 steps and at each epoch's end (22), the newest ckpt.keep=3 kept.
+    assert checkpoints == ["step_000000030.pt", "step_000000040.pt", "step_000000044.pt"]
+    final = weights("run")
+    assert all(torch.equal(final[key], value) for key, value in trainer.model.state_dict().items())
+    assert [event.get("outcome") for event in history("run")] == [None, "finished"]
+
+
+def test_a_stop_mid_epoch_then_a_new_trainer_continue_to_the_uninterrupted_weights_bitwise(monkeypatch):
+    build("run.dir=reference").run()
+    monkeypatch.setenv("INTERRUPT", "0:30:SIGTERM")  # the recipe signals this process in its 30th loss call
+    with pytest.raises(StopRequested, match=r"stopped after step (\d+) \(SIGTERM\): checkpoint written to") as stop:
+        build("run.dir=run").run()
+    stopped_at = int(str(stop.value).split()[3])
+    resumed = build("run.dir=run")
+    where = resumed.position
+    assert 22 < stopped_at < 44 and (where.epoch, where.global_step) == (2, stopped_at)  # 22 steps an epoch
+    assert where.step_in_epoch == stopped_at - 22
+    resumed.run()
+    reference, final = weights("reference"), weights("run")
+    assert all(torch.equal(reference[key], final[key]) for key in reference)
+    assert [event.get("outcome") for event in history("run")] == [None, "stopped", None, "finished"]
+
+
+def test_on_resume_a_changed_lr_is_applied_and_a_changed_model_refused():
+    common = ["recipe=digits", "run.dir=run", "sched.name=constant"]
+    build(*common, "train.epochs=1", "optim.lr=0.05", recipe="digits").run()
+    refusal = "cannot continue with these keys changed since its checkpoint: model.channels 32 -> 3"
+    with pytest.raises(LauncherError, match=refusal) as refused:
+        build(*common, "train.epochs=2", "model.channels=3", recipe="digits")
+    assert refused.value.exit_code == 2  # the user's mistake
+    resumed = build(*common, "train.epochs=2", "optim.lr=0.01", recipe="digits")
+    assert resumed.position.global_step == 22
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == [0.01]
+    resumed.close("failed")  # gives the directory back
+
+
+def test_a_complete_run_says_so_and_builds_nothing(caplog):
+    build("run.dir=run", "train.epochs=1").run()
+    with caplog.at_level("INFO", logger="launcher"):
+        assert build("run.dir=run", "train.epochs=1", "log.level=info") is None
+    assert "run.dir run is complete: 22 steps, 1 epochs" in caplog.text
+
+
+def test_accumulated_micro_batches_give_the_weights_of_the_whole_batch():
+    common = ["recipe=digits", "train.epochs=1", "train.batch_size=32", "train.clip_grad_norm=1.0"]
+    build(*common, "run.dir=accumulated", "train.grad_accum=4", recipe="digits").run()
+    build(*common, "run.dir=whole", recipe="digits").run()
+    accumulated, whole = weights("accumulated"), weights("whole")
+    for key in whole:
+        torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-5, atol=1e-6)
