@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,6 +71,37 @@ class Recipe:
     def predictions(self) -> Callable:
         """The recipe's ``predictions(outputs)``: what accuracy scores when the model has several outputs."""
         return getattr(self.module, "predictions", _same)
+
+    @property
+    def collate(self) -> Callable | None:
+        """The recipe's ``collate(samples) -> batch`` for its loaders, else the DataLoader's default."""
+        return getattr(self.module, "collate", None)
+
+    def step(self, model: nn.Module, batch) -> tuple[torch.Tensor, Any]:
+        """(the batch's mean loss, what evaluation's metrics need): the recipe's ``step(model, batch)``, which
+        returns the loss or (loss, outputs); else ``loss(model(inputs), targets)`` of an (inputs, targets) batch."""
+        if hasattr(self.module, "step"):
+            result = self.module.step(model, batch)
+            return result if isinstance(result, tuple) else (result, None)
+        inputs, targets = batch
+        outputs = model(inputs)
+        return self.loss(outputs, targets), outputs
+
+    def metrics(self, outputs, batch) -> dict[str, tuple]:
+        """name -> (sum, count) or (sum, count, finish) for one evaluation batch: the recipe's ``metrics(outputs,
+        batch)``, else accuracy for a classifier ((batch, classes) scores of integer targets)."""
+        if hasattr(self.module, "metrics"):
+            return dict(self.module.metrics(outputs, batch))
+        scores, targets = self.predictions(outputs), batch[1] if isinstance(batch, (tuple, list)) else None
+        if not (isinstance(scores, torch.Tensor) and isinstance(targets, torch.Tensor)):
+            return {}
+        if scores.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+            return {}
+        return {"accuracy": ((scores.argmax(dim=1) == targets).sum(), len(targets))}
+
+    def tokens_per_sample(self, cfg) -> int | None:
+        """The recipe's ``tokens_per_sample(cfg)``: with it, throughput is also counted in tokens per second."""
+        return self.module.tokens_per_sample(cfg) if hasattr(self.module, "tokens_per_sample") else None
 
 
 def available_recipes() -> list[str]:

@@ -29,7 +29,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "ckpt": {"every_epochs": 1, "every_steps": 0, "keep": 3, "best_metric": "", "best_mode": "max", "resume": "auto"},
     # 30 min: long enough for rank 0 to evaluate while the others wait, short enough to end a hung job.
     # stop_check_every: steps between the ranks' agreements on a stop signal (a stop comes within twice that).
-    "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800, "bucket_cap_mb": 25.0, "stop_check_every": 10},
+    # sync_batchnorm: BatchNorm statistics over the global batch, not each rank's share (distributed/parallel.py).
+    "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800, "bucket_cap_mb": 25.0, "stop_check_every": 10,
+             "sync_batchnorm": False},
     "log": {"level": "info"},
     # auto: online when W&B credentials are configured, else offline (upload later with `wandb sync`).
     "wandb": {"mode": "auto", "project": "launcher", "entity": "", "name": "", "group": "", "tags": []},

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from launcher.distributed.batchnorm import sync_batchnorm
 from launcher.distributed.env import DistEnv
 
 
 def wrap_model(model: nn.Module, cfg, dist_env: DistEnv, device: torch.device) -> nn.Module:
-    """``model`` compiled (``train.compile``) and wrapped in DDP (several processes); shares its parameters.
+    """``model`` with synchronised BatchNorm (``dist.sync_batchnorm``, several processes), compiled
+    (``train.compile``) and wrapped in DDP (several processes); shares its parameters and buffers.
 
     torch.compile goes inside DDP: DDP's forward then runs eagerly and marks itself active, so TorchDynamo's
     DDPOptimizer splits the compiled graph at DDP's bucket boundaries and each bucket's all-reduce starts while
@@ -18,6 +20,8 @@ def wrap_model(model: nn.Module, cfg, dist_env: DistEnv, device: torch.device) -
     left the model eager with torch 2.14: Dynamo breaks the graph at DDP's ``_inside_ddp_forward`` and runs what
     is inside it uncompiled. tests/test_compile.py profiles the overlap.
     """
+    if cfg.dist.sync_batchnorm and dist_env.is_distributed:
+        model = sync_batchnorm(model, device)
     compiled = torch.compile(model) if cfg.train.compile else model
     if not dist_env.is_distributed:
         return compiled

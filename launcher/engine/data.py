@@ -37,8 +37,9 @@ class ResumableDistributedSampler(DistributedSampler):
         return (self.usable_samples - self.consumed) // self.num_replicas
 
 
-def _loader_options(num_workers: int, device: torch.device) -> dict:
+def _loader_options(num_workers: int, device: torch.device, collate) -> dict:
     return dict(
+        collate_fn=collate,  # None: the DataLoader's default (tensors, tuples, lists, dicts, nested)
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
@@ -48,7 +49,7 @@ def _loader_options(num_workers: int, device: torch.device) -> dict:
     )
 
 
-def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device) -> DataLoader:
+def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device, collate=None) -> DataLoader:
     """A loader of per-rank batches (global batch / world size); position it with ``start_epoch``.
 
     Each step's global batch is the same set of samples whatever the number of processes: the sampler shuffles
@@ -63,7 +64,7 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
         batch_size=per_rank_batch,
         sampler=sampler,
         drop_last=True,
-        **_loader_options(cfg.data.num_workers, device),
+        **_loader_options(cfg.data.num_workers, device, collate),
     )
     if len(loader) == 0:
         raise UserError(
@@ -93,6 +94,7 @@ def eval_batches(num_samples: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
 
 
-def build_eval_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, device: torch.device):
+def build_eval_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, device: torch.device,
+                      collate=None):
     """A loader over the given batches, in order."""
-    return DataLoader(dataset, batch_sampler=batches, **_loader_options(num_workers, device))
+    return DataLoader(dataset, batch_sampler=batches, **_loader_options(num_workers, device, collate))

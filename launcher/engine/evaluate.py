@@ -4,6 +4,7 @@ of a saved checkpoint alone (``eval.only``, like torchvision's --test-only)."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,7 @@ from launcher.checkpoint.files import check_model_fits
 from launcher.checkpoint.resume import checkpoint_to_evaluate, is_checkpoint, load_named
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import run_agreed
+from launcher.engine.batches import batch_size, to_device
 from launcher.engine.build import build_model_and_data
 from launcher.engine.data import build_eval_loader, eval_batches
 from launcher.errors import UserError
@@ -22,46 +24,57 @@ from launcher.run.directory import run_dir_for
 log = logging.getLogger(__name__)
 
 
-def _is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
-    return outputs.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.device, dist_env: DistEnv) -> dict:
-    """Evaluate the unwrapped model (never the DDP wrapper: a DDP forward on one rank hangs the others).
+    """``eval/loss`` and the recipe's metrics (by default accuracy, for a classifier) of the unwrapped model (never
+    the DDP wrapper: a DDP forward on one rank hangs the others).
 
-    Sharded, rank r evaluates batches r, r + world, ...; each batch's sums land in their own slot and the slots
-    are summed in batch order, so the result equals the single-rank evaluation exactly, not just closely.
-    Every rank must call this when ``eval.sharded``; only rank 0 otherwise.
+    Every metric is a sum and a count per batch. Sharded, rank r evaluates batches r, r + world, ...; each batch's
+    sums land in their own slot and the slots are summed in batch order, so the result equals the single-rank
+    evaluation exactly, not just closely. Every rank must call this when ``eval.sharded``; only rank 0 otherwise.
     """
-    sharded = cfg.eval.sharded
+    sharded = cfg.eval.sharded and dist_env.is_distributed
     batches = eval_batches(len(dataset), cfg.eval.batch_size)
     if cfg.train.limit_eval_batches:
         batches = batches[: cfg.train.limit_eval_batches]
-    samples = sum(len(batch) for batch in batches)
     owned = range(dist_env.rank, len(batches), dist_env.world_size) if sharded else range(len(batches))
-    loss_sums = torch.zeros(len(batches), dtype=torch.float64, device=device)
-    correct = torch.zeros(len(batches), dtype=torch.int64, device=device)
-    classification = torch.zeros((), dtype=torch.int64, device=device)
-    loader = build_eval_loader(dataset, [batches[i] for i in owned], cfg.data.num_workers, device)
+    loader = build_eval_loader(dataset, [batches[i] for i in owned], cfg.data.num_workers, device, recipe.collate)
+    rows, finish = {}, {}
     was_training = model.training
     model.eval()
-    for slot, (inputs, targets) in zip(owned, loader):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        outputs = model(inputs)
-        loss_sums[slot] = recipe.loss(outputs, targets).double() * len(targets)
-        scores = recipe.predictions(outputs)
-        if isinstance(scores, torch.Tensor) and _is_classification(scores, targets):
-            classification.fill_(1)
-            correct[slot] = (scores.argmax(dim=1) == targets).sum()
+    for slot, batch in zip(owned, loader):
+        batch = to_device(batch, device, lambda tensor: tensor)
+        loss, outputs = recipe.step(model, batch)
+        size = batch_size(batch)
+        rows[slot] = {"loss": (loss.double() * size, size), **recipe.metrics(outputs, batch)}
+        finish.update((name, value[2]) for name, value in rows[slot].items() if len(value) > 2)
     model.train(was_training)
-    if sharded and dist_env.is_distributed:
-        for tensor in (loss_sums, correct, classification):
-            dist.all_reduce(tensor)  # each slot has one non-zero contributor: the sum is exact
-    metrics = {"eval/loss": (loss_sums.sum() / samples).item()}
-    if classification.item():
-        metrics["eval/accuracy"] = correct.sum().item() / samples
+    names = _metric_names(rows, sharded)
+    table = torch.zeros(len(batches), len(names), 2, dtype=torch.float64, device=device)
+    for slot, row in rows.items():
+        table[slot] = torch.stack([_pair(row.get(name, (0, 0)), device) for name in names])
+    if sharded:
+        dist.all_reduce(table)  # each slot has one non-zero contributor: the sum is exact
+    metrics = {}
+    for name, (total, count) in zip(names, table.sum(dim=0).tolist()):
+        value = total / count if count else math.nan
+        metrics[f"eval/{name}"] = finish[name](value) if name in finish else value
     return metrics
+
+
+def _metric_names(rows: dict, sharded: bool) -> list[str]:
+    """The metrics any rank's batches produced: loss first, then the recipe's in sorted order."""
+    names = {name for row in rows.values() for name in row}
+    if sharded:
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, names)
+        names = set().union(*every_rank)
+    return ["loss", *sorted(names - {"loss"})]
+
+
+def _pair(value: tuple, device: torch.device) -> torch.Tensor:
+    """A metric's (sum, count) as one float64 pair on ``device``."""
+    return torch.stack([torch.as_tensor(part, device=device).double().reshape(()) for part in value[:2]])
 
 
 def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:

@@ -22,6 +22,7 @@ from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
+from launcher.engine.batches import to_device
 from launcher.engine.build import build_model_and_data, seed_everything
 from launcher.engine.data import build_train_loader, start_epoch, steps_per_epoch
 from launcher.engine.evaluate import evaluate
@@ -49,7 +50,8 @@ class Trainer:
         if self.eval_set is None and cfg.ckpt.best_metric:
             raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
                             "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
-        self.train_loader = run_agreed(dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device))
+        self.train_loader = run_agreed(
+            dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device, recipe.collate))
         self.steps_per_epoch = steps_per_epoch(self.train_loader, cfg.train.batch_size)
         groups = lambda: recipe.param_groups(self.model, cfg)  # noqa: E731
         self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
@@ -70,6 +72,7 @@ class Trainer:
         self.trained = wrap_model(self.model, cfg, dist_env, device)  # what trains; ``model`` is evaluated, saved
         self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
         self.progress = terminal.wants_progress_bar(dist_env)
+        self.tokens_per_sample = recipe.tokens_per_sample(cfg)
         # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
         # collection no longer walks it, so it pauses the loop for far less.
         gc.freeze()
@@ -182,9 +185,8 @@ class Trainer:
         accum, clip, log_every = self.cfg.train.grad_accum, self.cfg.train.clip_grad_norm, self.cfg.train.log_every
         save_every, where = self.cfg.ckpt.every_steps, self.position
         window = _Window(self.loss_sum)
-        for micro, (inputs, targets) in enumerate(batches, 1):
-            inputs = self.precision.prepare(inputs.to(self.device, non_blocking=True))
-            self._micro_step(inputs, targets.to(self.device, non_blocking=True), accum, sync=micro % accum == 0)
+        for micro, batch in enumerate(batches, 1):
+            self._micro_step(to_device(batch, self.device, self.precision.prepare), accum, sync=micro % accum == 0)
             if micro % accum:
                 continue
             if clip:
@@ -199,7 +201,7 @@ class Trainer:
             if bar is not None:
                 bar.update()
             if where.global_step % log_every == 0 and self.dist_env.is_main:
-                self._report(window.take(self.cfg.train.batch_size), bar)
+                self._report(window.take(self.cfg.train.batch_size, self.tokens_per_sample), bar)
             if save_every and where.global_step % save_every == 0 and where.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint()  # the epoch's last step is saved after its evaluation
             if self.stop.should_stop(where.global_step):
@@ -213,12 +215,12 @@ class Trainer:
                 break
         return False
 
-    def _micro_step(self, inputs, targets, accum: int, sync: bool) -> None:
+    def _micro_step(self, batch, accum: int, sync: bool) -> None:
         """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
         skip_sync = not sync and isinstance(self.trained, DistributedDataParallel)
         with self.trained.no_sync() if skip_sync else contextlib.nullcontext():
             with self.precision.autocast():
-                loss = self.recipe.loss(self.trained(inputs), targets)
+                loss, _ = self.recipe.step(self.trained, batch)
             self.precision.backward(loss / accum if accum > 1 else loss)  # the step's gradient: the batch mean
         self.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
 
@@ -243,7 +245,7 @@ class Trainer:
             raise TrainingDiverged(self.checkpointer.diverged_message(where.global_step), same_on_all_ranks=True)
         seconds = time.perf_counter() - began
         record = {"step": where.global_step, "epoch": where.epoch, "train/loss": train_loss, "time/epoch_s": seconds,
-                  "throughput/samples_per_s": steps_run * cfg.train.batch_size / seconds}
+                  **_throughput(steps_run * cfg.train.batch_size / seconds, self.tokens_per_sample)}
         if self.eval_set is not None and (cfg.eval.sharded or self.dist_env.is_main):
             record.update(evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env))
         improved = self._new_best(record) if cfg.ckpt.best_metric else None
@@ -293,13 +295,19 @@ class _Window:
         self.steps, self.start = 0, time.perf_counter()
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
 
-    def take(self, batch_size: int) -> dict:
-        """Mean loss and samples per second over the window, then start a new one."""
+    def take(self, batch_size: int, tokens_per_sample: int | None) -> dict:
+        """Mean loss and samples (and tokens) per second over the window, then start a new one."""
         now = time.perf_counter()
         report = {"train/loss": (self.loss_sum - self.sum_before).item() / self.steps,
-                  "throughput/samples_per_s": self.steps * batch_size / (now - self.start)}
+                  **_throughput(self.steps * batch_size / (now - self.start), tokens_per_sample)}
         if self.grad_norm is not None:
             report["grad_norm"] = self.grad_norm.item()
         self.sum_before.copy_(self.loss_sum)
         self.steps, self.start = 0, now
         return report
+
+
+def _throughput(samples_per_s: float, tokens_per_sample: int | None) -> dict:
+    if tokens_per_sample is None:
+        return {"throughput/samples_per_s": samples_per_s}
+    return {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": samples_per_s * tokens_per_sample}

@@ -58,14 +58,19 @@ def model_summary(model: nn.Module, sample_input: torch.Tensor, device: torch.de
 
 def write_summary(model: nn.Module, train_set, device: torch.device, run_dir: Path) -> str:
     """The summary, logged and saved as summary.txt."""
-    sample = train_set[0][0]
+    sample = train_set[0]
+    sample = sample[0] if isinstance(sample, (tuple, list)) else sample  # an (input, target) pair's input
     if isinstance(sample, torch.Tensor):
         text, problem = model_summary(model, sample, device)
-    else:
-        text, problem = None, f"the training set's inputs are {type(sample).__name__}, not tensors"
+        if text is None:
+            log.warning("torchsummary cannot run this model (%s): summary.txt lists its parameters instead", problem)
+    else:  # torchsummary makes up tensor inputs only
+        text = None
+        log.info("the training set's samples are %ss, which torchsummary cannot make up: summary.txt lists the "
+                 "model's parameters", type(sample).__name__)
     if text is None:
-        log.warning("torchsummary cannot run this model (%s): summary.txt lists its parameters instead", problem)
         text = parameter_table(model)
     log.info("%s", text.rstrip())
     (run_dir / "summary.txt").write_text(text)
     return text
+

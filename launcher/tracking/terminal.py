@@ -75,12 +75,13 @@ def progress_bar(epoch: int, epochs: int, steps_done: int, steps_per_epoch: int)
 
 def report_steps(report: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int, bar) -> None:
     """A progress report on the bar, or as a line."""
-    loss, speed = report["train/loss"], report["throughput/samples_per_s"]
+    loss, speed = report["train/loss"], f"{report['throughput/samples_per_s']:,.0f} samples/s"
+    if "throughput/tokens_per_s" in report:
+        speed += f", {report['throughput/tokens_per_s']:,.0f} tokens/s"
     if bar is not None:
-        bar.set_postfix_str(f"loss {loss:.4f}, {speed:,.0f} samples/s")
+        bar.set_postfix_str(f"loss {loss:.4f}, {speed}")
     else:
-        log.info("epoch %d step %d/%d | loss %.4f | %s samples/s", epoch, step_in_epoch, steps_per_epoch, loss,
-                 f"{speed:,.0f}")
+        log.info("epoch %d step %d/%d | loss %.4f | %s", epoch, step_in_epoch, steps_per_epoch, loss, speed)
 
 
 def format_epoch(record: dict, epochs: int) -> str:
@@ -89,4 +90,6 @@ def format_epoch(record: dict, epochs: int) -> str:
     parts += [f"{key.replace('/', ' ')} {value:.4f}" for key, value in record.items() if key.startswith("eval/")]
     parts.append(f"{record['time/epoch_s']:.2f} s/epoch")
     parts.append(f"{record['throughput/samples_per_s']:,.0f} samples/s")
+    if "throughput/tokens_per_s" in record:
+        parts.append(f"{record['throughput/tokens_per_s']:,.0f} tokens/s")
     return " | ".join(parts)

@@ -32,7 +32,7 @@ def test_recipe_by_dotted_path_and_by_file(tmp_path):
 
 def test_unknown_recipe_lists_the_available_ones(tmp_path):
     result = launch(["recipe=lenett"], tmp_path)
-    assert_user_error(result, "unknown recipe 'lenett': use a short name (digits, features, lenet, linreg, mlp,")
+    assert_user_error(result, "unknown recipe 'lenett': use a short name (digits, features, gpt, lenet, linreg,")
 
 
 def test_recipe_with_a_syntax_error(tmp_path):

@@ -1,7 +1,9 @@
 """README is the manual: its install and test commands are what CI runs, and its recipe example works."""
 
+import math
 import re
 
+import pytest
 import yaml
 from helpers import REPO, check_ok, epoch_records, launch
 
@@ -27,3 +29,12 @@ def test_the_readme_recipe_example_trains(tmp_path):
     assert printed["model"] == {"hidden": 128, "head_lr_mult": 0.5} and printed["optim"]["name"] == "adamw"
     check_ok(launch(["recipe=my_recipe.py", "run.dir=out"], tmp_path, nproc=2))
     assert epoch_records(tmp_path / "out")[-1]["eval/accuracy"] > 0.6
+
+
+def test_the_readme_hooks_example_trains_on_dict_batches_of_padded_sequences(tmp_path):
+    example = next(block for block in code_blocks("python") if block.startswith("# sequences.py"))
+    (tmp_path / "sequences.py").write_text(example)
+    check_ok(launch(["recipe=sequences.py", "run.dir=out", "wandb.mode=disabled", "eval.sharded=true"], tmp_path,
+                    nproc=2))
+    last = epoch_records(tmp_path / "out")[-1]
+    assert last["eval/accuracy"] > 0.8 and last["eval/perplexity"] == pytest.approx(math.exp(last["eval/loss"]))

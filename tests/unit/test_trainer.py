@@ -2,6 +2,7 @@
 resume after it, config changes on resume, gradient accumulation. The multi-process versions are in tests/e2e."""
 
 import json
+import math
 import signal
 
 import pytest
@@ -105,3 +106,25 @@ def test_accumulated_micro_batches_give_the_weights_of_the_whole_batch():
     accumulated, whole = weights("accumulated"), weights("whole")
     for key in whole:
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+TINY_GPT = ["recipe=gpt", "model.layers=1", "model.width=16", "model.heads=2", "model.context=16",
+            "data.train_bytes=8000", "data.eval_bytes=2000", "train.epochs=1", "train.log_every=5"]
+
+
+def test_the_gpt_recipe_trains_with_dict_batches_and_every_hook(tmp_path):
+    build(*TINY_GPT, "run.dir=run", recipe="gpt").run()
+    (record,) = [record for record in read_records(tmp_path / "run" / "metrics.jsonl") if "eval/loss" in record]
+    assert record["step"] == 15  # 8,000 bytes: 499 windows of 16 inputs and the next byte, 15 batches of 32
+    assert record["eval/perplexity"] == pytest.approx(math.exp(record["eval/loss"]), rel=1e-6)  # float32 sums
+    assert 0 < record["eval/next_byte_accuracy"] < 1 and record["eval/loss"] < math.log(256)
+    assert record["throughput/tokens_per_s"] == pytest.approx(record["throughput/samples_per_s"] * 16)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_step_hook_trains_under_mixed_precision_accumulation_and_clipping(tmp_path, amp):
+    build(*TINY_GPT, "run.dir=run", f"train.amp={amp}", "train.grad_accum=2", "train.clip_grad_norm=0.5",
+          recipe="gpt").run()
+    records = read_records(tmp_path / "run" / "metrics.jsonl")
+    assert all(math.isfinite(record["train/loss"]) and record["grad_norm"] > 0 for record in records[:-1])
+    assert records[-1]["eval/loss"] < math.log(256)

@@ -1,0 +1,41 @@
+"""Batches of any structure: tensors, tuples, lists, dicts, nested, with non-tensor leaves left as they are."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def to_device(batch: Any, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with every tensor moved to ``device`` (asynchronously from pinned memory) and passed through
+    ``prepare`` (channels_last for image tensors); its structure, and every other leaf, kept."""
+    if isinstance(batch, torch.Tensor):
+        return prepare(batch.to(device, non_blocking=True))
+    if isinstance(batch, dict):
+        return type(batch)((key, to_device(value, device, prepare)) for key, value in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(value, device, prepare) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device, prepare) for value in batch)
+    return batch
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor in ``batch``'s structure (dicts in their order), or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for value in values:
+        found = first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in ``batch``: its first tensor's first dimension."""
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        raise TypeError("a batch needs a tensor with a batch dimension")
+    return tensor.shape[0]

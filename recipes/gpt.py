@@ -1,0 +1,160 @@
+"""A small GPT in the spirit of nanoGPT, trained byte by byte on the Python standard library's own source files: a
+real text corpus on every machine that has Python, no download.
+
+    torchrun --standalone --nproc_per_node 2 -m launcher recipe=gpt
+
+A decoder-only transformer: token and position embeddings, pre-norm blocks of causal self-attention (through
+``scaled_dot_product_attention``) and a GELU MLP, the output layer tied to the token embedding. AdamW with weight
+decay on the matrices only (not on norms, biases or embeddings), a cosine schedule after a warmup, gradient
+clipping. ``model.layers``, ``model.heads``, ``model.width`` and ``model.context`` size it.
+
+The corpus: every ``.py`` file under the standard library (``sysconfig``'s ``stdlib`` path, without site-packages
+and the test suites), in sorted order; every 10th file is validation, the rest training, so no file is in both.
+The first ``data.train_bytes`` and ``data.eval_bytes`` of each side are cut into windows of ``model.context + 1``
+bytes. A sample is a dict (``input_ids``, ``targets``: the same window shifted by one byte), and this recipe shows
+every optional hook: ``step`` (the language-model loss), ``metrics`` (perplexity and next-byte accuracy, as sums and
+counts), ``tokens_per_sample`` (throughput in tokens/s) and ``param_groups``.
+"""
+
+import math
+import sysconfig
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+VOCAB = 256  # bytes
+
+DEFAULTS = {
+    "train": {"epochs": 3, "batch_size": 32, "clip_grad_norm": 1.0, "log_every": 25},
+    "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
+    "sched": {"name": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.1},
+    "eval": {"batch_size": 64},
+    "data": {"train_bytes": 500_000, "eval_bytes": 65_000},
+    "model": {"layers": 4, "heads": 4, "width": 64, "context": 64, "dropout": 0.0},
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+                   for t in self.qkv(x).split(width, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(width), CausalSelfAttention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, layers: int, heads: int, width: int, context: int, dropout: float):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(VOCAB, width), nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[Block(width, heads, dropout) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, VOCAB, bias=False)
+        self.head.weight = self.tokens.weight  # weight tying
+        self.apply(_init_weights)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tokens(input_ids) + self.positions(positions)
+        return self.head(self.norm(self.blocks(x)))  # (batch, length, VOCAB) logits
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class ByteWindows(Dataset):
+    """Non-overlapping windows of ``length + 1`` bytes, as {input_ids, targets} shifted by one."""
+
+    def __init__(self, data: bytes, length: int):
+        self.data, self.length = torch.frombuffer(bytearray(data), dtype=torch.uint8), length
+
+    def __len__(self) -> int:
+        return (len(self.data) - 1) // self.length
+
+    def __getitem__(self, index: int) -> dict:
+        window = self.data[index * self.length : (index + 1) * self.length + 1].long()
+        return {"input_ids": window[:-1], "targets": window[1:]}
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's .py files in a fixed order, without site-packages and the test suites."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    return sorted(path for path in root.rglob("*.py")
+                  if not skipped & set(path.relative_to(root).parts) and path.is_file())
+
+
+def corpus(files: list[Path], size: int) -> bytes:
+    """The first ``size`` bytes of the files, concatenated."""
+    chunks, total = [], 0
+    for path in files:
+        chunks.append(path.read_bytes())
+        total += len(chunks[-1])
+        if total >= size:
+            break
+    return b"".join(chunks)[:size]
+
+
+def build_model(cfg) -> nn.Module:
+    m = cfg.model
+    return GPT(m.layers, m.heads, m.width, m.context, m.dropout)
+
+
+def build_datasets(cfg):
+    files = stdlib_sources()
+    train_files = [path for i, path in enumerate(files) if i % 10]
+    eval_files = [path for i, path in enumerate(files) if i % 10 == 0]
+    context = cfg.model.context
+    return (ByteWindows(corpus(train_files, cfg.data.train_bytes), context),
+            ByteWindows(corpus(eval_files, cfg.data.eval_bytes), context))
+
+
+def param_groups(model: nn.Module, cfg):
+    """Weight decay on the matrices of the linear layers; none on norms, biases and embeddings (and so the tied
+    output layer)."""
+    embeddings = {id(model.tokens.weight), id(model.positions.weight)}
+    decayed = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    kept = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    return [{"params": decayed}, {"params": kept, "weight_decay": 0.0}]
+
+
+def step(model: nn.Module, batch: dict):
+    """The language-model loss: every position predicts the next byte."""
+    logits = model(batch["input_ids"])
+    return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten()), logits
+
+
+def metrics(logits: torch.Tensor, batch: dict) -> dict:
+    """Perplexity (exp of the mean negative log-likelihood per byte) and next-byte accuracy, as sums and counts."""
+    targets = batch["targets"]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    correct = (logits.argmax(dim=-1) == targets).sum()
+    return {"perplexity": (nll, targets.numel(), math.exp), "next_byte_accuracy": (correct, targets.numel())}
+
+
+def tokens_per_sample(cfg) -> int:
+    return cfg.model.context
