@@ -99,6 +99,12 @@ class Recipe:
             return {}
         return {"accuracy": ((scores.argmax(dim=1) == targets).sum(), len(targets))}
 
+    @property
+    def augment(self) -> Callable | None:
+        """The recipe's ``augment(batch, generator) -> batch``: a batched augmentation of training batches on the
+        device, drawing its random numbers from ``generator`` (a torch.Generator there), else None."""
+        return getattr(self.module, "augment", None)
+
     def tokens_per_sample(self, cfg) -> int | None:
         """The recipe's ``tokens_per_sample(cfg)``: with it, throughput is also counted in tokens per second."""
         return self.module.tokens_per_sample(cfg) if hasattr(self.module, "tokens_per_sample") else None

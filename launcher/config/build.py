@@ -18,8 +18,10 @@ from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, String
 
 from launcher.config.schema import ENGINE_DEFAULTS, leaves
 from launcher.distributed.env import BACKENDS, check_backend, first_bucket_mb
+from launcher.distributed.parallel import COMPILE_MODES
 from launcher.engine.optim import OPTIMIZERS, SCHEDULES
 from launcher.engine.precision import AMP_MODES
+from launcher.engine.resident import RESIDENT_MODES
 from launcher.errors import UserError
 from launcher.tracking.terminal import LOG_LEVELS
 from launcher.tracking.wandb import WANDB_MODES
@@ -195,7 +197,8 @@ def _check_ranges(cfg: DictConfig) -> None:
         (cfg.optim.lr > 0, "optim.lr", "greater than 0"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", "0 or more"),
-        (cfg.data.num_workers >= 0, "data.num_workers", "0 or more"),
+        (cfg.data.num_workers >= -1, "data.num_workers", "-1 (chosen for the device) or 0 or more"),
+        (0 < cfg.data.resident_share <= 1, "data.resident_share", "in (0, 1]"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "at least 1"),
         (cfg.dist.nproc_per_node >= 1, "dist.nproc_per_node", "at least 1"),
         (cfg.dist.timeout_s >= 1, "dist.timeout_s", "at least 1 (seconds)"),
@@ -220,6 +223,8 @@ def _check_choices(cfg: DictConfig) -> None:
     _check_choice("ckpt.best_mode", cfg.ckpt.best_mode, ("max", "min"))
     _check_choice("log.level", cfg.log.level, LOG_LEVELS)
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    _check_choice("data.resident", cfg.data.resident, RESIDENT_MODES)
+    _check_choice("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES)
 
 
 def _check_world(cfg: DictConfig, world_size: int) -> None:

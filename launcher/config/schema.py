@@ -17,13 +17,16 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "limit_eval_batches": 0,  # 0: the whole eval set; else only its first N batches
         "amp": "none",  # none | bf16 | fp16 (fp16 with a GradScaler)
         "compile": False,  # torch.compile of the model inside DDP (TorchDynamo splits graphs at DDP buckets)
+        "compile_mode": "default",  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune
         "channels_last": False,  # NHWC memory format for models and image batches
         # glibc malloc keeps freed host memory (up to 1 GB) for the next step instead of faulting it in again.
         "keep_host_memory": True,
     },
     "sched": {"name": "constant", "warmup_steps": 0, "step_size": 1000, "gamma": 0.1, "min_lr_ratio": 0.0},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
-    "data": {"root": "data", "num_workers": 0, "download": False},
+    # num_workers -1: 0 on a CPU, up to 4 per process on a GPU (engine/data.py); resident: auto (a TensorDataset on a
+    # GPU, within resident_share of its memory), always, never (engine/resident.py)
+    "data": {"root": "data", "num_workers": -1, "download": False, "resident": "auto", "resident_share": 0.25},
     "eval": {"batch_size": 512, "sharded": False, "only": False},
     # resume: auto = the newest good checkpoint in run.dir, if any; never; or a checkpoint's path.
     "ckpt": {"every_epochs": 1, "every_steps": 0, "keep": 3, "best_metric": "", "best_mode": "max", "resume": "auto"},
@@ -42,8 +45,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 # defines the run (the model, the data, the seed, the optimizer's kind, the recipe's own keys): a changed one is a
 # different run, refused on resume and given a directory of its own by the derived run name.
 CHANGES_FREELY = ("run", "train.epochs", "train.max_steps", "train.log_every", "train.limit_eval_batches",
-                  "train.compile", "train.channels_last", "train.keep_host_memory", "data.root", "data.num_workers",
-                  "data.download", "eval", "ckpt", "dist", "log", "wandb")
+                  "train.compile", "train.compile_mode", "train.channels_last", "train.keep_host_memory", "data.root",
+                  "data.num_workers", "data.download", "data.resident", "data.resident_share", "eval", "ckpt", "dist",
+                  "log", "wandb")
 # Applied to the restored optimizer and schedule (batch size: at an epoch boundary only, where no position breaks).
 APPLIED_ON_RESUME = ("optim.lr", "optim.momentum", "optim.weight_decay", "sched", "train.clip_grad_norm",
                      "train.grad_accum", "train.amp", "train.batch_size")

@@ -9,6 +9,8 @@ from torch.nn.parallel import DistributedDataParallel
 from launcher.distributed.batchnorm import sync_batchnorm
 from launcher.distributed.env import DistEnv
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def wrap_model(model: nn.Module, cfg, dist_env: DistEnv, device: torch.device) -> nn.Module:
     """``model`` with synchronised BatchNorm (``dist.sync_batchnorm``, several processes), compiled
@@ -22,7 +24,7 @@ def wrap_model(model: nn.Module, cfg, dist_env: DistEnv, device: torch.device) -
     """
     if cfg.dist.sync_batchnorm and dist_env.is_distributed:
         model = sync_batchnorm(model, device)
-    compiled = torch.compile(model) if cfg.train.compile else model
+    compiled = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
     if not dist_env.is_distributed:
         return compiled
     return DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None,

@@ -39,3 +39,34 @@ def batch_size(batch: Any) -> int:
     if tensor is None or tensor.dim() == 0:
         raise TypeError("a batch needs a tensor with a batch dimension")
     return tensor.shape[0]
+
+
+def tensors_in(batch: Any):
+    """Every tensor in ``batch``'s structure."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (dict, tuple, list)):
+        for value in batch.values() if isinstance(batch, dict) else batch:
+            yield from tensors_in(value)
+
+
+def prefetched(batches, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor]):
+    """``batches`` on ``device``. On CUDA the next batch is copied (from pinned memory, on a side stream) while the
+    step on the current one runs, instead of before it; elsewhere they are moved as they come."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield to_device(batch, device, prepare)
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    pending = None
+    for batch in batches:
+        with torch.cuda.stream(side):
+            moved = to_device(batch, device, prepare)
+        if pending is not None:
+            yield pending  # the step on it is queued before the copy above is waited for
+        main.wait_stream(side)
+        for tensor in tensors_in(moved):
+            tensor.record_stream(main)  # allocated on the side stream, used on the main one
+        pending = moved
+    if pending is not None:
+        yield pending

@@ -3,10 +3,13 @@ whole batches for evaluation."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from launcher.distributed.env import DistEnv
+from launcher.engine.resident import ResidentLoader, resident_tensors
 from launcher.errors import UserError
 
 
@@ -37,6 +40,18 @@ class ResumableDistributedSampler(DistributedSampler):
         return (self.usable_samples - self.consumed) // self.num_replicas
 
 
+def loader_workers(cfg, dist_env: DistEnv, device: torch.device) -> int:
+    """``data.num_workers``, or for -1 (the default): none on a CPU, where the training itself needs the cores and
+    an in-memory data set is fastest read in the process; on a GPU, 4 per process, or as many as the cores this
+    process may use shared among the node's processes allow, keeping one for the process itself."""
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // dist_env.local_world_size - 1))
+
+
 def _loader_options(num_workers: int, device: torch.device, collate) -> dict:
     return dict(
         collate_fn=collate,  # None: the DataLoader's default (tensors, tuples, lists, dicts, nested)
@@ -49,7 +64,7 @@ def _loader_options(num_workers: int, device: torch.device, collate) -> dict:
     )
 
 
-def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device, collate=None) -> DataLoader:
+def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.device, collate=None):
     """A loader of per-rank batches (global batch / world size); position it with ``start_epoch``.
 
     Each step's global batch is the same set of samples whatever the number of processes: the sampler shuffles
@@ -59,13 +74,12 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     sampler = ResumableDistributedSampler(
         dataset, dist_env.world_size, dist_env.rank, seed=cfg.train.seed, global_batch=cfg.train.batch_size
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        drop_last=True,
-        **_loader_options(cfg.data.num_workers, device, collate),
-    )
+    tensors = resident_tensors(dataset, cfg, device, "training")
+    if tensors is not None:
+        loader = ResidentLoader(dataset, tensors, batch_size=per_rank_batch, sampler=sampler)
+    else:
+        loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
+                            **_loader_options(loader_workers(cfg, dist_env, device), device, collate))
     if len(loader) == 0:
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} is larger than the training set ({len(dataset)} samples): "
@@ -94,7 +108,17 @@ def eval_batches(num_samples: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, num_samples))) for start in range(0, num_samples, batch_size)]
 
 
-def build_eval_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, device: torch.device,
-                      collate=None):
-    """A loader over the given batches, in order."""
-    return DataLoader(dataset, batch_sampler=batches, **_loader_options(num_workers, device, collate))
+def build_eval_loader(dataset: Dataset, batches: list[list[int]], cfg, device: torch.device, collate=None):
+    """A loader over the given batches, in order: on the device (``data.resident``) or a DataLoader."""
+    tensors = resident_tensors(dataset, cfg, device, "eval")
+    if tensors is not None:
+        return ResidentLoader(dataset, tensors, batches=batches)
+    workers = 0 if cfg.data.num_workers < 0 else cfg.data.num_workers  # evaluation: no workers kept alive all run
+    return DataLoader(dataset, batch_sampler=batches, **_loader_options(workers, device, collate))
+
+
+def data_path(loader) -> str:
+    """How batches reach the device, for the header."""
+    if isinstance(loader, ResidentLoader):
+        return f"on the device ({sum(tensor.nbytes for tensor in loader.tensors) / 2**20:,.1f} MB)"
+    return f"through a DataLoader ({loader.num_workers} workers)"

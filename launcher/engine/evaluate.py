@@ -38,7 +38,7 @@ def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.devic
     if cfg.train.limit_eval_batches:
         batches = batches[: cfg.train.limit_eval_batches]
     owned = range(dist_env.rank, len(batches), dist_env.world_size) if sharded else range(len(batches))
-    loader = build_eval_loader(dataset, [batches[i] for i in owned], cfg.data.num_workers, device, recipe.collate)
+    loader = build_eval_loader(dataset, [batches[i] for i in owned], cfg, device, recipe.collate)
     rows, finish = {}, {}
     was_training = model.training
     model.eval()

@@ -22,9 +22,9 @@ from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
-from launcher.engine.batches import to_device
+from launcher.engine.batches import prefetched, to_device
 from launcher.engine.build import build_model_and_data, seed_everything
-from launcher.engine.data import build_train_loader, start_epoch, steps_per_epoch
+from launcher.engine.data import build_train_loader, data_path, start_epoch, steps_per_epoch
 from launcher.engine.evaluate import evaluate
 from launcher.engine.optim import build_optimizer, build_scheduler
 from launcher.engine.precision import Precision
@@ -73,6 +73,7 @@ class Trainer:
         self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
         self.progress = terminal.wants_progress_bar(dist_env)
         self.tokens_per_sample = recipe.tokens_per_sample(cfg)
+        self.augment_rng = torch.Generator(device) if recipe.augment else None
         # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
         # collection no longer walks it, so it pauses the loop for far less.
         gc.freeze()
@@ -100,7 +101,8 @@ class Trainer:
 
     def _record_start(self, start: Start, train_set) -> None:
         """Rank 0: the header, what the resume found, the attempt's records and the model summary."""
-        terminal.log_header(self.cfg, self.recipe.name, self.dist_env, self.device, self.model, self.attempt.run_dir)
+        terminal.log_header(self.cfg, self.recipe.name, self.dist_env, self.device, self.model, self.attempt.run_dir,
+                            data_path(self.train_loader))
         if start.checkpoint:
             where = self.position
             log.info("resumed from %s: epoch %d, step %d of it, global step %d", start.checkpoint, where.epoch,
@@ -170,7 +172,8 @@ class Trainer:
         if self.progress:
             bar = terminal.progress_bar(where.epoch, self.cfg.train.epochs, where.step_in_epoch, self.steps_per_epoch)
         try:
-            return self.train_steps(iter(self.train_loader), self.cfg.train.max_steps, bar)
+            batches = prefetched(iter(self.train_loader), self.device, self.precision.prepare)
+            return self.train_steps(batches, self.cfg.train.max_steps, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -185,8 +188,12 @@ class Trainer:
         accum, clip, log_every = self.cfg.train.grad_accum, self.cfg.train.clip_grad_norm, self.cfg.train.log_every
         save_every, where = self.cfg.ckpt.every_steps, self.position
         window = _Window(self.loss_sum)
+        micro_in_epoch = where.step_in_epoch * accum
         for micro, batch in enumerate(batches, 1):
-            self._micro_step(to_device(batch, self.device, self.precision.prepare), accum, sync=micro % accum == 0)
+            batch = to_device(batch, self.device, self.precision.prepare)  # already there when prefetched
+            if self.augment_rng is not None:
+                batch = self._augmented(batch, micro_in_epoch + micro)
+            self._micro_step(batch, accum, sync=micro % accum == 0)
             if micro % accum:
                 continue
             if clip:
@@ -214,6 +221,13 @@ class Trainer:
             if until_step and where.global_step >= until_step:
                 break
         return False
+
+    def _augmented(self, batch, micro_in_epoch: int):
+        """The recipe's augmentation of ``batch``, its random numbers a function of where the batch is (seed, epoch,
+        rank, micro-batch): a resumed epoch draws exactly what the uninterrupted one did, with nothing to save."""
+        seed, epoch, rank = self.cfg.train.seed, self.position.epoch, self.dist_env.rank
+        self.augment_rng.manual_seed((((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_003 + micro_in_epoch) % 2**63)
+        return self.recipe.augment(batch, self.augment_rng)
 
     def _micro_step(self, batch, accum: int, sync: bool) -> None:
         """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""

@@ -45,7 +45,7 @@ class _AroundProgressBar(logging.StreamHandler):
             self.handleError(record)
 
 
-def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir) -> None:
+def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir, data_path: str) -> None:
     from launcher.distributed.env import resolve_backend
     from launcher.tracking.summary import parameter_counts
 
@@ -54,10 +54,10 @@ def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir)
     per_rank, accum = cfg.train.batch_size // dist_env.world_size, cfg.train.grad_accum
     split = f"{per_rank} per rank" if accum == 1 else f"{per_rank // accum} per rank x {accum} accumulated"
     log.info(
-        "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %s | "
+        "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %s | data %s | "
         "%s parameters (%s trainable) | run dir %s",
         recipe_name, dist_env.world_size, resolve_backend(cfg.dist.backend) if dist_env.is_distributed else "none",
-        devices, cfg.train.batch_size, split, f"{total:,}", f"{trainable:,}", run_dir,
+        devices, cfg.train.batch_size, split, data_path, f"{total:,}", f"{trainable:,}", run_dir,
     )
 
 

@@ -128,3 +128,35 @@ def test_a_step_hook_trains_under_mixed_precision_accumulation_and_clipping(tmp_
     records = read_records(tmp_path / "run" / "metrics.jsonl")
     assert all(math.isfinite(record["train/loss"]) and record["grad_norm"] > 0 for record in records[:-1])
     assert records[-1]["eval/loss"] < math.log(256)
+
+
+# The interruptible digits recipe with a batched augmentation on the device: each image shifted by up to a pixel,
+# and noise.
+AUGMENTED = RECIPE + """
+def augment(batch, generator):
+    images, labels = batch
+    shifts = torch.randint(-1, 2, (2,), generator=generator, device=images.device).tolist()
+    noise = torch.randn(images.shape, generator=generator, device=images.device) * 0.05
+    return torch.roll(images, shifts, dims=(2, 3)) + noise, labels
+"""
+
+
+def test_device_resident_data_trains_exactly_as_the_dataloader_path(tmp_path):
+    build("recipe=digits", "run.dir=loader", "train.epochs=2", "data.resident=never", recipe="digits").run()
+    build("recipe=digits", "run.dir=resident", "train.epochs=2", "data.resident=always", recipe="digits").run()
+    loader, resident = weights("loader"), weights("resident")
+    assert all(torch.equal(loader[key], resident[key]) for key in loader)
+
+
+def test_an_on_device_augmentation_is_resumed_exactly_on_either_data_path(tmp_path, monkeypatch):
+    (tmp_path / "augmented.py").write_text("import torch\n" + AUGMENTED)
+    build("recipe=augmented.py", "run.dir=reference", "train.epochs=2", recipe="augmented.py").run()
+    monkeypatch.setenv("INTERRUPT", "0:30:SIGTERM")
+    with pytest.raises(StopRequested):
+        build("recipe=augmented.py", "run.dir=run", "train.epochs=2", "data.resident=always",
+              recipe="augmented.py").run()
+    build("recipe=augmented.py", "run.dir=run", "train.epochs=2", "data.resident=always", recipe="augmented.py").run()
+    reference, resumed = weights("reference"), weights("run")
+    assert all(torch.equal(reference[key], resumed[key]) for key in reference)
+    build("recipe=interruptible.py", "run.dir=plain", "train.epochs=2").run()
+    assert not torch.equal(weights("plain")["1.weight"], reference["1.weight"])  # the augmentation did something
