@@ -101,8 +101,8 @@ class Recipe:
 
     @property
     def augment(self) -> Callable | None:
-        """The recipe's ``augment(batch, generator) -> batch``: a batched augmentation of training batches on the
-        device, drawing its random numbers from ``generator`` (a torch.Generator there), else None."""
+        """The recipe's ``augment(batch, generator, cfg) -> batch``: a batched augmentation of training batches on
+        the device, drawing its random numbers from ``generator`` (a torch.Generator there), else None."""
         return getattr(self.module, "augment", None)
 
     def tokens_per_sample(self, cfg) -> int | None:

@@ -7,26 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from launcher.errors import UserError
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class ArrayImages(Dataset):
-    """uint8 images (N, H, W, C) in memory, with a torchvision transform applied per sample."""
-
-    def __init__(self, images: np.ndarray, labels: list[int], transform):
-        self.images, self.labels, self.transform = images, torch.tensor(labels), transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.transform(torch.from_numpy(self.images[index]).permute(2, 0, 1)), self.labels[index]
 
 
 def _read_cifar_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]]:
@@ -39,9 +26,11 @@ def _read_cifar_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, lis
     return np.concatenate(images), labels
 
 
-def cifar10(root: str, download: bool, train_transform, eval_transform) -> tuple[Dataset, Dataset]:
+def cifar10(root: str, download: bool) -> tuple[TensorDataset, TensorDataset]:
     """CIFAR-10 from ``<root>/cifar-10-batches-py`` (data_batch_1..5, test_batch), downloaded by torchvision when
-    ``download`` and missing."""
+    ``download`` and missing: (images, labels) TensorDatasets, the images normalised float (N, 3, 32, 32). In
+    memory, so on a GPU they stay on the device (data.resident); augmentation is batched (``random_crop_and_flip``).
+    """
     folder = Path(root) / CIFAR_FOLDER
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if download and not all((folder / name).exists() for name in names):
@@ -56,9 +45,31 @@ def cifar10(root: str, download: bool, train_transform, eval_transform) -> tuple
     if missing:
         raise UserError(f"CIFAR-10 is not in data.root={root}: {folder} lacks {', '.join(missing)}. Set "
                         "data.download=true, or unpack cifar-10-python.tar.gz there")
-    train = ArrayImages(*_read_cifar_batches(folder, names[:5]), train_transform)
-    test = ArrayImages(*_read_cifar_batches(folder, names[5:]), eval_transform)
-    return train, test
+    return _normalized(*_read_cifar_batches(folder, names[:5])), _normalized(*_read_cifar_batches(folder, names[5:]))
+
+
+def _normalized(images: np.ndarray, labels: list[int]) -> TensorDataset:
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return TensorDataset(((pixels - mean) / std).contiguous(), torch.tensor(labels))
+
+
+def random_crop_and_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """torchvision's RandomCrop(size, padding) and RandomHorizontalFlip for a whole batch of normalised CIFAR images
+    at once, on their device: the padding is black (what 0 becomes after normalisation), each image gets its own
+    offset and coin."""
+    count, channels, height, width = images.shape
+    black = (-torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)).to(images.device, images.dtype)
+    padded = black.view(1, channels, 1, 1).repeat(count, 1, height + 2 * padding, width + 2 * padding)
+    padded[:, :, padding : padding + height, padding : padding + width] = images
+    top, left = (torch.randint(0, 2 * padding + 1, (count,), generator=generator, device=images.device)
+                 for _ in range(2))
+    rows = (top[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+    columns = (left[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
+    cropped = padded[torch.arange(count, device=images.device)[:, None, None, None],
+                     torch.arange(channels, device=images.device)[None, :, None, None], rows, columns]
+    flip = torch.rand(count, generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
 
 
 def _image_folder_splits(root: str) -> list[Path]:

@@ -22,13 +22,12 @@ from torchvision.models import resnet18
 
 from launcher.errors import UserError
 from launcher.recipes._images import (
-    CIFAR_MEAN,
-    CIFAR_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     cifar10,
     image_folder,
     image_folder_class_count,
+    random_crop_and_flip,
 )
 
 log = logging.getLogger(__name__)
@@ -76,11 +75,7 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
 
 def build_datasets(cfg):
     if cfg.data.format == "cifar10":
-        normalize = transforms.Normalize(CIFAR_MEAN, CIFAR_STD)
-        as_float = transforms.ConvertImageDtype(torch.float32)
-        train = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    as_float, normalize])
-        return cifar10(cfg.data.root, cfg.data.download, train, transforms.Compose([as_float, normalize]))
+        return cifar10(cfg.data.root, cfg.data.download)  # augmented by ``augment``, a batch at a time
     if cfg.data.format == "imagefolder":
         size, normalize = cfg.data.image_size, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
@@ -94,6 +89,15 @@ def build_datasets(cfg):
                             f"{cfg.model.num_classes}: set model.num_classes={found}, or 0 to take it from the data")
         return train_set, eval_set
     raise UserError(f"data.format={cfg.data.format!r} is not one of: cifar10, imagefolder")
+
+
+def augment(batch, generator, cfg):
+    """CIFAR-10's random crop (padding 4) and horizontal flip, for the whole batch at once on its device (an
+    ImageFolder tree's augmentation is per sample, in its transforms)."""
+    if cfg.data.format != "cifar10":
+        return batch
+    images, labels = batch
+    return random_crop_and_flip(images, generator), labels
 
 
 def param_groups(model: nn.Module, cfg) -> list[dict]:

@@ -191,8 +191,8 @@ class Trainer:
         micro_in_epoch = where.step_in_epoch * accum
         for micro, batch in enumerate(batches, 1):
             batch = to_device(batch, self.device, self.precision.prepare)  # already there when prefetched
-            if self.augment_rng is not None:
-                batch = self._augmented(batch, micro_in_epoch + micro)
+            if self.augment_rng is not None:  # then channels_last again: an augmentation may make a new tensor
+                batch = to_device(self._augmented(batch, micro_in_epoch + micro), self.device, self.precision.prepare)
             self._micro_step(batch, accum, sync=micro % accum == 0)
             if micro % accum:
                 continue
@@ -227,7 +227,7 @@ class Trainer:
         rank, micro-batch): a resumed epoch draws exactly what the uninterrupted one did, with nothing to save."""
         seed, epoch, rank = self.cfg.train.seed, self.position.epoch, self.dist_env.rank
         self.augment_rng.manual_seed((((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_003 + micro_in_epoch) % 2**63)
-        return self.recipe.augment(batch, self.augment_rng)
+        return self.recipe.augment(batch, self.augment_rng, self.cfg)
 
     def _micro_step(self, batch, accum: int, sync: bool) -> None:
         """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""

@@ -133,7 +133,7 @@ def test_a_step_hook_trains_under_mixed_precision_accumulation_and_clipping(tmp_
 # The interruptible digits recipe with a batched augmentation on the device: each image shifted by up to a pixel,
 # and noise.
 AUGMENTED = RECIPE + """
-def augment(batch, generator):
+def augment(batch, generator, cfg):
     images, labels = batch
     shifts = torch.randint(-1, 2, (2,), generator=generator, device=images.device).tolist()
     noise = torch.randn(images.shape, generator=generator, device=images.device) * 0.05
