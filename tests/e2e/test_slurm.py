@@ -27,7 +27,7 @@ def log_of(cwd: Path, name: str) -> str:
     return (cwd / "logs" / name).read_text()
 
 
-def test_submit_validates_before_it_submits_and_dry_run_prints_the_script(tmp_path):
+def test_submit_validates_before_it_submits_and_dry_run_writes_and_prints_the_script(tmp_path):
     command = [sys.executable, "-m", "launcher.slurm"]
     typo = subprocess.run([*command, "multi", "--nodes", "2", "recipe=digits", "train.epoch=3"],
                           cwd=tmp_path, capture_output=True, text=True)
@@ -45,7 +45,9 @@ def test_submit_validates_before_it_submits_and_dry_run_prints_the_script(tmp_pa
                  "#SBATCH --gpus-per-node=8", "export LAUNCHER_NPROC=8", "--rdzv_id=\"$SLURM_JOB_ID\""]:
         assert line in dry.stdout, line
     assert dry.stdout.startswith("# sbatch logs/launcher-") and "recipe=digits" in dry.stdout.splitlines()[0]
-    assert not (tmp_path / "logs").exists()  # a dry run writes nothing
+    (script,) = (tmp_path / "logs").glob("*.sbatch")  # a dry run writes the script it prints the command for
+    assert dry.stdout.splitlines()[0].split()[2] == f"logs/{script.name}"
+    assert dry.stdout.split("\n", 1)[1] == script.read_text()
 
 
 def test_sbatch_single_node_template_trains_to_completion(slurm, tmp_path):
