@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402
-from plain_ddp import build_plain, plain_steps  # noqa: E402
+from plain_ddp import build_plain, plain_steps, resident_batches  # noqa: E402
 
 from launcher.cli.main import load_validated  # noqa: E402
 from launcher.distributed.env import DistEnv, device_for  # noqa: E402
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
     parser.add_argument("--data-wait", action="store_true",
                         help="also time the launcher's loop on one batch kept on the device: the data wait fraction")
+    parser.add_argument("--limit", action="store_true",
+                        help="also time the limit: a plain loop on data resident on the device, compiled on a GPU")
     args, overrides = parser.parse_known_args()
     dist_env = DistEnv.from_environ()
     setup_logging(dist_env, "warning")
@@ -89,6 +92,8 @@ def main() -> None:
 
     sides = {"launcher": launcher_on(iter(loader)), "plain": plain_side(loader.dataset, cfg, device),
              "plain_again": plain_side(loader.dataset, cfg, device)}
+    if args.limit:
+        sides["limit"] = limit_side(loader.dataset, cfg, device)
     if args.data_wait:
         inputs, targets = next(iter(loader))
         resident = itertools.repeat((trainer.precision.prepare(inputs.to(device)), targets.to(device)))
@@ -118,6 +123,15 @@ def plain_side(train_set, cfg, device: torch.device):
     return lambda steps: plain_steps(plain, batches, steps)
 
 
+def limit_side(train_set, cfg, device: torch.device):
+    """A plain loop as fast as a hand-written one gets: its data set on the device, indexed there, and (on a GPU)
+    compiled: ``run(steps)``."""
+    limit_cfg = OmegaConf.merge(cfg, {"train": {"compile": device.type == "cuda"}})
+    limit = build_plain(train_set, limit_cfg, device)
+    batches = resident_batches(train_set, limit_cfg, device)
+    return lambda steps: plain_steps(limit, batches, steps)
+
+
 def rotation(sides: list[str], chunk: int) -> list[str]:
     """Round ``chunk``'s order: rotated by one each round, and reversed every other cycle of rotations (ABC, BCA,
     CAB, then CBA, ACB, BAC): each side runs equally often in each position and after each other side."""
@@ -145,6 +159,7 @@ def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batc
         # device: on a GPU, the time it waits for data.
         **({"data_wait_fraction": 1 - wall["launcher_resident"] / wall["launcher"]} if "launcher_resident" in wall
            else {}),
+        **({"ratio_to_limit": wall["limit"] / wall["launcher"]} if "limit" in wall else {}),
         **{f"{side}_cpu_ms_per_step": 1000 * sum(c for _, c in chunks) / steps for side, chunks in times.items()},
         **{f"{side}_{kind}_per_step": counter.counts.get(side, {}).get(kind, 0) / steps for side in times
            for kind in ("host_reads", "collectives")},

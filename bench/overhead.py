@@ -33,14 +33,29 @@ def bench_env() -> dict:
     return environ
 
 
-def run_interleaved(arch: str, procs: int, args, workdir: Path) -> dict:
-    command = [TORCHRUN, "--standalone", f"--nproc_per_node={procs}", str(BENCH / "interleave.py"), f"--arch={arch}",
-               f"--chunks={args.chunks}", f"--chunk-steps={args.chunk_steps}", f"--warmup={args.warmup}",
-               *(["--data-wait"] if args.data_wait else []), *args.launcher_args]
+def run_json(command: list[str], workdir: Path) -> dict:
+    """Run ``command``; its last line of output, as JSON."""
     result = subprocess.run(command, cwd=workdir, env=bench_env(), capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_interleaved(arch: str, procs: int, args, workdir: Path) -> dict:
+    torchrun = [TORCHRUN, "--standalone", f"--nproc_per_node={procs}"]
+    run = run_json([*torchrun, str(BENCH / "interleave.py"), f"--arch={arch}", f"--chunks={args.chunks}",
+                    f"--chunk-steps={args.chunk_steps}", f"--warmup={args.warmup}",
+                    *(["--data-wait"] if args.data_wait else []), *(["--limit"] if args.limit else []),
+                    *args.launcher_args], workdir)
+    if args.lightning:  # in processes of its own, right after: read against this run's plain loop
+        settings = [arg for arg in args.launcher_args if arg.startswith(("train.amp=", "train.channels_last="))]
+        peer = run_json([*torchrun, str(BENCH / "lightning_side.py"), f"--arch={arch}",
+                         f"--steps={args.chunks * args.chunk_steps}", f"--warmup={args.warmup}", *settings], workdir)
+        run.update(lightning_steps_per_s=peer["lightning_steps_per_s"],
+                   lightning_samples_per_s=peer["lightning_steps_per_s"] * run["global_batch"],
+                   ratio_to_lightning=run["launcher_steps_per_s"] / peer["lightning_steps_per_s"],
+                   lightning_to_plain=peer["lightning_steps_per_s"] / run["plain_steps_per_s"])
+    return run
 
 
 def spread(values: list[float]) -> dict:
@@ -67,8 +82,9 @@ def summarize(runs: list[dict]) -> dict:
         **{key: statistics.median(run[key] for run in runs) for key in keys},
         **{key: first[key] for key in first if key.endswith(("host_reads_per_step", "collectives_per_step"))},
         "device": first["device"], "launcher_args": first["launcher_args"],
-        **({"data_wait_fraction": statistics.median(run["data_wait_fraction"] for run in runs)}
-           if "data_wait_fraction" in first else {}),
+        **{key: statistics.median(run[key] for run in runs) for key in (
+            "data_wait_fraction", "ratio_to_limit", "limit_samples_per_s", "ratio_to_lightning", "lightning_to_plain",
+            "lightning_samples_per_s") if key in first},
     }
 
 
@@ -84,6 +100,10 @@ def main() -> None:
                         help="key=value overrides for the launcher's run (the plain loop follows train.amp, "
                              "train.channels_last, train.compile), e.g. wandb.mode=disabled")
     parser.add_argument("--data-wait", action="store_true", help="also measure the data wait fraction (GPU)")
+    parser.add_argument("--limit", action="store_true",
+                        help="also time a plain loop on data resident on the device (compiled on a GPU)")
+    parser.add_argument("--lightning", action="store_true",
+                        help="also time Lightning's Trainer on the workload (needs the bench extra)")
     parser.add_argument("--workdir", type=Path, default=Path.cwd())
     args = parser.parse_args()
     for arch in args.archs:

@@ -71,6 +71,23 @@ def build_plain(train_set, cfg, device: torch.device) -> PlainLoop:
     return PlainLoop(model, optimizer, loader, rank, device, cfg.train.amp == "bf16", cfg.train.channels_last)
 
 
+def resident_batches(train_set, cfg, device: torch.device):
+    """The fastest way a hand-written loop feeds a GPU: the whole data set on the device, each rank's batches taken
+    by indexing a shuffled order there, epoch after epoch."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    images, labels = (tensor.to(device) for tensor in train_set.tensors)
+    per_rank = cfg.train.batch_size // world
+    generator, epoch = torch.Generator(device), 0
+    while True:
+        generator.manual_seed(epoch)
+        order = torch.randperm(len(labels), generator=generator, device=device)[rank::world]
+        for start in range(0, len(order) - per_rank + 1, per_rank):
+            batch = order[start : start + per_rank]
+            yield images[batch], labels[batch]
+        epoch += 1
+
+
 def plain_steps(loop: PlainLoop, batches, steps: int) -> None:
     """``steps`` optimizer steps on ``batches``: the loop from the user's notes, with DDP."""
     for _, (inputs, targets) in zip(range(steps), batches):

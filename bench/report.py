@@ -24,8 +24,9 @@ def summaries(lines: list[dict], on_gpu: bool) -> list[dict]:
 def overhead_table(lines: list[dict]) -> str:
     rows = ["| model | processes | runs | launcher steps/s | plain steps/s | ratio: all runs pooled | ratio: median "
             "(min-max) of runs | A/A control: pooled, min-max | host reads per step: launcher / plain | "
-            "collectives per step: launcher / plain |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "collectives per step: launcher / plain | limit images/s (launcher's share) | Lightning images/s "
+            "(launcher over Lightning) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in summaries(lines, on_gpu=False):
         ratio, control = case["ratio"], case["control_ratio"]
         rows.append(
@@ -34,22 +35,32 @@ def overhead_table(lines: list[dict]) -> str:
             f"({ratio['min']:.3f}-{ratio['max']:.3f}) | {case['pooled_control_ratio']:.3f}, "
             f"{control['min']:.3f}-{control['max']:.3f} | "
             f"{case['launcher_host_reads_per_step']:.2f} / {case['plain_host_reads_per_step']:.2f} | "
-            f"{case['launcher_collectives_per_step']:.2f} / {case['plain_collectives_per_step']:.2f} |")
+            f"{case['launcher_collectives_per_step']:.2f} / {case['plain_collectives_per_step']:.2f} | {_peers(case)}")
     return "\n".join(rows)
 
 
 def gpu_table(lines: list[dict]) -> str:
     rows = ["| model | GPUs | device | launcher settings | launcher images/s | plain images/s | ratio: all runs pooled "
-            "(min-max of runs) | A/A control: pooled | GPU waiting for data (launcher) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "(min-max of runs) | A/A control: pooled | GPU waiting for data (launcher) | limit images/s (launcher's "
+            "share) | Lightning images/s (launcher over Lightning) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in summaries(lines, on_gpu=True):
         ratio, wait = case["ratio"], case.get("data_wait_fraction")
         rows.append(
             f"| {case['arch']} | {case['procs']} | {case['device']} | {' '.join(case['launcher_args'])} | "
             f"{case['launcher_samples_per_s']:,.0f} | {case['plain_samples_per_s']:,.0f} | "
             f"**{case['pooled_ratio']:.3f}** ({ratio['min']:.3f}-{ratio['max']:.3f}) | "
-            f"{case['pooled_control_ratio']:.3f} | {'' if wait is None else f'{wait:.1%}'} |")
+            f"{case['pooled_control_ratio']:.3f} | {'' if wait is None else f'{wait:.1%}'} | {_peers(case)}")
     return "\n".join(rows)
+
+
+def _peers(case: dict) -> str:
+    """The limit and Lightning columns, where the run measured them."""
+    limit = (f"{case['limit_samples_per_s']:,.0f} ({case['ratio_to_limit']:.2f})" if "ratio_to_limit" in case
+             else "")
+    lightning = (f"{case['lightning_samples_per_s']:,.0f} ({case['ratio_to_lightning']:.2f}x)"
+                 if "ratio_to_lightning" in case else "")
+    return f"{limit} | {lightning} |"
 
 
 def scaling_table(lines: list[dict]) -> str:

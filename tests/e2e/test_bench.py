@@ -27,7 +27,8 @@ def run_bench(args: list[str], cwd: Path, timeout: float = 600, env: dict | None
 
 def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     overhead = run_bench([str(BENCH / "overhead.py"), "--archs", "mlp", "--procs", "2", "--reps", "1", "--chunks",
-                          "2", "--chunk-steps", "50", "--warmup", "50", "--workdir", str(tmp_path)], tmp_path)
+                          "2", "--chunk-steps", "50", "--warmup", "50", "--limit", "--lightning", "--workdir",
+                          str(tmp_path)], tmp_path)
     run, summary = (json.loads(line) for line in overhead.splitlines())
     assert summary["summary"] and summary["procs"] == 2 and summary["runs"] == 1
     # The ratios are what the rates say (the rates themselves depend on the machine: not asserted).
@@ -35,6 +36,8 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     assert run["control_ratio"] == pytest.approx(run["plain_again_steps_per_s"] / run["plain_steps_per_s"])
     assert summary["pooled_ratio"] == pytest.approx(run["ratio"])  # pooled over one run: that run's
     assert summary["pooled_control_ratio"] == pytest.approx(run["control_ratio"])
+    assert run["ratio_to_limit"] == pytest.approx(run["launcher_steps_per_s"] / run["limit_steps_per_s"])
+    assert run["ratio_to_lightning"] == pytest.approx(run["launcher_steps_per_s"] / run["lightning_steps_per_s"])
     # Both log the loss every 50 steps (one host read); the launcher adds the stop flag every 10 steps.
     assert run["plain_host_reads_per_step"] == pytest.approx(0.02)
     assert run["launcher_host_reads_per_step"] == pytest.approx(0.02 + 0.1)
@@ -61,6 +64,7 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     for name, output in outputs.items():
         (tmp_path / name).write_text(output)
     report = run_bench([str(BENCH / "report.py"), *outputs], tmp_path)
+    assert "| mlp | 2 |" in report and f"({run['ratio_to_lightning']:.2f}x) |" in report
     assert "| mlp | 2 |" in report and "| `python -m launcher` |" in report and "| launcher | 16,781,312 |" in report
     assert "| launcher WandbRun.log (wandb in its own process) |" in report
 
