@@ -17,7 +17,7 @@ def run(command: list[str], cwd, env: dict | None = None) -> subprocess.Complete
 
 def test_the_wheel_installed_in_a_fresh_environment_trains_and_renders_templates_from_anywhere(tmp_path):
     source = tmp_path / "source"  # the tracked files only: what a fresh clone holds
-    files = run(["git", "ls-files", "-z"], REPO).stdout.split("\0")
+    files = check_ok(run(["git", "ls-files", "-z"], REPO)).stdout.split("\0")
     for name in filter(None, files):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_bytes((REPO / name).read_bytes())
