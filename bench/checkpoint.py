@@ -56,6 +56,7 @@ def run_case(case: str, params: int, folder: Path) -> dict:
 
     from launcher.checkpoint.checkpointer import Checkpointer, Position
     from launcher.checkpoint.files import load_checkpoint
+    from launcher.checkpoint.resume import _copied_state
     from launcher.distributed.env import DistEnv
 
     width = 4096
@@ -83,8 +84,8 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     save_s = time.perf_counter() - start
     start = time.perf_counter()
     payload = load_checkpoint(path) if case == "launcher" else torch.load(path, weights_only=True)
-    model.load_state_dict(payload["model"])  # what a resume does with it
-    optimizer.load_state_dict(payload["optimizer"])
+    model.load_state_dict(payload["model"])  # what a resume does with it (the launcher's: launcher.checkpoint.resume)
+    optimizer.load_state_dict(_copied_state(payload["optimizer"]) if case == "launcher" else payload["optimizer"])
     for value in optimizer.state.values():  # and touched, as the next step touches it (memory-mapped pages fault in)
         value["momentum_buffer"].mul_(1)
     return {

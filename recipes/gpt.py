@@ -32,7 +32,7 @@ DEFAULTS = {
     "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1},
     "sched": {"name": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.1},
     "eval": {"batch_size": 64},
-    "data": {"train_bytes": 500_000, "eval_bytes": 65_000},
+    "data": {"train_bytes": 2_000_000, "eval_bytes": 65_000},
     "model": {"layers": 4, "heads": 4, "width": 64, "context": 64, "dropout": 0.0},
 }
 

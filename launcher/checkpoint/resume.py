@@ -172,7 +172,7 @@ def restore(trainer, payload: dict, path: Path) -> None:
            for group in optimizer.param_groups]
     base_lrs = list(trainer.scheduler.base_lrs)
     try:
-        optimizer.load_state_dict(payload["optimizer"])
+        optimizer.load_state_dict(_copied_state(payload["optimizer"]))
     except (ValueError, KeyError) as error:
         raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={cfg.optim.name} "
                         f"and the recipe's param_groups ({error})") from None
@@ -195,6 +195,15 @@ def restore(trainer, payload: dict, path: Path) -> None:
     elif dist_env.is_main:
         log.warning("resuming on %d processes from a checkpoint of %d: the data order continues exactly, the "
                     "per-rank random streams start afresh", dist_env.world_size, payload["world_size"])
+
+
+def _copied_state(optimizer_state: dict) -> dict:
+    """The optimizer's state with its tensors copied out of the memory-mapped checkpoint. The optimizer keeps
+    them and writes them at the next step: a mapped page is then copied on its first write, one 4 KB fault at a
+    time (0.55 s for 384 MB of SGD momentum here), where one copy of each tensor costs a fifth of that."""
+    state = {key: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in entry.items()}
+             for key, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
 
 
 def checkpoint_to_evaluate(cfg, run_dir: Path, dist_env: DistEnv) -> tuple[Path, dict | None]:
