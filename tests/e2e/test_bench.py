@@ -87,4 +87,4 @@ def test_the_gpu_benchmark_path_resnet18_bf16_channels_last_data_wait_runs_on_th
     spec.loader.exec_module(report)
     table = report.gpu_table([{**summary, "device": "NVIDIA H100 80GB HBM3"}])
     assert f"| resnet18 | 1 | NVIDIA H100 80GB HBM3 | {' '.join(settings)} |" in table
-    assert table.splitlines()[-1].endswith(f"| {summary['data_wait_fraction']:.1%} |")
+    assert table.splitlines()[-1].endswith(f"| {summary['data_wait_fraction']:.1%} |  |  |")  # no limit, Lightning
