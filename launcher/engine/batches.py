@@ -60,6 +60,7 @@ def prefetched(batches, device: torch.device, prepare: Callable[[torch.Tensor], 
     side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
     pending = None
     for batch in batches:
+        side.wait_stream(main)  # a batch made on the device (resident data) is complete before the side reads it
         with torch.cuda.stream(side):
             moved = to_device(batch, device, prepare)
         if pending is not None:
