@@ -26,6 +26,7 @@ from launcher.engine.batches import prefetched, to_device
 from launcher.engine.build import build_model_and_data, seed_everything
 from launcher.engine.data import build_train_loader, data_path, start_epoch, steps_per_epoch
 from launcher.engine.evaluate import evaluate
+from launcher.engine.host_memory import keep_freed_memory
 from launcher.engine.optim import build_optimizer, build_scheduler
 from launcher.engine.precision import Precision
 from launcher.errors import UserError
@@ -83,6 +84,8 @@ class Trainer:
               signals: StopSignals) -> Trainer | None:
         """Collective: open the run directory, decide how this attempt starts, build; None when the run is already
         complete (said so, nothing written). A start that fails leaves the directory as it was."""
+        if cfg.train.keep_host_memory:
+            keep_freed_memory()  # before anything is built: every allocation after it is served this way
         attempt = Attempt.open(cfg, recipe, dist_env)
         try:
             start, payload = plan_start(attempt.cfg, attempt.run_dir, dist_env)

@@ -8,7 +8,6 @@ from launcher.distributed.env import DistEnv, device_for
 from launcher.distributed.group import destroy_process_group, init_process_group, peer_failure
 from launcher.distributed.stop import StopRequested, StopSignals
 from launcher.engine.evaluate import evaluate_only
-from launcher.engine.host_memory import keep_freed_memory
 from launcher.engine.trainer import Trainer
 from launcher.recipe import Recipe
 
@@ -32,8 +31,6 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
 
 
 def _work(cfg, recipe: Recipe, dist_env: DistEnv, device, signals: StopSignals) -> None:
-    if cfg.train.keep_host_memory:
-        keep_freed_memory()  # before anything is built: every allocation after it is served this way
     if cfg.eval.only:
         evaluate_only(cfg, recipe, dist_env, device)
         return
