@@ -175,15 +175,14 @@ class Trainer:
         if self.progress:
             bar = terminal.progress_bar(where.epoch, self.cfg.train.epochs, where.step_in_epoch, self.steps_per_epoch)
         try:
-            batches = prefetched(iter(self.train_loader), self.device, self.precision.prepare)
-            return self.train_steps(batches, self.cfg.train.max_steps, bar)
+            return self.train_steps(iter(self.train_loader), self.cfg.train.max_steps, bar)
         finally:
             if bar is not None:
                 bar.close()
 
     def train_steps(self, batches, until_step: int = 0, bar=None) -> bool:
-        """Optimizer steps on ``batches`` (the current epoch's) until they run out or the global step reaches
-        ``until_step`` (0: no limit); True if a stop was agreed on (after writing a checkpoint).
+        """Optimizer steps on ``batches`` (the current epoch's, moved to the device here) until they run out or the
+        global step reaches ``until_step`` (0: no limit); True if a stop was agreed on (after writing a checkpoint).
 
         The only host syncs are rank 0's, every ``train.log_every`` steps.
         """
@@ -192,8 +191,7 @@ class Trainer:
         save_every, where = self.cfg.ckpt.every_steps, self.position
         window = _Window(self.loss_sum)
         micro_in_epoch = where.step_in_epoch * accum
-        for micro, batch in enumerate(batches, 1):
-            batch = to_device(batch, self.device, self.precision.prepare)  # already there when prefetched
+        for micro, batch in enumerate(prefetched(batches, self.device, self.precision.prepare), 1):
             if self.augment_rng is not None:  # then channels_last again: an augmentation may make a new tensor
                 batch = to_device(self._augmented(batch, micro_in_epoch + micro), self.device, self.precision.prepare)
             self._micro_step(batch, accum, sync=micro % accum == 0)
