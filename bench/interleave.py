@@ -109,7 +109,7 @@ def main() -> None:
         result = summarize(times, counter, args, dist_env.world_size, cfg.train.batch_size)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(json.dumps({**result, "device": device_name, "launcher_args": overrides}))
-    destroy_process_group(dist_env)
+    destroy_process_group()
     if dist_env.is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -2,7 +2,8 @@
 
 A recipe is a plain module. It must define ``build_model(cfg)`` and ``build_datasets(cfg)``; it may define
 ``DEFAULTS`` (a nested dict: engine keys it changes and keys of its own, typed by their default values),
-``param_groups(model, cfg)``, ``loss(outputs, targets)`` and ``predictions(outputs)`` (multi-output models).
+``param_groups(model, cfg)``, ``loss(outputs, targets)`` and ``predictions(outputs)`` (multi-output models), and the
+hooks below (``collate``, ``step``, ``metrics``, ``augment``, ``tokens_per_sample``, ``fsdp_blocks``).
 It never touches ranks, devices, samplers or process groups: the engine owns those.
 """
 
@@ -104,6 +105,11 @@ class Recipe:
         """The recipe's ``augment(batch, generator, cfg) -> batch``: a batched augmentation of training batches on
         the device, drawing its random numbers from ``generator`` (a torch.Generator there), else None."""
         return getattr(self.module, "augment", None)
+
+    def fsdp_blocks(self, model: nn.Module) -> list[nn.Module] | None:
+        """The recipe's ``fsdp_blocks(model)``: the modules ``dist.strategy=fsdp`` shards one by one (a transformer's
+        layers), else None (the engine's default, distributed/fsdp.py's ``repeated_blocks``)."""
+        return list(self.module.fsdp_blocks(model)) if hasattr(self.module, "fsdp_blocks") else None
 
     def tokens_per_sample(self, cfg) -> int | None:
         """The recipe's ``tokens_per_sample(cfg)``: with it, throughput is also counted in tokens per second."""

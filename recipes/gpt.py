@@ -13,7 +13,7 @@ and the test suites), in sorted order; every 10th file is validation, the rest t
 The first ``data.train_bytes`` and ``data.eval_bytes`` of each side are cut into windows of ``model.context + 1``
 bytes. A sample is a dict (``input_ids``, ``targets``: the same window shifted by one byte), and this recipe shows
 every optional hook: ``step`` (the language-model loss), ``metrics`` (perplexity and next-byte accuracy, as sums and
-counts), ``tokens_per_sample`` (throughput in tokens/s) and ``param_groups``.
+counts), ``tokens_per_sample`` (throughput in tokens/s), ``param_groups`` and ``fsdp_blocks``.
 """
 
 import math
@@ -158,3 +158,9 @@ def metrics(logits: torch.Tensor, batch: dict) -> dict:
 
 def tokens_per_sample(cfg) -> int:
     return cfg.model.context
+
+
+def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    """Under ``dist.strategy=fsdp``, each transformer block is sharded on its own (the embeddings, the final norm and
+    the tied output layer go with the root): only one block's parameters are gathered at a time."""
+    return list(model.blocks)

@@ -155,6 +155,37 @@ RECIPE = textwrap.dedent("""
 
 ARGS = ["recipe=interruptible.py", "ckpt.every_steps=5"]
 
+# The gpt recipe made small (2 blocks of width 32, 31 steps an epoch), with INTERRUPT as above (counted in steps).
+GPT_RECIPE = textwrap.dedent("""
+    import os, signal
+    from pathlib import Path
+    from launcher.recipes import gpt
+    from launcher.recipes.gpt import build_datasets, build_model, metrics, param_groups, tokens_per_sample
+
+    DEFAULTS = {**gpt.DEFAULTS, "train": {**gpt.DEFAULTS["train"], "epochs": 2, "log_every": 5},
+                "data": {"train_bytes": 65_000, "eval_bytes": 16_000},
+                "model": {**gpt.DEFAULTS["model"], "layers": 2, "width": 32}}
+    MARKER = Path("interrupted.marker")
+    calls = 0
+
+    def step(model, batch):
+        global calls
+        calls += 1
+        if os.environ.get("INTERRUPT") and not MARKER.exists():
+            rank, call, name = os.environ["INTERRUPT"].split(":")
+            if rank == os.environ.get("RANK", "0") and calls == int(call):
+                MARKER.touch()
+                os.kill(os.getpid(), getattr(signal, name))
+        return gpt.step(model, batch)
+""")
+
+
+def assert_weights(one: dict, two: dict, equal: bool, rtol=1e-5, atol=1e-6) -> None:
+    assert one.keys() == two.keys()
+    close = all(torch.allclose(one[key].float(), two[key].float(), rtol=rtol, atol=atol) for key in one)
+    assert close == equal
+
+
 
 def reference_weights(workdir, nproc=2, extra=()):
     """The same run, uninterrupted."""

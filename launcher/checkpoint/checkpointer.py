@@ -1,5 +1,5 @@
-"""The Checkpointer: what a checkpoint holds (every rank's state), written by rank 0 for every rank, and kept newest
-first within the run's own lineage."""
+"""The Checkpointer: what a checkpoint holds (every rank's state), written by rank 0 for every rank (or, with a
+sharded model, by every rank its shards and rank 0 the rest), and kept newest first within the run's own lineage."""
 
 from __future__ import annotations
 
@@ -14,17 +14,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 
 import launcher
 from launcher.checkpoint.files import (
+    SHARDED_META,
     STEP_PREFIX,
     _first_line,
     _tensors,
     _write_atomic,
     lineage,
+    publish_folder,
+    remove_checkpoint,
     save_atomic,
     step_files,
 )
+from launcher.checkpoint.sharded import save_shards
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import run_agreed
 from launcher.errors import LauncherError, UserError
@@ -63,12 +68,10 @@ class Position:
 
 
 def training_state(trainer) -> dict:
-    """What a checkpoint holds of the trainer: the same on every rank."""
+    """What a checkpoint holds of the trainer besides the model and optimizer state: the same on every rank."""
     where = trainer.position
     scaler = trainer.precision.scaler
     return {
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
         "epoch": where.epoch,
@@ -79,17 +82,23 @@ def training_state(trainer) -> dict:
 
 
 class Checkpointer:
-    """Writes ``<run.dir>/checkpoints/step_<global step>.pt`` (and ``best.pt``) for run ``run_id``, and keeps the
-    newest ``ckpt.keep`` of that run's own: a file it cannot read, or another run's, it never deletes."""
+    """Writes ``<run.dir>/checkpoints/step_<global step>.pt`` (and ``best.pt``) for run ``run_id``, or with a sharded
+    model the folders ``step_<global step>/`` (and ``best/``), and keeps the newest ``ckpt.keep`` of that run's own:
+    a checkpoint it cannot read, or another run's, it never deletes."""
 
     def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None):
         self.folder = run_dir / "checkpoints"
         self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
+        self.sharded = cfg.dist.strategy == "fsdp"
         self.lock = lock  # rank 0's RunLock: no writes once it is lost
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
 
     def path_for(self, global_step: int) -> Path:
-        return self.folder / f"{STEP_PREFIX}{global_step:09d}.pt"
+        return self.folder / f"{STEP_PREFIX}{global_step:09d}{'' if self.sharded else '.pt'}"
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / ("best" if self.sharded else "best.pt")
 
     def save(self, trainer, best: bool = False) -> Path:
         """Collective: every rank hands in its own state (random streams, partial epoch loss); rank 0 writes one
@@ -113,34 +122,67 @@ class Checkpointer:
             raise LauncherError(f"the lock on {self.folder.parent} was taken over by another job: stopped at step "
                                 f"{step} without writing a checkpoint", same_on_all_ranks=True)
         path = self.path_for(step)
+        meta = {
+            **training_state(trainer),
+            "run_id": self.run_id,
+            "rank_states": rank_states,
+            "world_size": self.dist_env.world_size,
+            "config": OmegaConf.to_container(self.cfg),
+            "versions": {"launcher": launcher.__version__, "torch": str(torch.__version__),
+                         "python": platform.python_version()},
+        }
+        run_agreed(self.dist_env, self._clear_stale if self.dist_env.is_main else None, name_rank=False)
+        if self.sharded:
+            self._save_sharded(trainer, meta, path, best)
+        else:
+            self._save_file(trainer, meta, path, best)
+        self.last_good = path
+        return path
+
+    def _clear_stale(self) -> None:
+        """What a writer that was killed left (temporary files and folders); the lock makes them ours."""
+        for stale in self.folder.glob(".*.tmp"):
+            remove_checkpoint(stale)
+
+    def _save_file(self, trainer, meta: dict, path: Path, best: bool) -> None:
+        """Rank 0 writes every rank's state into one file; all wait for it, and all fail if it cannot be written."""
 
         def write() -> None:
-            payload = {
-                **training_state(trainer),
-                "run_id": self.run_id,
-                "rank_states": rank_states,
-                "world_size": self.dist_env.world_size,
-                "config": OmegaConf.to_container(self.cfg),
-                "versions": {"launcher": launcher.__version__, "torch": str(torch.__version__),
-                             "python": platform.python_version()},
-            }
-            for stale in self.folder.glob(".*.tmp"):  # left by a writer that was killed; the lock makes it ours
-                stale.unlink(missing_ok=True)
+            payload = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), **meta}
             try:
                 save_atomic(payload, path)
                 if best:
                     self._save_best(path)
             except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
-                raise LauncherError(self._write_failed(path, payload, error)) from None
+                raise LauncherError(self._write_failed(path, _bytes(payload), error)) from None
             self._prune()
 
         run_agreed(self.dist_env, write if self.dist_env.is_main else None, name_rank=False)  # all wait for the file
-        self.last_good = path
-        return path
 
-    def _write_failed(self, path: Path, payload: dict, error: BaseException) -> str:
-        needed = sum(t.untyped_storage().nbytes() for t in _tensors(payload))
-        free = shutil.disk_usage(path.parent).free
+    def _save_sharded(self, trainer, meta: dict, path: Path, best: bool) -> None:
+        """Every rank writes its shards into a temporary folder; rank 0 adds launcher.pt (with every file's size and
+        CRC-32) and renames the folder into place once it is complete."""
+        written = self.folder / f".{path.name}.tmp"
+        try:
+            files = save_shards(trainer.model, trainer.optimizer, written)
+        except Exception as error:  # DCP gathers every rank's failure and raises it on all of them
+            needed = _bytes([trainer.model.state_dict(), trainer.optimizer.state_dict()]) * self.dist_env.world_size
+            raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
+
+        def publish() -> None:
+            try:
+                save_atomic({**meta, "files": files}, written / SHARDED_META)
+                publish_folder(written, path)
+                if best:
+                    self._save_best(path)
+            except OSError as error:
+                raise LauncherError(self._write_failed(path, 0, error)) from None
+            self._prune()
+
+        run_agreed(self.dist_env, publish if self.dist_env.is_main else None, name_rank=False)
+
+    def _write_failed(self, path: Path, needed: int, error: BaseException) -> str:
+        free = shutil.disk_usage(self.folder).free
         reason = (f"no space left: {free / 2**20:.1f} MB free on its device, the checkpoint needs about "
                   f"{needed / 2**20:.1f} MB" if free < needed else f"{type(error).__name__}: {_first_line(error)}")
         kept = f"the previous checkpoint {self.last_good} is intact" if self.last_good else "no checkpoint was lost"
@@ -153,15 +195,26 @@ class Checkpointer:
                 "(or clip with train.clip_grad_norm), or look for NaN or inf in the data")
 
     def _save_best(self, source: Path) -> None:
-        """Keep a copy of ``source`` as best.pt (atomically, like every checkpoint)."""
+        """Keep a copy of ``source`` as best.pt, or best/ (atomically, like every checkpoint)."""
+        if source.is_dir():
+            copied = self.folder / ".best.tmp"
+            shutil.copytree(source, copied)
+            publish_folder(copied, self.best_path)
+            return
 
         def copy(file) -> None:
             with source.open("rb") as original:
                 shutil.copyfileobj(original, file)
 
-        _write_atomic(self.folder / "best.pt", copy)
+        _write_atomic(self.best_path, copy)
 
     def _prune(self) -> None:
         ours = [path for path in step_files(self.folder) if lineage(path) in (self.run_id, "")]
         for old in ours[self.cfg.ckpt.keep :]:
-            old.unlink(missing_ok=True)
+            remove_checkpoint(old)
+
+
+def _bytes(tree) -> int:
+    """What the tensors in ``tree`` take (of a sharded one, this rank's shard)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in _tensors(tree)]
+    return sum(t.untyped_storage().nbytes() for t in local)

@@ -1,5 +1,6 @@
 """Checkpoint files: written atomically, verified against their records' CRC-32 when loaded, found again after any
-crash."""
+crash. A checkpoint is one file (``step_<N>.pt``), or under ``dist.strategy=fsdp`` a folder (``step_<N>/``) of
+torch.distributed.checkpoint shards with our own small ``launcher.pt`` beside them (checkpoint/sharded.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from launcher.errors import LauncherError, UserError
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
+SHARDED_META = "launcher.pt"  # in a folder checkpoint: everything but the shards, and every file's size and CRC-32
 
 
 class BadCheckpoint(Exception):
@@ -89,13 +91,16 @@ def save_model(state_dict: dict, path: Path) -> None:
                             "command to write it") from None
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, check_shards: bool = True) -> dict:
     """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified: every
     record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``.
+    Of a folder checkpoint, its ``launcher.pt``, with every shard's size checked and (``check_shards``) its CRC-32.
 
     The file is memory-mapped: the verification reads it once, at the CRC's speed, and the tensors are its pages
     (copy-on-write), which is faster than reading it into fresh memory and then checking it.
     """
+    if path.is_dir():
+        return _load_sharded_meta(path, check_shards)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated, corrupt, or not a torch file at all
@@ -104,6 +109,29 @@ def load_checkpoint(path: Path) -> dict:
         raise BadCheckpoint(f"it holds a {type(payload).__name__}, not a dict")
     _verify_records(path)
     return payload
+
+
+def _load_sharded_meta(folder: Path, check_shards: bool) -> dict:
+    if not (folder / SHARDED_META).is_file():
+        raise BadCheckpoint(f"it has no {SHARDED_META}: its writer did not finish")
+    meta = load_checkpoint(folder / SHARDED_META)
+    for name, (size, crc) in meta["files"].items():
+        shard = folder / name
+        if not shard.is_file():
+            raise BadCheckpoint(f"its file {name} is missing")
+        if shard.stat().st_size != size:
+            raise BadCheckpoint(f"its file {name} has {shard.stat().st_size} bytes, not the {size} written")
+        if check_shards and file_crc32(shard) != crc:
+            raise BadCheckpoint(f"its file {name} does not match its checksum")
+    return meta
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(16 * 2**20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _first_line(error: BaseException) -> str:
@@ -147,17 +175,42 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def step_files(folder: Path) -> list[Path]:
-    """Step checkpoints, newest first."""
-    return sorted(folder.glob(f"{STEP_PREFIX}*.pt"), reverse=True)
+    """Step checkpoints (files, and folders of shards), newest first."""
+    found = [path for path in folder.glob(f"{STEP_PREFIX}*") if path.suffix == ".pt" or path.is_dir()]
+    return sorted(found, key=lambda path: path.name.removesuffix(".pt"), reverse=True)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removesuffix(".pt").removeprefix(STEP_PREFIX))
 
 
 def lineage(path: Path) -> str | None:
     """The id of the run that wrote ``path`` ("" for a checkpoint from before checkpoints carried one), read without
     loading its tensors; None when it does not load at all."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id", "")
+        record = path / SHARDED_META if path.is_dir() else path
+        return torch.load(record, map_location="cpu", weights_only=True, mmap=True).get("run_id", "")
     except Exception:
         return None
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish_folder(written: Path, path: Path) -> None:
+    """Rename the complete folder ``written`` to ``path`` (replacing one there), durably: a reader sees the old
+    folder or the new one. The old one is renamed aside first, since a folder cannot be renamed over another."""
+    _fsync_dir(written)
+    aside = path.with_name(f".{path.name}.old.tmp")
+    if path.exists():
+        os.replace(path, aside)
+    os.replace(written, path)
+    _fsync_dir(path.parent)
+    remove_checkpoint(aside)
 
 
 def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
@@ -177,17 +230,21 @@ def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
     return None
 
 
+def shapes(state_dict: dict) -> dict:
+    return {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+
+
 def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:
-    """Fail with the first parameter whose name or shape differs between ``saved`` and ``model``."""
-    current = model.state_dict()
+    """Fail with the first parameter whose name or shape differs between ``saved`` (name -> shape) and ``model``."""
+    current = shapes(model.state_dict())
     hint = "the model changed since it was saved: start a new run (run.name=<new name> or a new run.dir)"
-    for name, tensor in current.items():
+    for name, shape in current.items():
         if name not in saved:
             raise UserError(f"checkpoint {path} does not fit the model: it has no '{name}'; {hint}")
-        if saved[name].shape != tensor.shape:
+        if tuple(saved[name]) != shape:
             raise UserError(
-                f"checkpoint {path} does not fit the model: '{name}' is {list(saved[name].shape)} there but "
-                f"{list(tensor.shape)} in the model this config builds; {hint}"
+                f"checkpoint {path} does not fit the model: '{name}' is {list(saved[name])} there but "
+                f"{list(shape)} in the model this config builds; {hint}"
             )
     extra = [name for name in saved if name not in current]
     if extra:

@@ -13,7 +13,17 @@ import torch
 from omegaconf import OmegaConf
 
 from launcher.checkpoint.checkpointer import Position
-from launcher.checkpoint.files import BadCheckpoint, check_model_fits, lineage, load_checkpoint, newest_good, step_files
+from launcher.checkpoint.files import (
+    BadCheckpoint,
+    check_model_fits,
+    lineage,
+    load_checkpoint,
+    newest_good,
+    shapes,
+    step_files,
+    step_of,
+)
+from launcher.checkpoint.sharded import load_shards, saved_shapes
 from launcher.config.schema import ENGINE_DEFAULTS, applied_on_resume, changes_freely, leaves
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main
@@ -46,14 +56,15 @@ class Start:
 
 
 def is_checkpoint(payload: dict) -> bool:
-    """A training checkpoint, as opposed to a bare model state_dict such as model.pt."""
-    return "global_step" in payload and "model" in payload
+    """A training checkpoint (a file, or a folder's launcher.pt), as opposed to a bare model state_dict such as
+    model.pt."""
+    return "global_step" in payload and ("model" in payload or "files" in payload)
 
 
-def load_named(path: Path, key: str = "ckpt.resume") -> dict:
-    """A file the user named: loaded and verified, or one line saying why not."""
+def load_named(path: Path, key: str = "ckpt.resume", check_shards: bool = True) -> dict:
+    """A checkpoint the user named: loaded and verified, or one line saying why not."""
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path, check_shards)
     except BadCheckpoint as error:
         raise UserError(f"{key}={path} does not load ({error})") from None
 
@@ -147,7 +158,7 @@ def _continue_named(path: Path, payload: dict, ledger: Ledger, folder: Path) -> 
     if theirs and theirs != held:
         raise UserError(f"ckpt.resume={path} is a checkpoint of run {theirs}, but run.dir={ledger.run_dir} holds run "
                         f"{held}: continue from it in a new directory (run.name=<new name>, or another run.dir)")
-    newest = max((int(p.stem.removeprefix("step_")) for p in step_files(folder) if lineage(p) in (held, "")),
+    newest = max((step_of(p) for p in step_files(folder) if lineage(p) in (held, "")),
                  default=0)
     if payload["global_step"] < newest:
         raise UserError(
@@ -166,13 +177,17 @@ def restore(trainer, payload: dict, path: Path) -> None:
     unchanged config they equal the saved ones, and a changed ``optim.lr``, schedule or momentum takes effect.
     """
     cfg, dist_env, optimizer = trainer.cfg, trainer.dist_env, trainer.optimizer
-    check_model_fits(trainer.model, payload["model"], path)
-    trainer.model.load_state_dict(payload["model"])
+    sharded = path.is_dir()
+    check_model_fits(trainer.model, saved_shapes(path) if sharded else shapes(payload["model"]), path)
     now = [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
            for group in optimizer.param_groups]
     base_lrs = list(trainer.scheduler.base_lrs)
     try:
-        optimizer.load_state_dict(_copied_state(payload["optimizer"]))
+        if sharded:
+            load_shards(trainer.model, optimizer, path)
+        else:
+            trainer.model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(_copied_state(payload["optimizer"]))
     except (ValueError, KeyError) as error:
         raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={cfg.optim.name} "
                         f"and the recipe's param_groups ({error})") from None

@@ -18,7 +18,7 @@ from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, String
 
 from launcher.config.schema import ENGINE_DEFAULTS, leaves
 from launcher.distributed.env import BACKENDS, check_backend, first_bucket_mb
-from launcher.distributed.parallel import COMPILE_MODES
+from launcher.distributed.parallel import COMPILE_MODES, STRATEGIES
 from launcher.engine.optim import OPTIMIZERS, SCHEDULES
 from launcher.engine.precision import AMP_MODES
 from launcher.engine.resident import RESIDENT_MODES
@@ -174,8 +174,9 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     """
     _check_ranges(cfg)
     _check_choices(cfg)
-    if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).is_file():
-        raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file; use auto, never, or a checkpoint's path")
+    if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).exists():
+        raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file or folder; use auto, never, or a checkpoint's "
+                        "path")
     _check_world(cfg, world_size)
     if local_gpus:
         check_backend(cfg.dist.backend, procs_per_node)
@@ -225,6 +226,11 @@ def _check_choices(cfg: DictConfig) -> None:
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     _check_choice("data.resident", cfg.data.resident, RESIDENT_MODES)
     _check_choice("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES)
+    _check_choice("dist.strategy", cfg.dist.strategy, STRATEGIES)
+    if cfg.dist.strategy == "fsdp" and cfg.train.amp == "fp16":
+        # FSDP2 casts parameters itself (its MixedPrecisionPolicy); torch's GradScaler knows no sharded gradients.
+        raise UserError("train.amp=fp16 does not work with dist.strategy=fsdp: use train.amp=bf16 (FSDP2 computes in "
+                        "bf16 and reduces gradients in fp32), or dist.strategy=ddp")
 
 
 def _check_world(cfg: DictConfig, world_size: int) -> None:

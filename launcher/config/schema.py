@@ -33,8 +33,11 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     # 30 min: long enough for rank 0 to evaluate while the others wait, short enough to end a hung job.
     # stop_check_every: steps between the ranks' agreements on a stop signal (a stop comes within twice that).
     # sync_batchnorm: BatchNorm statistics over the global batch, not each rank's share (distributed/parallel.py).
+    # strategy: ddp (a full copy of the model per process) or fsdp (FSDP2: parameters, gradients and optimizer state
+    # sharded over the processes; distributed/fsdp.py); reshard_after_forward: fsdp frees each block's gathered
+    # parameters after its forward and gathers them again for the backward (less memory, more communication).
     "dist": {"backend": "auto", "nproc_per_node": 1, "timeout_s": 1800, "bucket_cap_mb": 25.0, "stop_check_every": 10,
-             "sync_batchnorm": False},
+             "sync_batchnorm": False, "strategy": "ddp", "reshard_after_forward": True},
     "log": {"level": "info"},
     # auto: online when W&B credentials are configured, else offline (upload later with `wandb sync`).
     "wandb": {"mode": "auto", "project": "launcher", "entity": "", "name": "", "group": "", "tags": []},
@@ -46,8 +49,11 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 # different run, refused on resume and given a directory of its own by the derived run name.
 CHANGES_FREELY = ("run", "train.epochs", "train.max_steps", "train.log_every", "train.limit_eval_batches",
                   "train.compile", "train.compile_mode", "train.channels_last", "train.keep_host_memory", "data.root",
-                  "data.num_workers", "data.download", "data.resident", "data.resident_share", "eval", "ckpt", "dist",
-                  "log", "wandb")
+                  "data.num_workers", "data.download", "data.resident", "data.resident_share", "eval", "ckpt",
+                  "dist.backend", "dist.nproc_per_node", "dist.timeout_s", "dist.bucket_cap_mb",
+                  "dist.stop_check_every", "dist.sync_batchnorm", "dist.reshard_after_forward", "log", "wandb")
+# dist.strategy is in neither: its checkpoints are of another kind (one file, or a folder of shards), so a run
+# trains under one strategy, and the derived run name gives each strategy its own directory.
 # Applied to the restored optimizer and schedule (batch size: at an epoch boundary only, where no position breaks).
 APPLIED_ON_RESUME = ("optim.lr", "optim.momentum", "optim.weight_decay", "sched", "train.clip_grad_norm",
                      "train.grad_accum", "train.amp", "train.batch_size")

@@ -59,14 +59,19 @@ def _store_client(dist_env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
                          wait_for_workers=False)
 
 
-def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int) -> JobStore | None:
-    """Join the job's process group (torchrun's env:// rendezvous), and return the job's store; nothing for a
-    single process."""
-    if not dist_env.is_distributed:
-        return None
+def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int,
+                       even_alone: bool = False) -> JobStore | None:
+    """Join the job's process group (torchrun's env:// rendezvous), and return the job's store; for a single
+    process nothing, or (``even_alone``: FSDP2 and distributed checkpoints need one) a group of one."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = resolve_backend(backend)
+    if not dist_env.is_distributed:
+        if even_alone:
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
+                                    store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device if device.type == "cuda" else None)
+        return None
     timeout = datetime.timedelta(seconds=timeout_s)
     client = _store_client(dist_env, timeout) if _agent_store_per_attempt(dist_env) else None
     dist.init_process_group(
@@ -92,8 +97,8 @@ def _agent_store_per_attempt(dist_env: DistEnv) -> bool:
     return dist_env.agent_store and dist_env.world_size == dist_env.local_world_size
 
 
-def destroy_process_group(dist_env: DistEnv) -> None:
-    if dist_env.is_distributed and dist.is_initialized():
+def destroy_process_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from launcher.distributed.batchnorm import sync_batchnorm
 from launcher.distributed.env import DistEnv
 
+STRATEGIES = ("ddp", "fsdp")  # fsdp: distributed/fsdp.py
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint.files import check_model_fits
+from launcher.checkpoint.files import check_model_fits, shapes
 from launcher.checkpoint.resume import checkpoint_to_evaluate, is_checkpoint, load_named
+from launcher.checkpoint.sharded import load_model_weights, saved_shapes
 from launcher.distributed.env import DistEnv
+from launcher.distributed.fsdp import shard_model
 from launcher.distributed.group import run_agreed
 from launcher.engine.batches import batch_size, to_device
 from launcher.engine.build import build_model_and_data
@@ -24,27 +26,39 @@ from launcher.run.directory import run_dir_for
 log = logging.getLogger(__name__)
 
 
+def on_every_rank(cfg) -> bool:
+    """Whether every rank evaluates (``eval.sharded``, or a sharded model, which no rank can run alone)."""
+    return cfg.eval.sharded or cfg.dist.strategy == "fsdp"
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.device, dist_env: DistEnv) -> dict:
     """``eval/loss`` and the recipe's metrics (by default accuracy, for a classifier) of the unwrapped model (never
-    the DDP wrapper: a DDP forward on one rank hangs the others).
+    the DDP wrapper: a DDP forward on one rank hangs the others), or of the sharded model.
 
     Every metric is a sum and a count per batch. Sharded, rank r evaluates batches r, r + world, ...; each batch's
     sums land in their own slot and the slots are summed in batch order, so the result equals the single-rank
-    evaluation exactly, not just closely. Every rank must call this when ``eval.sharded``; only rank 0 otherwise.
+    evaluation exactly, not just closely. Every rank must call this when ``on_every_rank``; only rank 0 otherwise.
     """
-    sharded = cfg.eval.sharded and dist_env.is_distributed
+    sharded = on_every_rank(cfg) and dist_env.is_distributed
     batches = eval_batches(len(dataset), cfg.eval.batch_size)
     if cfg.train.limit_eval_batches:
         batches = batches[: cfg.train.limit_eval_batches]
-    owned = range(dist_env.rank, len(batches), dist_env.world_size) if sharded else range(len(batches))
-    loader = build_eval_loader(dataset, [batches[i] for i in owned], cfg, device, recipe.collate)
+    slots: list[int | None] = list(range(dist_env.rank, len(batches), dist_env.world_size) if sharded
+                                   else range(len(batches)))
+    if sharded and cfg.dist.strategy == "fsdp":
+        # Every forward of a sharded model gathers parameters from every rank: all run as many, the short ones an
+        # extra forward of the first batch whose result is dropped.
+        slots += [None] * (-(-len(batches) // dist_env.world_size) - len(slots))
+    loader = build_eval_loader(dataset, [batches[0 if i is None else i] for i in slots], cfg, device, recipe.collate)
     rows, finish = {}, {}
     was_training = model.training
     model.eval()
-    for slot, batch in zip(owned, loader):
+    for slot, batch in zip(slots, loader):
         batch = to_device(batch, device, lambda tensor: tensor)
         loss, outputs = recipe.step(model, batch)
+        if slot is None:
+            continue
         size = batch_size(batch)
         rows[slot] = {"loss": (loss.double() * size, size), **recipe.metrics(outputs, batch)}
         finish.update((name, value[2]) for name, value in rows[slot].items() if len(value) > 2)
@@ -80,19 +94,30 @@ def _pair(value: tuple, device: torch.device) -> torch.Tensor:
 def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
     """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``, else the run's newest) and print the
     metrics; nothing is written."""
-    model, _, eval_set = build_model_and_data(cfg, recipe, dist_env, device)
+    sharded = cfg.dist.strategy == "fsdp"
+    model, _, eval_set = build_model_and_data(cfg, recipe, dist_env, torch.device("cpu") if sharded else device)
     if eval_set is None:
         raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
+    if sharded:
+        model = shard_model(model, cfg, recipe.fsdp_blocks(model), dist_env, device)
     path, payload = checkpoint_to_evaluate(cfg, run_dir_for(cfg, recipe), dist_env)
 
-    def load_weights():
+    def check_fit() -> dict | None:
+        """The weights of a file (None for a folder of shards), checked against the model."""
+        if path.is_dir():
+            check_model_fits(model, saved_shapes(path), path)
+            return None
         loaded = payload or load_named(path)
         weights = loaded["model"] if is_checkpoint(loaded) else loaded
-        check_model_fits(model, weights, path)
-        model.load_state_dict(weights)
+        check_model_fits(model, shapes(weights), path)
+        return weights
 
-    run_agreed(dist_env, load_weights)
-    if cfg.eval.sharded or dist_env.is_main:
+    weights = run_agreed(dist_env, check_fit)
+    if sharded or weights is None:
+        load_model_weights(model, path, weights)  # collective
+    else:
+        model.load_state_dict(weights)
+    if on_every_rank(cfg) or dist_env.is_main:
         metrics = evaluate(model, eval_set, recipe, cfg, device, dist_env)
     if dist_env.is_main:
         log.info("evaluated %s | %s", path, " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))

@@ -13,19 +13,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint.checkpointer import Checkpointer, Position, TrainingDiverged
 from launcher.checkpoint.files import save_model
 from launcher.checkpoint.resume import Start, load_named, plan_start, restore
 from launcher.distributed.env import DistEnv
+from launcher.distributed.fsdp import full_model_state, shard_model
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
 from launcher.engine.batches import prefetched, to_device
 from launcher.engine.build import build_model_and_data, seed_everything
 from launcher.engine.data import build_train_loader, data_path, start_epoch, steps_per_epoch
-from launcher.engine.evaluate import evaluate
+from launcher.engine.evaluate import evaluate, on_every_rank
 from launcher.engine.host_memory import keep_freed_memory
 from launcher.engine.optim import build_optimizer, build_scheduler
 from launcher.engine.precision import Precision
@@ -33,7 +35,7 @@ from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.run.attempt import Attempt
 from launcher.tracking import terminal
-from launcher.tracking.summary import parameter_counts, write_summary
+from launcher.tracking.summary import parameter_counts, summarize, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,13 @@ class Trainer:
         Rank 0 records the start (ledger, config.yaml, summary, wandb) only after every check passed."""
         cfg = self.cfg = attempt.cfg
         self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
-        self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, device)
+        self.sharded = cfg.dist.strategy == "fsdp"
+        built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
+        self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
+        # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
+        summary = summarize(self.model, train_set, built_on) if dist_env.is_main else ""
+        if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            self.model = shard_model(self.model, cfg, recipe.fsdp_blocks(self.model), dist_env, device)
         if self.eval_set is None and cfg.ckpt.best_metric:
             raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
                             "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
@@ -58,19 +66,22 @@ class Trainer:
         self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
         seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
         self.scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
-        self.precision = Precision(cfg.train.amp, cfg.train.channels_last, device)
+        # Under fsdp, its MixedPrecisionPolicy casts (distributed/fsdp.py), not autocast.
+        self.precision = Precision("none" if self.sharded else cfg.train.amp, cfg.train.channels_last, device)
         self.position = Position()
         # This rank's summed step losses in the epoch, on the device: progress windows are differences of it.
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock)
         if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
             path = Path(start.checkpoint)
-            loaded = run_agreed(dist_env, lambda: payload or load_named(path))
+            # Rank 0 verified every shard of a folder checkpoint; the others check only that each is there.
+            loaded = run_agreed(dist_env, lambda: payload or load_named(path, check_shards=False))
             run_agreed(dist_env, lambda: restore(self, loaded, path))
             self.checkpointer.last_good = path
         if dist_env.is_main:
-            self._record_start(start, train_set)
-        self.trained = wrap_model(self.model, cfg, dist_env, device)  # what trains; ``model`` is evaluated, saved
+            self._record_start(start, summary)
+        # What trains; ``model`` is evaluated and saved (the same module under fsdp).
+        self.trained = self.model if self.sharded else wrap_model(self.model, cfg, dist_env, device)
         self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
         self.progress = terminal.wants_progress_bar(dist_env)
         self.tokens_per_sample = recipe.tokens_per_sample(cfg)
@@ -102,7 +113,7 @@ class Trainer:
         total, max_steps = self.steps_per_epoch * self.cfg.train.epochs, self.cfg.train.max_steps
         return min(total, max_steps) if max_steps else total
 
-    def _record_start(self, start: Start, train_set) -> None:
+    def _record_start(self, start: Start, summary: str) -> None:
         """Rank 0: the header, what the resume found, the attempt's records and the model summary."""
         terminal.log_header(self.cfg, self.recipe.name, self.dist_env, self.device, self.model, self.attempt.run_dir,
                             data_path(self.train_loader))
@@ -113,7 +124,7 @@ class Trainer:
             for line in start.describe_changes():
                 log.info("%s", line)
         self.attempt.begin(start)
-        summary = write_summary(self.model, train_set, self.device, self.attempt.run_dir)
+        write_summary(summary, self.attempt.run_dir)
         if self.attempt.wandb_run:
             self.attempt.wandb_run.save_summary(*parameter_counts(self.model), summary)
 
@@ -127,8 +138,9 @@ class Trainer:
         outcome, detail = "failed", ""
         try:
             final = self.fit()
+            weights = full_model_state(self.model) if self.sharded else None  # collective
             if self.dist_env.is_main:
-                save_model(self.model.state_dict(), self.model_file)
+                save_model(weights or self.model.state_dict(), self.model_file)
             outcome = "finished"
         except StopRequested as stopped:
             outcome, detail = "stopped", str(stopped)
@@ -231,7 +243,10 @@ class Trainer:
         return self.recipe.augment(batch, self.augment_rng, self.cfg)
 
     def _micro_step(self, batch, accum: int, sync: bool) -> None:
-        """Forward and backward of one micro-batch; DDP all-reduces gradients only when ``sync`` (the last one)."""
+        """Forward and backward of one micro-batch; DDP all-reduces (FSDP reduce-scatters) gradients only when
+        ``sync`` (the last one)."""
+        if self.sharded and accum > 1:
+            self.model.set_requires_gradient_sync(sync)
         skip_sync = not sync and isinstance(self.trained, DistributedDataParallel)
         with self.trained.no_sync() if skip_sync else contextlib.nullcontext():
             with self.precision.autocast():
@@ -261,13 +276,14 @@ class Trainer:
         seconds = time.perf_counter() - began
         record = {"step": where.global_step, "epoch": where.epoch, "train/loss": train_loss, "time/epoch_s": seconds,
                   **_throughput(steps_run * cfg.train.batch_size / seconds, self.tokens_per_sample)}
-        if self.eval_set is not None and (cfg.eval.sharded or self.dist_env.is_main):
+        if self.eval_set is not None and (on_every_rank(cfg) or self.dist_env.is_main):
             record.update(evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env))
         improved = self._new_best(record) if cfg.ckpt.best_metric else None
         if improved is not None:
             where.best = improved
-        where.epoch, where.step_in_epoch = where.epoch + 1, 0
-        self.loss_sum.zero_()
+        if where.step_in_epoch >= self.steps_per_epoch:  # else train.max_steps ended it part-way: a longer
+            where.epoch, where.step_in_epoch = where.epoch + 1, 0  # max_steps continues it from there
+            self.loss_sum.zero_()
         every, last = cfg.ckpt.every_epochs, record["epoch"] == cfg.train.epochs or self._reached_max_steps()
         if improved is not None or (every and record["epoch"] % every == 0) or last:
             self.save_checkpoint(best=improved is not None)
@@ -315,8 +331,9 @@ class _Window:
         now = time.perf_counter()
         report = {"train/loss": (self.loss_sum - self.sum_before).item() / self.steps,
                   **_throughput(self.steps * batch_size / (now - self.start), tokens_per_sample)}
-        if self.grad_norm is not None:
-            report["grad_norm"] = self.grad_norm.item()
+        if self.grad_norm is not None:  # a DTensor under fsdp, replicated: its local value is the whole norm
+            norm = self.grad_norm
+            report["grad_norm"] = (norm.to_local() if isinstance(norm, DTensor) else norm).item()
         self.sum_before.copy_(self.loss_sum)
         self.steps, self.start = 0, now
         return report

@@ -15,7 +15,8 @@ from launcher.recipe import Recipe
 def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> None:
     """Train ``recipe`` as this process's part of the job described by ``dist_env``."""
     device = device_for(dist_env, cfg.dist.backend)
-    job_store = init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
+    job_store = init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s,
+                                   even_alone=cfg.dist.strategy == "fsdp")
     signals.job_store = job_store
     try:
         _work(cfg, recipe, dist_env, device, signals)
@@ -27,7 +28,7 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
             raise waited from None
         raise
     finally:
-        destroy_process_group(dist_env)
+        destroy_process_group()
 
 
 def _work(cfg, recipe: Recipe, dist_env: DistEnv, device, signals: StopSignals) -> None:

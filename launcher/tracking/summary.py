@@ -56,8 +56,8 @@ def model_summary(model: nn.Module, sample_input: torch.Tensor, device: torch.de
     return text.getvalue(), ""
 
 
-def write_summary(model: nn.Module, train_set, device: torch.device, run_dir: Path) -> str:
-    """The summary, logged and saved as summary.txt."""
+def summarize(model: nn.Module, train_set, device: torch.device) -> str:
+    """The summary: torchsummary's table on the training set's first sample, else the parameter table."""
     sample = train_set[0]
     sample = sample[0] if isinstance(sample, (tuple, list)) else sample  # an (input, target) pair's input
     if isinstance(sample, torch.Tensor):
@@ -68,9 +68,11 @@ def write_summary(model: nn.Module, train_set, device: torch.device, run_dir: Pa
         text = None
         log.info("the training set's samples are %ss, which torchsummary cannot make up: summary.txt lists the "
                  "model's parameters", type(sample).__name__)
-    if text is None:
-        text = parameter_table(model)
+    return parameter_table(model) if text is None else text
+
+
+def write_summary(text: str, run_dir: Path) -> None:
+    """The summary, logged and saved as summary.txt."""
     log.info("%s", text.rstrip())
     (run_dir / "summary.txt").write_text(text)
-    return text
 

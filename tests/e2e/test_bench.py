@@ -88,3 +88,20 @@ def test_the_gpu_benchmark_path_resnet18_bf16_channels_last_data_wait_runs_on_th
     table = report.gpu_table([{**summary, "device": "NVIDIA H100 80GB HBM3"}])
     assert f"| resnet18 | 1 | NVIDIA H100 80GB HBM3 | {' '.join(settings)} |" in table
     assert table.splitlines()[-1].endswith(f"| {summary['data_wait_fraction']:.1%} |  |  |")  # no limit, Lightning
+
+
+def test_fsdp_holds_half_of_ddps_training_state_per_rank_on_two_processes(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    output = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(BENCH / "memory.py"),
+                             "model.layers=2", "model.width=32", "data.train_bytes=40000", "train.batch_size=16"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                                            "OMP_NUM_THREADS": "1"})
+    assert output.returncode == 0, output.stderr[-3000:]
+    ddp, fsdp = (json.loads(line) for line in output.stdout.splitlines())
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    for whole, rank in zip(ddp["ranks"], fsdp["ranks"]):
+        assert rank["model_parameters"] == whole["model_parameters"] == 35_712  # the whole model on each
+        # Every tensor of this model has an even first dimension, so each rank's shard is exactly half.
+        for kind in ("parameters", "gradients", "optimizer_state"):
+            assert rank[kind] * 2 == whole[kind] > 0, kind
+        assert whole["optimizer_state"] == 2 * whole["parameters"]  # AdamW: two moments per parameter

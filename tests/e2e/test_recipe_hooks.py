@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import check_ok, epoch_records, launch, load_weights
+from helpers import GPT_RECIPE, assert_weights, check_ok, epoch_records, launch, load_weights
 
 # Digits as dict samples with a non-tensor leaf, batched by the recipe's own collate, a step that reads the dict,
 # and a top-2 accuracy as a sum and a count.
@@ -61,36 +61,6 @@ BATCHNORM_RECIPE = textwrap.dedent("""
 
 # The gpt recipe, sized for a test, with a stand-in for a cluster's accidents: INTERRUPT="<rank>:<call>:<signal>"
 # sends the signal to that rank in its n-th step call, once.
-GPT_RECIPE = textwrap.dedent("""
-    import os, signal
-    from pathlib import Path
-    from launcher.recipes import gpt
-    from launcher.recipes.gpt import build_datasets, build_model, metrics, param_groups, tokens_per_sample
-
-    DEFAULTS = {**gpt.DEFAULTS, "train": {**gpt.DEFAULTS["train"], "epochs": 2, "log_every": 5},
-                "data": {"train_bytes": 65_000, "eval_bytes": 16_000},
-                "model": {**gpt.DEFAULTS["model"], "layers": 2, "width": 32}}
-    MARKER = Path("interrupted.marker")
-    calls = 0
-
-    def step(model, batch):
-        global calls
-        calls += 1
-        if os.environ.get("INTERRUPT") and not MARKER.exists():
-            rank, call, name = os.environ["INTERRUPT"].split(":")
-            if rank == os.environ.get("RANK", "0") and calls == int(call):
-                MARKER.touch()
-                os.kill(os.getpid(), getattr(signal, name))
-        return gpt.step(model, batch)
-""")
-
-
-def assert_weights(one: dict, two: dict, equal: bool, rtol=1e-5, atol=1e-6) -> None:
-    assert one.keys() == two.keys()
-    close = all(torch.allclose(one[key].float(), two[key].float(), rtol=rtol, atol=atol) for key in one)
-    assert close == equal
-
-
 def test_dict_batches_a_custom_step_and_custom_metrics_sharded_or_not_best_by_a_custom_metric(tmp_path):
     (tmp_path / "named.py").write_text(DICT_RECIPE)
     args = ["recipe=named.py", "ckpt.best_metric=eval/top2", "wandb.mode=disabled", "eval.batch_size=50"]

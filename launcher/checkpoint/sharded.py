@@ -1,0 +1,83 @@
+"""The shards of a folder checkpoint (``dist.strategy=fsdp``), written and read with torch.distributed.checkpoint
+(DCP): every rank writes its own part of the model and optimizer state, and reads back what its shards need on
+any number of processes (DCP reshards)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from launcher.checkpoint.files import file_crc32
+
+
+def save_shards(model: nn.Module, optimizer, folder: Path) -> dict[str, list[int]]:
+    """Collective: write this rank's shards of the model and optimizer state into ``folder``; every rank gets the
+    size and CRC-32 of every file written (each rank checksums its own, rank 0 the rest)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    rank = dist.get_rank()
+    mine = {path.name: _size_and_crc(path) for path in folder.glob(f"__{rank}_*")}  # DCP's name for rank's data
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    files = {name: entry for entries in every for name, entry in entries.items()}
+    if rank == 0:
+        files.update((path.name, _size_and_crc(path)) for path in folder.iterdir() if path.name not in files)
+    return files
+
+
+def _size_and_crc(path: Path) -> list[int]:
+    return [path.stat().st_size, file_crc32(path)]
+
+
+def load_shards(model: nn.Module, optimizer, folder: Path) -> None:
+    """Collective: put the model and optimizer state of ``folder`` back into this rank's shards."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards: what DCP fills in
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _model_entries(folder: Path) -> dict:
+    """The model's tensors in ``folder``: name -> DCP's metadata (global size, dtype), read from .metadata alone."""
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {key.removeprefix("model."): entry for key, entry in metadata.items()
+            if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+
+
+def saved_shapes(folder: Path) -> dict:
+    """The model's parameter and buffer shapes in ``folder``."""
+    return {name: tuple(entry.size) for name, entry in _model_entries(folder).items()}
+
+
+def model_state(folder: Path) -> dict:
+    """The whole model's state_dict from the shards in ``folder``, assembled in this one process, on the CPU."""
+    weights = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
+               for name, entry in _model_entries(folder).items()}
+    with warnings.catch_warnings():  # that no process group means one process: what no_dist says
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"model": weights}, checkpoint_id=folder, no_dist=True)
+    return weights
+
+
+def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> None:
+    """Collective where the model is sharded: the model weights of a folder checkpoint (``weights`` None), or the
+    whole ``weights`` of a file, into ``model``, sharded or not."""
+    if weights is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+    else:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))

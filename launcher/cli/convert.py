@@ -1,0 +1,45 @@
+"""`python -m launcher.convert CHECKPOINT [--out FILE]`: the model's weights from a checkpoint (a folder of shards
+written under dist.strategy=fsdp, or a single-file one) as a model.pt: the whole, unwrapped state_dict, loadable with
+``torch.load(..., weights_only=True)`` into the recipe's freshly built model. Runs in one process, with no GPU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launcher.checkpoint.files import BadCheckpoint, load_checkpoint, save_model
+from launcher.checkpoint.resume import is_checkpoint
+from launcher.checkpoint.sharded import model_state
+from launcher.errors import LauncherError
+
+
+def convert(checkpoint: Path, out: Path | None) -> tuple[Path, int]:
+    """Write ``checkpoint``'s model weights to ``out`` (default: model_<checkpoint's name>.pt in the run directory,
+    beside checkpoints/); returns the file and its number of tensors."""
+    if not checkpoint.exists():
+        raise LauncherError(f"{checkpoint}: no such checkpoint (a checkpoints/step_<N> folder or step_<N>.pt file)")
+    try:
+        payload = load_checkpoint(checkpoint)  # verified: every record's and every shard's checksum
+    except BadCheckpoint as error:
+        raise LauncherError(f"{checkpoint} does not load ({error})") from None
+    if not is_checkpoint(payload):
+        raise LauncherError(f"{checkpoint} is already a model state_dict, not a checkpoint")
+    weights = model_state(checkpoint) if checkpoint.is_dir() else payload["model"]
+    out = out or checkpoint.parent.parent / f"model_{checkpoint.name.removesuffix('.pt')}.pt"
+    save_model(weights, out)
+    return out, len(weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.convert", description=__doc__)
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint: run.dir/checkpoints/step_<N> (or step_<N>.pt)")
+    parser.add_argument("--out", type=Path, help="the file to write (default: run.dir/model_step_<N>.pt)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out, tensors = convert(args.checkpoint, args.out)
+    except LauncherError as error:
+        print(f"launcher.convert: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: the model's {tensors} tensors from {args.checkpoint}")
+    return 0

@@ -1,0 +1,70 @@
+"""``dist.strategy=fsdp``: the model sharded over the processes with torch's FSDP2 (``fully_shard``). Each process
+keeps 1/world of the parameters, gradients and optimizer state, and gathers a block's parameters only while the block
+computes: a model that does not fit one GPU trains on several."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from launcher.distributed.batchnorm import sync_batchnorm
+from launcher.distributed.env import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The default blocks to shard one by one: the children of the model's largest (by parameters) ``nn.ModuleList``,
+    or ``nn.Sequential`` of two or more modules of one class (a transformer's layers); none if it has neither."""
+
+    def alike(container: nn.Module) -> bool:
+        if isinstance(container, nn.ModuleList):
+            return len(container) > 0
+        return isinstance(container, nn.Sequential) and len(container) > 1 and len({type(c) for c in container}) == 1
+
+    lists = [module for module in model.modules() if alike(module)]
+    if not lists:
+        return []
+    largest = max(lists, key=lambda container: sum(p.numel() for p in container.parameters()))
+    return list(largest)
+
+
+def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env: DistEnv,
+                device: torch.device) -> nn.Module:
+    """``model`` (on the CPU) sharded over the job's processes onto ``device``: each of ``blocks`` (None: the
+    ``repeated_blocks``) on its own, then the root with the rest. Returns the same module, now an ``FSDPModule``.
+
+    Sharding moves one block at a time to the device, so the whole model is never there at once. ``train.amp=bf16``
+    computes in bf16 with the gradients reduced in fp32, and the model's output in fp32 (so the loss is, as under
+    autocast; the blocks' outputs stay bf16 for the next block). ``train.compile`` compiles each block before it is sharded, as torchtitan does: FSDP's hooks stay
+    outside the compiled code.
+    """
+    if cfg.dist.sync_batchnorm and dist_env.is_distributed:
+        model = sync_batchnorm(model, device)
+    blocks = repeated_blocks(model) if blocks is None else blocks
+    if dist_env.is_main:
+        log.info("fsdp: %d blocks sharded one by one (%s), then the root", len(blocks),
+                 type(blocks[0]).__name__ if blocks else "none found: the whole model is one unit")
+    mesh = init_device_mesh(device.type, (dist_env.world_size,))
+    bf16 = cfg.train.amp == "bf16"
+    inside = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    outside = MixedPrecisionPolicy(torch.bfloat16, torch.float32, output_dtype=torch.float32) if bf16 else None
+    for block in blocks or [model]:
+        if cfg.train.compile:
+            block.compile(mode=cfg.train.compile_mode)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=cfg.dist.reshard_after_forward,
+                    mp_policy=inside or MixedPrecisionPolicy())
+    # The root's parameters (embeddings, the output layer) are needed again at once by the backward pass.
+    return fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=outside or MixedPrecisionPolicy())
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """Collective: the sharded model's whole state_dict, gathered on rank 0 one tensor at a time into host memory
+    (never the whole model on one GPU); an empty dict on the other ranks."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

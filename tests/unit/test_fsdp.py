@@ -1,0 +1,108 @@
+"""dist.strategy=fsdp in this process (a process group of one, as `python -m launcher` makes it): which blocks are
+sharded, what the config refuses, folder checkpoints (kept, pruned, verified, skipped when broken), and a longer
+max_steps continuing a run part-way through an epoch. The 2-process versions are in tests/e2e/test_fsdp.py."""
+
+import signal
+
+import pytest
+import torch
+from helpers import RECIPE
+from torch import nn
+
+from launcher.checkpoint.files import newest_good
+from launcher.cli.main import load_validated
+from launcher.distributed.env import DistEnv
+from launcher.distributed.fsdp import repeated_blocks
+from launcher.distributed.group import destroy_process_group, init_process_group
+from launcher.distributed.stop import STOP_SIGNALS, StopSignals
+from launcher.engine.trainer import Trainer
+from launcher.errors import LauncherError, UserError
+from launcher.recipes import gpt, mlp
+
+ONE_PROCESS, CPU = DistEnv.from_environ({}), torch.device("cpu")
+FSDP = "dist.strategy=fsdp"
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "interruptible.py").write_text(RECIPE)
+    handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGHUP)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def group_of_one():
+    init_process_group(ONE_PROCESS, "gloo", CPU, 60, even_alone=True)
+    yield
+    destroy_process_group()
+
+
+def build(*overrides, recipe="interruptible.py") -> Trainer | None:
+    _, loaded, cfg = load_validated([f"recipe={recipe}", "wandb.mode=disabled", "log.level=warning", *overrides],
+                                    ONE_PROCESS)
+    return Trainer.build(cfg, loaded, ONE_PROCESS, CPU, StopSignals(ONE_PROCESS))
+
+
+def weights(run_dir) -> dict:
+    return torch.load(f"{run_dir}/model.pt", weights_only=True)
+
+
+def test_the_default_blocks_are_the_largest_list_of_alike_modules():
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small = nn.ModuleList([nn.Linear(2, 2)])
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    tower = Tower()
+    assert repeated_blocks(tower) == list(tower.layers)
+    model = gpt.build_model(load_validated(["recipe=gpt"], ONE_PROCESS)[2])
+    assert repeated_blocks(model) == list(model.blocks) == gpt.fsdp_blocks(model)  # a Sequential of Blocks
+    assert repeated_blocks(mlp.build_model(load_validated(["recipe=mlp"], ONE_PROCESS)[2])) == []  # unlike layers
+
+
+def test_fp16_and_an_unknown_strategy_are_refused_before_anything_starts():
+    with pytest.raises(UserError, match="train.amp=fp16 does not work with dist.strategy=fsdp: use train.amp=bf16"):
+        load_validated(["recipe=gpt", FSDP, "train.amp=fp16"], ONE_PROCESS)
+    with pytest.raises(UserError, match="dist.strategy='zero' is not one of: ddp, fsdp"):
+        load_validated(["recipe=gpt", "dist.strategy=zero"], ONE_PROCESS)
+
+
+def test_folder_checkpoints_are_kept_pruned_verified_and_a_broken_one_skipped(group_of_one, tmp_path, caplog):
+    build("recipe=digits", "run.dir=run", "train.epochs=2", "ckpt.every_steps=10", "ckpt.best_metric=eval/accuracy",
+          FSDP, recipe="digits").run()
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(path.name for path in folder.iterdir()) == ["best", "step_000000030", "step_000000040",
+                                                              "step_000000044"]
+    assert (folder / "step_000000044" / "launcher.pt").is_file() and (folder / "best" / "launcher.pt").is_file()
+
+    shard = folder / "step_000000044" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    shard.write_bytes(bytes(data))
+    (folder / "step_000000040" / "launcher.pt").unlink()  # as a writer killed before it finished leaves it
+    path, payload = newest_good(folder, None)
+    assert path.name == "step_000000030" and payload["global_step"] == 30
+    assert "step_000000044 is unreadable (its file __0_0.distcp does not match its checksum)" in caplog.text
+    assert "step_000000040 is unreadable (it has no launcher.pt: its writer did not finish)" in caplog.text
+
+
+def test_a_run_keeps_its_strategy(group_of_one):
+    build("recipe=digits", "run.dir=run", "train.epochs=1", FSDP, recipe="digits").run()
+    with pytest.raises(LauncherError, match="cannot continue with these keys changed since its checkpoint: "
+                                            "dist.strategy fsdp -> ddp") as refused:
+        build("recipe=digits", "run.dir=run", "train.epochs=2", recipe="digits")
+    assert refused.value.exit_code == 2
+
+
+def test_a_longer_max_steps_continues_the_epoch_where_the_shorter_one_stopped():
+    build("run.dir=reference", "train.max_steps=30").run()
+    build("run.dir=run", "train.max_steps=5").run()
+    resumed = build("run.dir=run", "train.max_steps=30")
+    assert (resumed.position.epoch, resumed.position.step_in_epoch) == (1, 5)
+    resumed.run()
+    reference, final = weights("reference"), weights("run")
+    assert all(torch.equal(reference[key], final[key]) for key in reference)
