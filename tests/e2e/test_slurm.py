@@ -38,13 +38,15 @@ def test_submit_validates_before_it_submits_and_dry_run_writes_and_prints_the_sc
     no_sweep = subprocess.run([*command, "array", "recipe=digits"], cwd=tmp_path, capture_output=True, text=True)
     assert no_sweep.returncode == 2 and "the array template needs --sweep FILE" in no_sweep.stderr
     dry = subprocess.run([*command, "multi", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
-                          "--time", "04:00:00", "--account", "lab", "--dry-run", "recipe=digits"],
+                          "--time", "04:00:00", "--account", "lab", "--dry-run", "recipe=digits",
+                          "dist.strategy=fsdp"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     for line in ["#SBATCH --nodes=4", "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --account=lab",
                  "#SBATCH --gpus-per-node=8", "export LAUNCHER_NPROC=8", "--rdzv_id=\"$SLURM_JOB_ID\""]:
         assert line in dry.stdout, line
-    assert dry.stdout.startswith("# sbatch logs/launcher-") and "recipe=digits" in dry.stdout.splitlines()[0]
+    assert dry.stdout.startswith("# sbatch logs/launcher-")
+    assert dry.stdout.splitlines()[0].endswith(" recipe=digits dist.strategy=fsdp")  # passed through unchanged
     (script,) = (tmp_path / "logs").glob("*.sbatch")  # a dry run writes the script it prints the command for
     assert dry.stdout.splitlines()[0].split()[2] == f"logs/{script.name}"
     assert dry.stdout.split("\n", 1)[1] == script.read_text()
@@ -81,14 +83,16 @@ def test_multi_node_template_runs_on_two_nodes(slurm, tmp_path):
     (fake_bin / "hostname").write_text(FAKE_HOSTNAME)
     (fake_bin / "hostname").chmod(0o755)
     env = {**slurm.env, "PATH": f"{fake_bin}:{slurm.env['PATH']}"}
-    job = submit(tmp_path, "multi", "--nodes", "2", "recipe=digits", "train.epochs=2", env=env)
+    job = submit(tmp_path, "multi", "--nodes", "2", "recipe=digits", "train.epochs=2", "dist.strategy=fsdp", env=env)
     state = slurm.wait_until_done(job)
     log = log_of(tmp_path, f"launcher-{job}.out")
     assert state["JobState"] == "COMPLETED", log
     assert state["NodeList"] == "n[1-2]"
     assert "2 nodes, rendezvous at 127.0.0.2:" in log  # not the loopback 127.0.1.1 `hostname -i` gives
     assert "2 process(es), backend gloo" in log
-    assert [path.name for path in (tmp_path / "runs" / "digits").glob("*/model.pt")] == ["model.pt"]
+    assert "fsdp: 0 blocks sharded one by one" in log  # the model sharded over the two nodes' processes
+    (run_dir,) = (tmp_path / "runs" / "digits").iterdir()
+    assert (run_dir / "model.pt").is_file() and (run_dir / "checkpoints" / "step_000000044" / "launcher.pt").is_file()
 
 
 SLOW_RECIPE = textwrap.dedent("""
