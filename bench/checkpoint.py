@@ -67,7 +67,7 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     optimizer.step()
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     training_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": 1}
-    cfg = OmegaConf.create({"ckpt": {"keep": 1}, "train": {"batch_size": 1}})
+    cfg = OmegaConf.create({"ckpt": {"keep": 1}, "train": {"batch_size": 1}, "dist": {"strategy": "ddp"}})
     # What the Checkpointer reads of a Trainer, for this model.
     trainer = SimpleNamespace(model=model, optimizer=optimizer, cfg=cfg, device=torch.device("cpu"),
                               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),

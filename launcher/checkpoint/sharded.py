@@ -46,7 +46,7 @@ def load_shards(model: nn.Module, optimizer, folder: Path) -> None:
     """Collective: put the model and optimizer state of ``folder`` back into this rank's shards."""
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards: what DCP fills in
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder)
+    _load(state, folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -66,10 +66,16 @@ def model_state(folder: Path) -> dict:
     """The whole model's state_dict from the shards in ``folder``, assembled in this one process, on the CPU."""
     weights = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
                for name, entry in _model_entries(folder).items()}
-    with warnings.catch_warnings():  # that no process group means one process: what no_dist says
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load({"model": weights}, checkpoint_id=folder, no_dist=True)
+    _load({"model": weights}, folder, alone=True)  # even where a process group exists: rank 0 may call it alone
     return weights
+
+
+def _load(state: dict, folder: Path, alone: bool = False) -> None:
+    """``dcp.load``, collective; ``alone`` (or without a process group) in this one process, quietly (DCP warns that
+    it assumes so where there is no process group)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=alone or not dist.is_initialized())
 
 
 def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> None:
@@ -77,7 +83,7 @@ def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> No
     whole ``weights`` of a file, into ``model``, sharded or not."""
     if weights is None:
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
+        _load(state, path)
         set_model_state_dict(model, state["model"])
     else:
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))

@@ -41,8 +41,8 @@ def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env:
 
     Sharding moves one block at a time to the device, so the whole model is never there at once. ``train.amp=bf16``
     computes in bf16 with the gradients reduced in fp32, and the model's output in fp32 (so the loss is, as under
-    autocast; the blocks' outputs stay bf16 for the next block). ``train.compile`` compiles each block before it is sharded, as torchtitan does: FSDP's hooks stay
-    outside the compiled code.
+    autocast; the blocks' outputs stay bf16 for the next block). ``train.compile`` compiles each block before it is
+    sharded, as torchtitan does: FSDP's hooks stay outside the compiled code.
     """
     if cfg.dist.sync_batchnorm and dist_env.is_distributed:
         model = sync_batchnorm(model, device)
