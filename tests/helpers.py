@@ -155,10 +155,13 @@ RECIPE = textwrap.dedent("""
 
 ARGS = ["recipe=interruptible.py", "ckpt.every_steps=5"]
 
-# The gpt recipe made small (2 blocks of width 32, 31 steps an epoch), with INTERRUPT as above (counted in steps).
+# The gpt recipe made small (2 blocks of width 32, 31 steps an epoch), with INTERRUPT as above (counted in steps),
+# and KILL_IN_SHARD_SAVE=<n>: rank 0 is killed in the n-th sharded checkpoint (dist.strategy=fsdp), once, after every
+# rank wrote its shards and before the checkpoint's metadata (torch.distributed.checkpoint's .metadata) is written.
 GPT_RECIPE = textwrap.dedent("""
     import os, signal
     from pathlib import Path
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from launcher.recipes import gpt
     from launcher.recipes.gpt import build_datasets, build_model, metrics, param_groups, tokens_per_sample
 
@@ -167,6 +170,18 @@ GPT_RECIPE = textwrap.dedent("""
                 "model": {**gpt.DEFAULTS["model"], "layers": 2, "width": 32}}
     MARKER = Path("interrupted.marker")
     calls = 0
+
+    if os.environ.get("KILL_IN_SHARD_SAVE") and os.environ.get("RANK") == "0" and not MARKER.exists():
+        finish, saves = FileSystemWriter.finish, []
+
+        def killed_before_finishing(self, metadata, results):
+            saves.append(1)
+            if len(saves) == int(os.environ["KILL_IN_SHARD_SAVE"]):
+                MARKER.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return finish(self, metadata, results)
+
+        FileSystemWriter.finish = killed_before_finishing
 
     def step(model, batch):
         global calls
@@ -187,10 +202,17 @@ def assert_weights(one: dict, two: dict, equal: bool, rtol=1e-5, atol=1e-6) -> N
 
 
 
+_references: dict[tuple, dict] = {}
+
+
 def reference_weights(workdir, nproc=2, extra=()):
-    """The same run, uninterrupted."""
-    check_ok(launch([*ARGS, "run.dir=reference", *extra], workdir, nproc=nproc))
-    return load_weights(workdir / "reference")
+    """The same run (RECIPE with ARGS), uninterrupted. Run once per test session for each (nproc, extra): it is
+    deterministic, which is what every test comparing against it asserts bitwise, so a second run would only cost."""
+    key = (nproc, tuple(extra))
+    if key not in _references:
+        check_ok(launch([*ARGS, "run.dir=reference", *extra], workdir, nproc=nproc))
+        _references[key] = load_weights(workdir / "reference")
+    return _references[key]
 
 
 def assert_identical(weights, reference):

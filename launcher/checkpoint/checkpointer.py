@@ -4,6 +4,7 @@ sharded model, by every rank its shards and rank 0 the rest), and kept newest fi
 from __future__ import annotations
 
 import math
+import os
 import platform
 import random
 import shutil
@@ -14,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.distributed.tensor import DTensor
 
 import launcher
 from launcher.checkpoint.files import (
@@ -26,6 +26,7 @@ from launcher.checkpoint.files import (
     lineage,
     publish_folder,
     remove_checkpoint,
+    restore_set_aside,
     save_atomic,
     step_files,
 )
@@ -141,6 +142,7 @@ class Checkpointer:
 
     def _clear_stale(self) -> None:
         """What a writer that was killed left (temporary files and folders); the lock makes them ours."""
+        restore_set_aside(self.folder)
         for stale in self.folder.glob(".*.tmp"):
             remove_checkpoint(stale)
 
@@ -165,7 +167,7 @@ class Checkpointer:
         written = self.folder / f".{path.name}.tmp"
         try:
             files = save_shards(trainer.model, trainer.optimizer, written)
-        except Exception as error:  # DCP gathers every rank's failure and raises it on all of them
+        except Exception as error:  # DCP raises every rank's failure on all ranks (ShardsFailed)
             needed = _bytes([trainer.model.state_dict(), trainer.optimizer.state_dict()]) * self.dist_env.world_size
             raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
 
@@ -175,7 +177,7 @@ class Checkpointer:
                 publish_folder(written, path)
                 if best:
                     self._save_best(path)
-            except OSError as error:
+            except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
                 raise LauncherError(self._write_failed(path, 0, error)) from None
             self._prune()
 
@@ -196,9 +198,9 @@ class Checkpointer:
 
     def _save_best(self, source: Path) -> None:
         """Keep a copy of ``source`` as best.pt, or best/ (atomically, like every checkpoint)."""
-        if source.is_dir():
+        if source.is_dir():  # hard links: instant, and a step folder's files never change once it is published
             copied = self.folder / ".best.tmp"
-            shutil.copytree(source, copied)
+            shutil.copytree(source, copied, copy_function=os.link)
             publish_folder(copied, self.best_path)
             return
 
@@ -216,5 +218,5 @@ class Checkpointer:
 
 def _bytes(tree) -> int:
     """What the tensors in ``tree`` take (of a sharded one, this rank's shard)."""
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in _tensors(tree)]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in _tensors(tree)]  # a DTensor's shard
     return sum(t.untyped_storage().nbytes() for t in local)

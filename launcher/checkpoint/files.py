@@ -195,22 +195,40 @@ def lineage(path: Path) -> str | None:
 
 
 def remove_checkpoint(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
+    """Delete a checkpoint file, or folder: renamed to a temporary name first, so that a crash half-way through
+    leaves a leftover the next save clears, never a step folder that is neither whole nor removable."""
+    if not path.is_dir():
         path.unlink(missing_ok=True)
+        return
+    doomed = path if path.name.endswith(".tmp") else path.with_name(f".{path.name}.gone.tmp")
+    if doomed != path:
+        os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def publish_folder(written: Path, path: Path) -> None:
-    """Rename the complete folder ``written`` to ``path`` (replacing one there), durably: a reader sees the old
-    folder or the new one. The old one is renamed aside first, since a folder cannot be renamed over another."""
+    """Rename the complete folder ``written`` to ``path`` (replacing one there), durably. The one there is renamed
+    aside first (a folder cannot be renamed over another); a crash between the two renames leaves it aside, where
+    ``restore_set_aside`` finds it."""
     _fsync_dir(written)
-    aside = path.with_name(f".{path.name}.old.tmp")
+    aside = _aside(path)
     if path.exists():
         os.replace(path, aside)
     os.replace(written, path)
     _fsync_dir(path.parent)
     remove_checkpoint(aside)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old.tmp")
+
+
+def restore_set_aside(folder: Path) -> None:
+    """Put back a folder ``publish_folder`` had set aside when a crash kept its replacement from taking its place."""
+    for aside in folder.glob(".*.old.tmp"):
+        original = folder / aside.name.removeprefix(".").removesuffix(".old.tmp")
+        if not original.exists():
+            os.replace(aside, original)
 
 
 def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from launcher.checkpoint.checkpointer import Position
 from launcher.checkpoint.files import (
     BadCheckpoint,
+    _first_line,
     check_model_fits,
     lineage,
     load_checkpoint,
@@ -23,7 +24,7 @@ from launcher.checkpoint.files import (
     step_files,
     step_of,
 )
-from launcher.checkpoint.sharded import load_shards, saved_shapes
+from launcher.checkpoint.sharded import ShardsFailed, load_shards, saved_shapes
 from launcher.config.schema import ENGINE_DEFAULTS, applied_on_resume, changes_freely, leaves
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main
@@ -188,9 +189,9 @@ def restore(trainer, payload: dict, path: Path) -> None:
         else:
             trainer.model.load_state_dict(payload["model"])
             optimizer.load_state_dict(_copied_state(payload["optimizer"]))
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, ShardsFailed) as error:
         raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={cfg.optim.name} "
-                        f"and the recipe's param_groups ({error})") from None
+                        f"and the recipe's param_groups ({_first_line(error)})") from None
     for group, hyperparameters in zip(optimizer.param_groups, now):
         group.update(hyperparameters)
     trainer.scheduler.load_state_dict({**payload["scheduler"], "base_lrs": base_lrs})

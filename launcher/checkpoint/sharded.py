@@ -1,6 +1,9 @@
 """The shards of a folder checkpoint (``dist.strategy=fsdp``), written and read with torch.distributed.checkpoint
 (DCP): every rank writes its own part of the model and optimizer state, and reads back what its shards need on
-any number of processes (DCP reshards)."""
+any number of processes (DCP reshards).
+
+torch.distributed.checkpoint is imported inside the functions: importing it costs every process half a second at
+startup, and a ddp run never needs it (distributed/fsdp.py does the same for FSDP)."""
 
 from __future__ import annotations
 
@@ -9,25 +12,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
-from launcher.checkpoint.files import file_crc32
+from launcher.checkpoint.files import _first_line, file_crc32
+
+
+class ShardsFailed(Exception):
+    """DCP could not write or read a folder checkpoint; the message is the first failed rank's error, in one line."""
 
 
 def save_shards(model: nn.Module, optimizer, folder: Path) -> dict[str, list[int]]:
     """Collective: write this rank's shards of the model and optimizer state into ``folder``; every rank gets the
     size and CRC-32 of every file written (each rank checksums its own, rank 0 the rest)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    with _one_line_failures():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
     rank = dist.get_rank()
     mine = {path.name: _size_and_crc(path) for path in folder.glob(f"__{rank}_*")}  # DCP's name for rank's data
     every = [None] * dist.get_world_size()
@@ -43,15 +45,26 @@ def _size_and_crc(path: Path) -> list[int]:
 
 
 def load_shards(model: nn.Module, optimizer, folder: Path) -> None:
-    """Collective: put the model and optimizer state of ``folder`` back into this rank's shards."""
+    """Collective: put the model and optimizer state of ``folder`` back into this rank's shards.
+
+    Optimizer state the checkpoint lacks keeps its fresh value, as a file's ``optimizer.load_state_dict`` leaves it
+    to be created: momentum turned on since the checkpoint starts from a zero buffer, which SGD's first step then
+    sets to the gradient either way. (The model's entries were checked against the checkpoint before.)
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards: what DCP fills in
     state = {"model": model_state, "optimizer": optimizer_state}
-    _load(state, folder)
+    _load(state, folder, planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def _model_entries(folder: Path) -> dict:
     """The model's tensors in ``folder``: name -> DCP's metadata (global size, dtype), read from .metadata alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     return {key.removeprefix("model."): entry for key, entry in metadata.items()
             if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
@@ -70,20 +83,40 @@ def model_state(folder: Path) -> dict:
     return weights
 
 
-def _load(state: dict, folder: Path, alone: bool = False) -> None:
+def _load(state: dict, folder: Path, alone: bool = False, planner=None) -> None:
     """``dcp.load``, collective; ``alone`` (or without a process group) in this one process, quietly (DCP warns that
     it assumes so where there is no process group)."""
-    with warnings.catch_warnings():
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings(), _one_line_failures():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder, no_dist=alone or not dist.is_initialized())
+        dcp.load(state, checkpoint_id=folder, no_dist=alone or not dist.is_initialized(), planner=planner)
 
 
 def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> None:
     """Collective where the model is sharded: the model weights of a folder checkpoint (``weights`` None), or the
     whole ``weights`` of a file, into ``model``, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
     if weights is None:
         state = {"model": get_model_state_dict(model)}
         _load(state, path)
         set_model_state_dict(model, state["model"])
     else:
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+class _one_line_failures:
+    """DCP raises every rank's failure on all ranks as a ``CheckpointException`` (a BaseException, which ``except
+    Exception`` misses): as a ``ShardsFailed`` naming the first failed rank's error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        failures = getattr(error, "failures", None)
+        if kind is None or not failures or type(error).__name__ != "CheckpointException":
+            return False
+        rank, cause = next(iter(failures.items()))
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
+        raise ShardsFailed(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}") from None

@@ -1,6 +1,9 @@
 """``dist.strategy=fsdp``: the model sharded over the processes with torch's FSDP2 (``fully_shard``). Each process
 keeps 1/world of the parameters, gradients and optimizer state, and gathers a block's parameters only while the block
-computes: a model that does not fit one GPU trains on several."""
+computes: a model that does not fit one GPU trains on several.
+
+torch's FSDP is imported inside the functions: importing it (and the DTensor machinery it brings) costs every
+process half a second at startup, and a ddp run never needs it."""
 
 from __future__ import annotations
 
@@ -8,12 +11,10 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from launcher.distributed.batchnorm import sync_batchnorm
 from launcher.distributed.env import DistEnv
+from launcher.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,18 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return list(largest)
 
 
+def refuse_rank_local_batchnorm(model: nn.Module, cfg, dist_env: DistEnv) -> None:
+    """FSDP keeps each rank's BatchNorm running statistics apart (DDP copies rank 0's into every rank at each
+    forward): the checkpoint would hold one rank's, and evaluation on every rank would differ by rank. Synchronised
+    BatchNorm computes them from the global batch, the same on every rank."""
+    if not dist_env.is_distributed or cfg.dist.sync_batchnorm:
+        return
+    if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        raise UserError("dist.strategy=fsdp with BatchNorm layers needs dist.sync_batchnorm=true: FSDP keeps each "
+                        "rank's running statistics apart, where DDP copies rank 0's to every rank",
+                        same_on_all_ranks=True)
+
+
 def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env: DistEnv,
                 device: torch.device) -> nn.Module:
     """``model`` (on the CPU) sharded over the job's processes onto ``device``: each of ``blocks`` (None: the
@@ -50,6 +63,9 @@ def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env:
     if dist_env.is_main:
         log.info("fsdp: %d blocks sharded one by one (%s), then the root", len(blocks),
                  type(blocks[0]).__name__ if blocks else "none found: the whole model is one unit")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (dist_env.world_size,))
     bf16 = cfg.train.amp == "bf16"
     inside = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
@@ -67,4 +83,6 @@ def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env:
 def full_model_state(model: nn.Module) -> dict:
     """Collective: the sharded model's whole state_dict, gathered on rank 0 one tensor at a time into host memory
     (never the whole model on one GPU); an empty dict on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

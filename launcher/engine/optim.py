@@ -23,8 +23,11 @@ def build_optimizer(model: nn.Module, groups: list[dict], cfg) -> torch.optim.Op
     groups = _materialize(groups)
     _warn_untrained(model, groups)
     o = cfg.optim
-    # One fused kernel per step instead of a launch per parameter (or per foreach chunk), where torch has it: CUDA.
-    fused = all(p.is_cuda and p.is_floating_point() for group in groups for p in group["params"]) or None
+    # One fused kernel per step instead of a launch per parameter (or per foreach chunk), where torch has it: CUDA,
+    # and for sharded (DTensor) parameters Adam and AdamW only (torch 2.14 has no sharding rule for fused SGD).
+    params = [p for group in groups for p in group["params"]]
+    sharded = any(hasattr(p, "to_local") for p in params)  # DTensors (FSDP's shards)
+    fused = all(p.is_cuda and p.is_floating_point() for p in params) and not (sharded and o.name == "sgd") or None
     try:
         if o.name == "sgd":
             return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)

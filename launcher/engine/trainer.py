@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint.checkpointer import Checkpointer, Position, TrainingDiverged
 from launcher.checkpoint.files import save_model
 from launcher.checkpoint.resume import Start, load_named, plan_start, restore
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import full_model_state, shard_model
+from launcher.distributed.fsdp import full_model_state, refuse_rank_local_batchnorm, shard_model
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
@@ -55,6 +54,7 @@ class Trainer:
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
         summary = summarize(self.model, train_set, built_on) if dist_env.is_main else ""
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            refuse_rank_local_batchnorm(self.model, cfg, dist_env)
             self.model = shard_model(self.model, cfg, recipe.fsdp_blocks(self.model), dist_env, device)
         if self.eval_set is None and cfg.ckpt.best_metric:
             raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
@@ -333,7 +333,7 @@ class _Window:
                   **_throughput(self.steps * batch_size / (now - self.start), tokens_per_sample)}
         if self.grad_norm is not None:  # a DTensor under fsdp, replicated: its local value is the whole norm
             norm = self.grad_norm
-            report["grad_norm"] = (norm.to_local() if isinstance(norm, DTensor) else norm).item()
+            report["grad_norm"] = (norm.to_local() if hasattr(norm, "to_local") else norm).item()
         self.sum_before.copy_(self.loss_sum)
         self.steps, self.start = 0, now
         return report

@@ -114,7 +114,7 @@ def test_mlp_under_fsdp_with_accumulation_and_clipping_ends_with_ddps_weights(tm
                          built_here(args)[0].state_dict())
 
 
-def test_gpt_under_fsdp_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_identical(gpt_dir):
+def test_gpt_under_fsdp_after_a_sigkill_mid_epoch_or_in_a_checkpoint_write_ends_bitwise_identical(gpt_dir):
     args = ["recipe=small_gpt.py", "wandb.mode=disabled", "ckpt.every_steps=5", FSDP]
     check_ok(launch([*args, "run.dir=reference"], gpt_dir, nproc=2))
     result = check_ok(launch([*args, "run.dir=run"], gpt_dir, nproc=2, env={"INTERRUPT": "1:40:SIGKILL"},
@@ -123,6 +123,15 @@ def test_gpt_under_fsdp_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_ide
     assert_identical(load_weights(gpt_dir / "run"), load_weights(gpt_dir / "reference"))
     kept = sorted(path.name for path in (gpt_dir / "run" / "checkpoints").iterdir())
     assert kept == ["step_000000055", "step_000000060", "step_000000062"]  # ckpt.keep=3 folders, no temporaries
+    # Rank 0 killed while the 3rd checkpoint (step 15) is half written: the restart resumes from step 10's, the
+    # next save clears the torn folder, and the run ends as if nothing happened.
+    (gpt_dir / "interrupted.marker").unlink()  # left by the kill above: each accident happens once
+    torn = check_ok(launch([*args, "run.dir=torn"], gpt_dir, nproc=2, env={"KILL_IN_SHARD_SAVE": "3"},
+                           torchrun_args=["--max-restarts=1"]))
+    assert "resumed from torn/checkpoints/step_000000010: epoch 1, step 10 of it" in torn.stdout
+    assert_identical(load_weights(gpt_dir / "torn"), load_weights(gpt_dir / "reference"))
+    assert not list((gpt_dir / "torn" / "checkpoints").glob(".*"))
+
     # A finished run whose model.pt was lost writes it again from its newest folder (on rank 0, alone).
     (gpt_dir / "run" / "model.pt").unlink()
     again = check_ok(launch([*args, "run.dir=run"], gpt_dir, nproc=2))

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import GPT_RECIPE, assert_weights, check_ok, epoch_records, launch, load_weights
+from helpers import GPT_RECIPE, assert_user_error, assert_weights, check_ok, epoch_records, launch, load_weights
 
 # Digits as dict samples with a non-tensor leaf, batched by the recipe's own collate, a step that reads the dict,
 # and a top-2 accuracy as a sum and a count.
@@ -94,6 +94,15 @@ def test_sync_batchnorm_makes_two_processes_train_like_one(tmp_path):
     assert_weights(one, load_weights(tmp_path / "two_sync"), equal=True, rtol=1e-4, atol=1e-5)
     # Not: each rank normalises its own 16 samples, so the same run on 2 processes is a different computation.
     assert_weights(one, load_weights(tmp_path / "two_local"), equal=False, rtol=1e-4, atol=1e-5)
+    # Sharded, synchronised: as on one process too. Sharded without it is refused (each rank's statistics would
+    # stay its own: FSDP does not copy rank 0's buffers as DDP does).
+    fsdp = ["dist.strategy=fsdp", "train.epochs=1"]
+    check_ok(launch([*args, *fsdp, "run.dir=one_epoch"], tmp_path))
+    check_ok(launch([*args, *fsdp, "run.dir=fsdp_sync", "dist.sync_batchnorm=true"], tmp_path, nproc=2))
+    assert_weights(load_weights(tmp_path / "one_epoch"), load_weights(tmp_path / "fsdp_sync"), equal=True, rtol=1e-4,
+                   atol=1e-5)
+    assert_user_error(launch([*args, *fsdp, "run.dir=fsdp_local"], tmp_path, nproc=2),
+                      "dist.strategy=fsdp with BatchNorm layers needs dist.sync_batchnorm=true", torchrun=True)
 
 
 def test_gpt_on_one_and_two_processes_ends_with_the_same_weights(tmp_path):

@@ -98,6 +98,16 @@ def test_a_run_keeps_its_strategy(group_of_one):
     assert refused.value.exit_code == 2
 
 
+def test_momentum_turned_on_at_a_resume_is_applied_under_fsdp_as_under_ddp(group_of_one):
+    """The folder lacks the momentum buffers the resumed optimizer has: they start at zero, as a file's start empty."""
+    for strategy in ("ddp", "fsdp"):
+        common = ["recipe=digits", f"run.dir={strategy}", f"dist.strategy={strategy}"]
+        build(*common, "train.epochs=1", "optim.momentum=0", recipe="digits").run()
+        build(*common, "train.epochs=2", "optim.momentum=0.9", recipe="digits").run()
+    ddp, fsdp = weights("ddp"), weights("fsdp")
+    assert max((ddp[key] - fsdp[key]).abs().max().item() for key in ddp) < 1e-6
+
+
 def test_a_longer_max_steps_continues_the_epoch_where_the_shorter_one_stopped():
     build("run.dir=reference", "train.max_steps=30").run()
     build("run.dir=run", "train.max_steps=5").run()
