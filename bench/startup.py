@@ -58,8 +58,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--arch", default="lenet")
+    parser.add_argument("--commands", nargs="+", metavar="NAME", help="only these of the commands (default: all)")
     args = parser.parse_args()
-    cases = commands(args.arch)
+    cases = {name: command for name, command in commands(args.arch).items()
+             if not args.commands or name in args.commands}
     timings: dict[str, list[dict]] = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):

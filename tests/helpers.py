@@ -156,8 +156,9 @@ RECIPE = textwrap.dedent("""
 ARGS = ["recipe=interruptible.py", "ckpt.every_steps=5"]
 
 # The gpt recipe made small (2 blocks of width 32, 31 steps an epoch), with INTERRUPT as above (counted in steps),
-# and KILL_IN_SHARD_SAVE=<n>: rank 0 is killed in the n-th sharded checkpoint (dist.strategy=fsdp), once, after every
-# rank wrote its shards and before the checkpoint's metadata (torch.distributed.checkpoint's .metadata) is written.
+# and KILL_IN_SHARD_SAVE=<n>: rank 0 is killed in the n-th sharded checkpoint (dist.strategy=fsdp) of a process
+# (one started after the INTERRUPT's, if there is one), once, after every rank wrote its shards and before
+# torch.distributed.checkpoint's .metadata.
 GPT_RECIPE = textwrap.dedent("""
     import os, signal
     from pathlib import Path
@@ -171,13 +172,15 @@ GPT_RECIPE = textwrap.dedent("""
     MARKER = Path("interrupted.marker")
     calls = 0
 
-    if os.environ.get("KILL_IN_SHARD_SAVE") and os.environ.get("RANK") == "0" and not MARKER.exists():
+    TORN = Path("torn.marker")
+    after_interrupt = not os.environ.get("INTERRUPT") or MARKER.exists()
+    if os.environ.get("KILL_IN_SHARD_SAVE") and os.environ.get("RANK") == "0" and after_interrupt and not TORN.exists():
         finish, saves = FileSystemWriter.finish, []
 
         def killed_before_finishing(self, metadata, results):
             saves.append(1)
             if len(saves) == int(os.environ["KILL_IN_SHARD_SAVE"]):
-                MARKER.touch()
+                TORN.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
             return finish(self, metadata, results)
 
