@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.distributed.fsdp import repeated_blocks
 from launcher.errors import UserError
 from launcher.packaged import recipes_package
 
@@ -106,10 +107,12 @@ class Recipe:
         the device, drawing its random numbers from ``generator`` (a torch.Generator there), else None."""
         return getattr(self.module, "augment", None)
 
-    def fsdp_blocks(self, model: nn.Module) -> list[nn.Module] | None:
+    def fsdp_blocks(self, model: nn.Module) -> list[nn.Module]:
         """The recipe's ``fsdp_blocks(model)``: the modules ``dist.strategy=fsdp`` shards one by one (a transformer's
-        layers), else None (the engine's default, distributed/fsdp.py's ``repeated_blocks``)."""
-        return list(self.module.fsdp_blocks(model)) if hasattr(self.module, "fsdp_blocks") else None
+        layers), else the children of the model's largest list of alike modules (``repeated_blocks``)."""
+        if hasattr(self.module, "fsdp_blocks"):
+            return list(self.module.fsdp_blocks(model))
+        return repeated_blocks(model)
 
     def tokens_per_sample(self, cfg) -> int | None:
         """The recipe's ``tokens_per_sample(cfg)``: with it, throughput is also counted in tokens per second."""

@@ -45,8 +45,8 @@ def epoch_records(run_dir: Path) -> list[dict]:
     return [record for record in read_metrics(run_dir) if "time/epoch_s" in record]
 
 
-def load_weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "model.pt", weights_only=True)
+def load_weights(run_dir: Path | str) -> dict:
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
 
 
 def write_idx(folder: Path, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -108,20 +108,36 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-# Digits with dropout (so the random streams matter), and test stand-ins for the accidents of real clusters:
-# INTERRUPT="<rank>:<step>:<signal>" sends the signal to that rank during that step, once (a marker file
-# remembers), KILL_IN_SAVE=<n> kills rank 0 while it writes its n-th checkpoint, once; STEP_SLEEP=<s> slows each
-# step down, so a test can act on a job while it runs.
-RECIPE = textwrap.dedent("""
-    import os, signal, time
+# The test recipes' stand-in for a signal from a cluster: INTERRUPT="<rank>:<step>:<signal>" sends the signal to
+# that rank during that step (its n-th loss), once (a marker file remembers).
+INTERRUPT_ON_CALL = """
+    import os, signal
     from pathlib import Path
+
+    MARKER = Path("interrupted.marker")
+    calls = 0
+
+    def interrupt_on_call():
+        global calls
+        calls += 1
+        if os.environ.get("INTERRUPT") and not MARKER.exists():
+            rank, call, name = os.environ["INTERRUPT"].split(":")
+            if rank == os.environ.get("RANK", "0") and calls == int(call):
+                MARKER.touch()
+                os.kill(os.getpid(), getattr(signal, name))
+"""
+
+# Digits with dropout (so the random streams matter), and test stand-ins for the accidents of real clusters:
+# INTERRUPT as above, KILL_IN_SAVE=<n> kills rank 0 while it writes its n-th checkpoint, once; STEP_SLEEP=<s> slows
+# each step down, so a test can act on a job while it runs.
+RECIPE = textwrap.dedent(INTERRUPT_ON_CALL + """
+    import time
     import torch.nn.functional as F
     from torch import nn
     from launcher.recipes.digits import build_datasets
 
     DEFAULTS = {"train": {"epochs": 3, "batch_size": 64, "log_every": 10}, "optim": {"lr": 0.05, "momentum": 0.9},
                 "data": {"eval_fraction": 0.2}}
-    MARKER = Path("interrupted.marker")
 
     class KillWhenPickled:
         def __reduce_ex__(self, protocol):
@@ -139,16 +155,9 @@ RECIPE = textwrap.dedent("""
             model._register_state_dict_hook(kill_in_nth_save)
         return model
 
-    calls = 0
     def loss(outputs, targets):
-        global calls
-        calls += 1
         time.sleep(float(os.environ.get("STEP_SLEEP", 0)))
-        if os.environ.get("INTERRUPT") and not MARKER.exists():
-            rank, step, name = os.environ["INTERRUPT"].split(":")
-            if rank == os.environ.get("RANK", "0") and calls == int(step):
-                MARKER.touch()
-                os.kill(os.getpid(), getattr(signal, name))
+        interrupt_on_call()
         return F.cross_entropy(outputs, targets)
 """)
 
@@ -159,9 +168,7 @@ ARGS = ["recipe=interruptible.py", "ckpt.every_steps=5"]
 # and KILL_IN_SHARD_SAVE=<n>: rank 0 is killed in the n-th sharded checkpoint (dist.strategy=fsdp) of a process
 # (one started after the INTERRUPT's, if there is one), once, after every rank wrote its shards and before
 # torch.distributed.checkpoint's .metadata.
-GPT_RECIPE = textwrap.dedent("""
-    import os, signal
-    from pathlib import Path
+GPT_RECIPE = textwrap.dedent(INTERRUPT_ON_CALL + """
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from launcher.recipes import gpt
     from launcher.recipes.gpt import build_datasets, build_model, metrics, param_groups, tokens_per_sample
@@ -169,8 +176,6 @@ GPT_RECIPE = textwrap.dedent("""
     DEFAULTS = {**gpt.DEFAULTS, "train": {**gpt.DEFAULTS["train"], "epochs": 2, "log_every": 5},
                 "data": {"train_bytes": 65_000, "eval_bytes": 16_000},
                 "model": {**gpt.DEFAULTS["model"], "layers": 2, "width": 32}}
-    MARKER = Path("interrupted.marker")
-    calls = 0
 
     TORN = Path("torn.marker")
     after_interrupt = not os.environ.get("INTERRUPT") or MARKER.exists()
@@ -187,13 +192,7 @@ GPT_RECIPE = textwrap.dedent("""
         FileSystemWriter.finish = killed_before_finishing
 
     def step(model, batch):
-        global calls
-        calls += 1
-        if os.environ.get("INTERRUPT") and not MARKER.exists():
-            rank, call, name = os.environ["INTERRUPT"].split(":")
-            if rank == os.environ.get("RANK", "0") and calls == int(call):
-                MARKER.touch()
-                os.kill(os.getpid(), getattr(signal, name))
+        interrupt_on_call()
         return gpt.step(model, batch)
 """)
 
@@ -203,6 +202,19 @@ def assert_weights(one: dict, two: dict, equal: bool, rtol=1e-5, atol=1e-6) -> N
     close = all(torch.allclose(one[key].float(), two[key].float(), rtol=rtol, atol=atol) for key in one)
     assert close == equal
 
+
+
+def build_trainer(*overrides: str, recipe: str = "interruptible.py"):
+    """A Trainer in this process, as `python -m launcher recipe=... overrides` builds it (None: the run is complete)."""
+    from launcher.cli.main import load_validated
+    from launcher.distributed.env import DistEnv
+    from launcher.distributed.stop import StopSignals
+    from launcher.engine.trainer import Trainer
+
+    one_process = DistEnv.from_environ({})
+    _, loaded, cfg = load_validated([f"recipe={recipe}", "wandb.mode=disabled", "log.level=warning", *overrides],
+                                    one_process)
+    return Trainer.build(cfg, loaded, one_process, torch.device("cpu"), StopSignals(one_process))
 
 
 _references: dict[tuple, dict] = {}

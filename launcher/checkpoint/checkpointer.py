@@ -32,6 +32,7 @@ from launcher.checkpoint.files import (
 )
 from launcher.checkpoint.sharded import save_shards
 from launcher.distributed.env import DistEnv
+from launcher.distributed.fsdp import shards_model
 from launcher.distributed.group import run_agreed
 from launcher.errors import LauncherError, UserError
 
@@ -90,7 +91,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None):
         self.folder = run_dir / "checkpoints"
         self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
-        self.sharded = cfg.dist.strategy == "fsdp"
+        self.sharded = shards_model(cfg)
         self.lock = lock  # rank 0's RunLock: no writes once it is lost
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
 
@@ -132,7 +133,6 @@ class Checkpointer:
             "versions": {"launcher": launcher.__version__, "torch": str(torch.__version__),
                          "python": platform.python_version()},
         }
-        run_agreed(self.dist_env, self._clear_stale if self.dist_env.is_main else None, name_rank=False)
         if self.sharded:
             self._save_sharded(trainer, meta, path, best)
         else:
@@ -151,6 +151,7 @@ class Checkpointer:
 
         def write() -> None:
             payload = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), **meta}
+            self._clear_stale()
             try:
                 save_atomic(payload, path)
                 if best:
@@ -165,6 +166,7 @@ class Checkpointer:
         """Every rank writes its shards into a temporary folder; rank 0 adds launcher.pt (with every file's size and
         CRC-32) and renames the folder into place once it is complete."""
         written = self.folder / f".{path.name}.tmp"
+        run_agreed(self.dist_env, self._clear_stale if self.dist_env.is_main else None, name_rank=False)  # first
         try:
             files = save_shards(trainer.model, trainer.optimizer, written)
         except Exception as error:  # DCP raises every rank's failure on all ranks (ShardsFailed)

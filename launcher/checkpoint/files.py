@@ -211,16 +211,12 @@ def publish_folder(written: Path, path: Path) -> None:
     aside first (a folder cannot be renamed over another); a crash between the two renames leaves it aside, where
     ``restore_set_aside`` finds it."""
     _fsync_dir(written)
-    aside = _aside(path)
+    aside = path.with_name(f".{path.name}.old.tmp")
     if path.exists():
         os.replace(path, aside)
     os.replace(written, path)
     _fsync_dir(path.parent)
     remove_checkpoint(aside)
-
-
-def _aside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old.tmp")
 
 
 def restore_set_aside(folder: Path) -> None:

@@ -7,6 +7,7 @@ startup, and a ddp run never needs it (distributed/fsdp.py does the same for FSD
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -75,11 +76,14 @@ def saved_shapes(folder: Path) -> dict:
     return {name: tuple(entry.size) for name, entry in _model_entries(folder).items()}
 
 
-def model_state(folder: Path) -> dict:
-    """The whole model's state_dict from the shards in ``folder``, assembled in this one process, on the CPU."""
+def model_weights(checkpoint: Path, payload: dict) -> dict:
+    """The whole model's state_dict of a checkpoint whose file, or folder's launcher.pt, loaded as ``payload``; a
+    folder's assembled from its shards in this one process, on the CPU."""
+    if not checkpoint.is_dir():
+        return payload["model"]
     weights = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
-               for name, entry in _model_entries(folder).items()}
-    _load({"model": weights}, folder, alone=True)  # even where a process group exists: rank 0 may call it alone
+               for name, entry in _model_entries(checkpoint).items()}
+    _load({"model": weights}, checkpoint, alone=True)  # even where a process group exists: rank 0 may call it alone
     return weights
 
 
@@ -106,17 +110,16 @@ def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> No
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
-class _one_line_failures:
+@contextlib.contextmanager
+def _one_line_failures():
     """DCP raises every rank's failure on all ranks as a ``CheckpointException`` (a BaseException, which ``except
     Exception`` misses): as a ``ShardsFailed`` naming the first failed rank's error."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
+    try:
+        yield
+    except BaseException as error:
         failures = getattr(error, "failures", None)
-        if kind is None or not failures or type(error).__name__ != "CheckpointException":
-            return False
+        if not failures or type(error).__name__ != "CheckpointException":
+            raise
         rank, cause = next(iter(failures.items()))
         cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
         raise ShardsFailed(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launcher.checkpoint.files import BadCheckpoint, load_checkpoint, save_model
 from launcher.checkpoint.resume import is_checkpoint
-from launcher.checkpoint.sharded import model_state
+from launcher.checkpoint.sharded import model_weights
 from launcher.errors import LauncherError
 
 
@@ -25,7 +25,7 @@ def convert(checkpoint: Path, out: Path | None) -> tuple[Path, int]:
         raise LauncherError(f"{checkpoint} does not load ({error})") from None
     if not is_checkpoint(payload):
         raise LauncherError(f"{checkpoint} is already a model state_dict, not a checkpoint")
-    weights = model_state(checkpoint) if checkpoint.is_dir() else payload["model"]
+    weights = model_weights(checkpoint, payload)
     out = out or checkpoint.parent.parent / f"model_{checkpoint.name.removesuffix('.pt')}.pt"
     save_model(weights, out)
     return out, len(weights)

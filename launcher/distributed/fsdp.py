@@ -19,6 +19,11 @@ from launcher.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def shards_model(cfg) -> bool:
+    """Whether the run's model is sharded (``dist.strategy=fsdp``)."""
+    return cfg.dist.strategy == "fsdp"
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The default blocks to shard one by one: the children of the model's largest (by parameters) ``nn.ModuleList``,
     or ``nn.Sequential`` of two or more modules of one class (a transformer's layers); none if it has neither."""
@@ -47,10 +52,9 @@ def refuse_rank_local_batchnorm(model: nn.Module, cfg, dist_env: DistEnv) -> Non
                         same_on_all_ranks=True)
 
 
-def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env: DistEnv,
-                device: torch.device) -> nn.Module:
-    """``model`` (on the CPU) sharded over the job's processes onto ``device``: each of ``blocks`` (None: the
-    ``repeated_blocks``) on its own, then the root with the rest. Returns the same module, now an ``FSDPModule``.
+def shard_model(model: nn.Module, cfg, recipe, dist_env: DistEnv, device: torch.device) -> nn.Module:
+    """``model`` (on the CPU) sharded over the job's processes onto ``device``: each of the recipe's
+    ``fsdp_blocks`` on its own, then the root with the rest. Returns the same module, now an ``FSDPModule``.
 
     Sharding moves one block at a time to the device, so the whole model is never there at once. ``train.amp=bf16``
     computes in bf16 with the gradients reduced in fp32, and the model's output in fp32 (so the loss is, as under
@@ -59,7 +63,7 @@ def shard_model(model: nn.Module, cfg, blocks: list[nn.Module] | None, dist_env:
     """
     if cfg.dist.sync_batchnorm and dist_env.is_distributed:
         model = sync_batchnorm(model, device)
-    blocks = repeated_blocks(model) if blocks is None else blocks
+    blocks = recipe.fsdp_blocks(model)
     if dist_env.is_main:
         log.info("fsdp: %d blocks sharded one by one (%s), then the root", len(blocks),
                  type(blocks[0]).__name__ if blocks else "none found: the whole model is one unit")

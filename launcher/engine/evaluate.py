@@ -14,7 +14,7 @@ from launcher.checkpoint.files import check_model_fits, shapes
 from launcher.checkpoint.resume import checkpoint_to_evaluate, is_checkpoint, load_named
 from launcher.checkpoint.sharded import load_model_weights, saved_shapes
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import shard_model
+from launcher.distributed.fsdp import shard_model, shards_model
 from launcher.distributed.group import run_agreed
 from launcher.engine.batches import batch_size, to_device
 from launcher.engine.build import build_model_and_data
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def on_every_rank(cfg) -> bool:
     """Whether every rank evaluates (``eval.sharded``, or a sharded model, which no rank can run alone)."""
-    return cfg.eval.sharded or cfg.dist.strategy == "fsdp"
+    return cfg.eval.sharded or shards_model(cfg)
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.devic
         batches = batches[: cfg.train.limit_eval_batches]
     slots: list[int | None] = list(range(dist_env.rank, len(batches), dist_env.world_size) if sharded
                                    else range(len(batches)))
-    if sharded and cfg.dist.strategy == "fsdp":
+    if sharded and shards_model(cfg):
         # Every forward of a sharded model gathers parameters from every rank: all run as many, the short ones an
         # extra forward of the first batch whose result is dropped.
         slots += [None] * (-(-len(batches) // dist_env.world_size) - len(slots))
@@ -94,12 +94,12 @@ def _pair(value: tuple, device: torch.device) -> torch.Tensor:
 def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
     """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``, else the run's newest) and print the
     metrics; nothing is written."""
-    sharded = cfg.dist.strategy == "fsdp"
+    sharded = shards_model(cfg)
     model, _, eval_set = build_model_and_data(cfg, recipe, dist_env, torch.device("cpu") if sharded else device)
     if eval_set is None:
         raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
     if sharded:
-        model = shard_model(model, cfg, recipe.fsdp_blocks(model), dist_env, device)
+        model = shard_model(model, cfg, recipe, dist_env, device)
     path, payload = checkpoint_to_evaluate(cfg, run_dir_for(cfg, recipe), dist_env)
 
     def check_fit() -> dict | None:

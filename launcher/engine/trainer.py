@@ -19,7 +19,7 @@ from launcher.checkpoint.checkpointer import Checkpointer, Position, TrainingDiv
 from launcher.checkpoint.files import save_model
 from launcher.checkpoint.resume import Start, load_named, plan_start, restore
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import full_model_state, refuse_rank_local_batchnorm, shard_model
+from launcher.distributed.fsdp import full_model_state, refuse_rank_local_batchnorm, shard_model, shards_model
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
@@ -48,14 +48,14 @@ class Trainer:
         Rank 0 records the start (ledger, config.yaml, summary, wandb) only after every check passed."""
         cfg = self.cfg = attempt.cfg
         self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
-        self.sharded = cfg.dist.strategy == "fsdp"
+        self.sharded = shards_model(cfg)
         built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
         self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
         summary = summarize(self.model, train_set, built_on) if dist_env.is_main else ""
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             refuse_rank_local_batchnorm(self.model, cfg, dist_env)
-            self.model = shard_model(self.model, cfg, recipe.fsdp_blocks(self.model), dist_env, device)
+            self.model = shard_model(self.model, cfg, recipe, dist_env, device)
         if self.eval_set is None and cfg.ckpt.best_metric:
             raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
                             "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from launcher.checkpoint.files import save_model
 from launcher.checkpoint.resume import Start
-from launcher.checkpoint.sharded import model_state
+from launcher.checkpoint.sharded import model_weights
 from launcher.config.build import with_run_dir
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main
@@ -66,7 +66,7 @@ class Attempt:
         if self.dist_env.is_main:
             model_file = self.run_dir / "model.pt"
             if not model_file.is_file():
-                save_model(payload["model"] if "model" in payload else model_state(Path(start.checkpoint)), model_file)
+                save_model(model_weights(Path(start.checkpoint), payload), model_file)
             log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
                      "train.epochs; for a new run set run.name=<new name>", self.run_dir, start.step,
                      payload["epoch"] - 1, start.checkpoint, model_file)

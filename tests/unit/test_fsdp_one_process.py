@@ -2,11 +2,11 @@
 sharded, what the config refuses, folder checkpoints (kept, pruned, verified, skipped when broken), and a longer
 max_steps continuing a run part-way through an epoch. The 2-process versions are in tests/e2e/test_fsdp.py."""
 
-import signal
 
 import pytest
 import torch
-from helpers import RECIPE
+from helpers import build_trainer as build
+from helpers import load_weights
 from torch import nn
 
 from launcher.checkpoint.files import newest_good
@@ -14,23 +14,12 @@ from launcher.cli.main import load_validated
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import repeated_blocks
 from launcher.distributed.group import destroy_process_group, init_process_group
-from launcher.distributed.stop import STOP_SIGNALS, StopSignals
-from launcher.engine.trainer import Trainer
 from launcher.errors import LauncherError, UserError
 from launcher.recipes import gpt, mlp
 
 ONE_PROCESS, CPU = DistEnv.from_environ({}), torch.device("cpu")
 FSDP = "dist.strategy=fsdp"
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "interruptible.py").write_text(RECIPE)
-    handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGHUP)}
-    yield
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+pytestmark = pytest.mark.usefixtures("trainer_dir")
 
 
 @pytest.fixture
@@ -38,16 +27,6 @@ def group_of_one():
     init_process_group(ONE_PROCESS, "gloo", CPU, 60, even_alone=True)
     yield
     destroy_process_group()
-
-
-def build(*overrides, recipe="interruptible.py") -> Trainer | None:
-    _, loaded, cfg = load_validated([f"recipe={recipe}", "wandb.mode=disabled", "log.level=warning", *overrides],
-                                    ONE_PROCESS)
-    return Trainer.build(cfg, loaded, ONE_PROCESS, CPU, StopSignals(ONE_PROCESS))
-
-
-def weights(run_dir) -> dict:
-    return torch.load(f"{run_dir}/model.pt", weights_only=True)
 
 
 def test_the_default_blocks_are_the_largest_list_of_alike_modules():
@@ -104,7 +83,7 @@ def test_momentum_turned_on_at_a_resume_is_applied_under_fsdp_as_under_ddp(group
         common = ["recipe=digits", f"run.dir={strategy}", f"dist.strategy={strategy}"]
         build(*common, "train.epochs=1", "optim.momentum=0", recipe="digits").run()
         build(*common, "train.epochs=2", "optim.momentum=0.9", recipe="digits").run()
-    ddp, fsdp = weights("ddp"), weights("fsdp")
+    ddp, fsdp = load_weights("ddp"), load_weights("fsdp")
     assert max((ddp[key] - fsdp[key]).abs().max().item() for key in ddp) < 1e-6
 
 
@@ -114,5 +93,5 @@ def test_a_longer_max_steps_continues_the_epoch_where_the_shorter_one_stopped():
     resumed = build("run.dir=run", "train.max_steps=30")
     assert (resumed.position.epoch, resumed.position.step_in_epoch) == (1, 5)
     resumed.run()
-    reference, final = weights("reference"), weights("run")
+    reference, final = load_weights("reference"), load_weights("run")
     assert all(torch.equal(reference[key], final[key]) for key in reference)

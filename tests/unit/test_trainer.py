@@ -3,43 +3,17 @@ resume after it, config changes on resume, gradient accumulation. The multi-proc
 
 import json
 import math
-import signal
 
 import pytest
 import torch
-from helpers import RECIPE
+from helpers import RECIPE, load_weights
+from helpers import build_trainer as build
 
-from launcher.cli.main import load_validated
-from launcher.distributed.env import DistEnv
-from launcher.distributed.stop import STOP_SIGNALS, StopRequested, StopSignals
-from launcher.engine.trainer import Trainer
+from launcher.distributed.stop import StopRequested
 from launcher.errors import LauncherError
 from launcher.tracking.metrics import read_records
 
-ONE_PROCESS = DistEnv.from_environ({})
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Each test in its own folder (run directories, the recipe's marker file), with this process's signal
-    handlers as they were afterwards."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "interruptible.py").write_text(RECIPE)
-    handlers = {signum: signal.getsignal(signum) for signum in (*STOP_SIGNALS, signal.SIGHUP)}
-    yield
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
-def build(*overrides, recipe="interruptible.py") -> Trainer | None:
-    """A Trainer as `python -m launcher recipe=... overrides` builds it."""
-    _, loaded, cfg = load_validated([f"recipe={recipe}", "wandb.mode=disabled", "log.level=warning", *overrides],
-                                    ONE_PROCESS)
-    return Trainer.build(cfg, loaded, ONE_PROCESS, torch.device("cpu"), StopSignals(ONE_PROCESS))
-
-
-def weights(run_dir) -> dict:
-    return torch.load(f"{run_dir}/model.pt", weights_only=True)
+pytestmark = pytest.mark.usefixtures("trainer_dir")
 
 
 def history(run_dir) -> list[dict]:
@@ -58,7 +32,7 @@ def test_the_loop_trains_evaluates_checkpoints_and_records_every_step_it_reports
     checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
     # Every 10 steps and at each epoch's end (22), the newest ckpt.keep=3 kept.
     assert checkpoints == ["step_000000030.pt", "step_000000040.pt", "step_000000044.pt"]
-    final = weights("run")
+    final = load_weights("run")
     assert all(torch.equal(final[key], value) for key, value in trainer.model.state_dict().items())
     assert [event.get("outcome") for event in history("run")] == [None, "finished"]
 
@@ -74,7 +48,7 @@ def test_a_stop_mid_epoch_then_a_new_trainer_continue_to_the_uninterrupted_weigh
     assert 22 < stopped_at < 44 and (where.epoch, where.global_step) == (2, stopped_at)  # 22 steps an epoch
     assert where.step_in_epoch == stopped_at - 22
     resumed.run()
-    reference, final = weights("reference"), weights("run")
+    reference, final = load_weights("reference"), load_weights("run")
     assert all(torch.equal(reference[key], final[key]) for key in reference)
     assert [event.get("outcome") for event in history("run")] == [None, "stopped", None, "finished"]
 
@@ -103,7 +77,7 @@ def test_accumulated_micro_batches_give_the_weights_of_the_whole_batch():
     common = ["recipe=digits", "train.epochs=1", "train.batch_size=32", "train.clip_grad_norm=1.0"]
     build(*common, "run.dir=accumulated", "train.grad_accum=4", recipe="digits").run()
     build(*common, "run.dir=whole", recipe="digits").run()
-    accumulated, whole = weights("accumulated"), weights("whole")
+    accumulated, whole = load_weights("accumulated"), load_weights("whole")
     for key in whole:
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-5, atol=1e-6)
 
@@ -144,7 +118,7 @@ def augment(batch, generator, cfg):
 def test_device_resident_data_trains_exactly_as_the_dataloader_path(tmp_path):
     build("recipe=digits", "run.dir=loader", "train.epochs=2", "data.resident=never", recipe="digits").run()
     build("recipe=digits", "run.dir=resident", "train.epochs=2", "data.resident=always", recipe="digits").run()
-    loader, resident = weights("loader"), weights("resident")
+    loader, resident = load_weights("loader"), load_weights("resident")
     assert all(torch.equal(loader[key], resident[key]) for key in loader)
 
 
@@ -156,7 +130,7 @@ def test_an_on_device_augmentation_is_resumed_exactly_on_either_data_path(tmp_pa
         build("recipe=augmented.py", "run.dir=run", "train.epochs=2", "data.resident=always",
               recipe="augmented.py").run()
     build("recipe=augmented.py", "run.dir=run", "train.epochs=2", "data.resident=always", recipe="augmented.py").run()
-    reference, resumed = weights("reference"), weights("run")
+    reference, resumed = load_weights("reference"), load_weights("run")
     assert all(torch.equal(reference[key], resumed[key]) for key in reference)
     build("recipe=interruptible.py", "run.dir=plain", "train.epochs=2").run()
-    assert not torch.equal(weights("plain")["1.weight"], reference["1.weight"])  # the augmentation did something
+    assert not torch.equal(load_weights("plain")["1.weight"], reference["1.weight"])  # the augmentation did something
