@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from launcher.distributed.fsdp import repeated_blocks
-from launcher.errors import UserError
+from launcher.errors import UserError, describe
 from launcher.packaged import recipes_package
 
 REQUIRED = ("build_model", "build_datasets")
@@ -169,9 +169,11 @@ def _import_module(module_name: str, spec: str) -> ModuleType:
         # Only a missing recipe module means "unknown recipe"; a missing import inside the recipe is its own error.
         if error.name and module_name.startswith(error.name):
             raise _unknown(spec) from None
-        raise
+        raise _import_failed(spec, error) from None
     except SyntaxError as error:
         raise _syntax_error(spec, error) from None
+    except Exception as error:
+        raise _import_failed(spec, error) from None
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -187,10 +189,15 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
     try:
         loader_spec.loader.exec_module(module)
-    except SyntaxError as error:
+    except Exception as error:
         del sys.modules[module_name]
-        raise _syntax_error(str(path), error) from None
+        raise (_syntax_error if isinstance(error, SyntaxError) else _import_failed)(str(path), error) from None
     return module
+
+
+def _import_failed(spec: str, error: Exception) -> UserError:
+    """The recipe's own code failed as it was imported (a missing package, a typo): where, in its frames alone."""
+    return UserError(f"recipe={spec} failed to import: {describe(error)}")
 
 
 def _syntax_error(spec: str, error: SyntaxError) -> UserError:

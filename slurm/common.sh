@@ -18,7 +18,12 @@ TORCHRUN_SIGNALS=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2
 launcher_run() {
     local stop_requested=0 child status outcome
     # The run's rank 0 writes how it ended here: finished, stopped (a checkpoint; the same job continues) or failed.
+    # Its folder is made here: the job's output may go elsewhere (sbatch -o), and no logs/ need exist.
     export LAUNCHER_STATUS_FILE="${LAUNCHER_STATUS_FILE:-$PWD/logs/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}.status}"
+    if ! mkdir -p "$(dirname "$LAUNCHER_STATUS_FILE")" 2>/dev/null; then
+        echo "launcher: cannot make the folder of $LAUNCHER_STATUS_FILE; the status goes to ${TMPDIR:-/tmp} (this node)"
+        LAUNCHER_STATUS_FILE="${TMPDIR:-/tmp}/$(basename "$LAUNCHER_STATUS_FILE")"
+    fi
     rm -f "$LAUNCHER_STATUS_FILE"
     trap 'stop_requested=1; echo "launcher: SIGUSR1: stopping to requeue job $SLURM_JOB_ID"; kill -USR2 "$child"' USR1
     "$@" &
@@ -28,7 +33,8 @@ launcher_run() {
         status=$?
         kill -0 "$child" 2>/dev/null || break  # `wait` also returns when the trap runs: wait again
     done
-    outcome=$(cat "$LAUNCHER_STATUS_FILE" 2>/dev/null || echo "failed")
+    # No status at all (rank 0 never got as far as writing it): the exit code says what it can.
+    outcome=$(cat "$LAUNCHER_STATUS_FILE" 2>/dev/null || { [ "$status" = 0 ] && echo finished || echo failed; })
     echo "launcher: the run $outcome (exit $status)"
     if [ "$outcome" = finished ]; then
         exit 0

@@ -19,17 +19,28 @@ REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-def launch(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None, timeout: float = 300,
-           torchrun_args: tuple = ()):
-    """`torchrun --standalone --nproc_per_node N -m launcher ARGS` (nproc given) or `python -m launcher ARGS`."""
+def launcher_command(args: list[str], nproc: int | None = None, torchrun_args: tuple = (), wrapper: tuple = ()):
+    """`torchrun --standalone --nproc_per_node N -m launcher ARGS` (nproc given) or `python -m launcher ARGS`, run
+    by ``wrapper`` (e.g. `unshare ...`) if given."""
     if nproc:
         command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", "launcher", *args]
     else:
         command = [sys.executable, "-m", "launcher", *args]
-    # No W&B credentials: wandb.mode=auto then logs offline, never to a server.
+    return [*wrapper, *command]
+
+
+def launcher_environ(env: dict | None) -> dict:
+    """This process's environment with ``env`` over it (None: unset), one thread, no W&B credentials: wandb.mode=auto
+    then logs offline, never to a server."""
     merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, **(env or {})}
-    environ = {key: value for key, value in merged.items() if value is not None}  # None: unset it
-    return subprocess.run(command, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def launch(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None, timeout: float = 300,
+           torchrun_args: tuple = (), wrapper: tuple = ()):
+    """Run ``launcher_command`` to its end."""
+    return subprocess.run(launcher_command(args, nproc, torchrun_args, wrapper), cwd=cwd, env=launcher_environ(env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -86,17 +97,11 @@ def descendants(pid: int) -> list[int]:
 
 
 def start(args: list[str], cwd: Path, nproc: int | None = None, env: dict | None = None,
-          torchrun_args: tuple = ()) -> subprocess.Popen:
+          torchrun_args: tuple = (), wrapper: tuple = ()) -> subprocess.Popen:
     """What ``launch`` runs, started in the background (its output in the file ``.output`` names, in ``cwd``)."""
-    if nproc:
-        command = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *torchrun_args, "-m", "launcher", *args]
-    else:
-        command = [sys.executable, "-m", "launcher", *args]
-    merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, **(env or {})}
-    environ = {key: value for key, value in merged.items() if value is not None}
     output = cwd / f"job-{len(list(cwd.glob('job-*.out')))}.out"
-    process = subprocess.Popen(command, cwd=cwd, env=environ, stdout=output.open("w"), stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(launcher_command(args, nproc, torchrun_args, wrapper), cwd=cwd,
+                               env=launcher_environ(env), stdout=output.open("w"), stderr=subprocess.STDOUT, text=True)
     process.output = output  # where its stdout and stderr go
     return process
 

@@ -30,7 +30,7 @@ from launcher.checkpoint.files import (
     save_atomic,
     step_files,
 )
-from launcher.checkpoint.sharded import save_shards
+from launcher.checkpoint.sharded import check_complete, save_shards
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import shards_model
 from launcher.distributed.group import run_agreed
@@ -174,6 +174,7 @@ class Checkpointer:
             raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
 
         def publish() -> None:
+            check_complete(written, files)
             try:
                 save_atomic({**meta, "files": files}, written / SHARDED_META)
                 publish_folder(written, path)
@@ -202,7 +203,7 @@ class Checkpointer:
         """Keep a copy of ``source`` as best.pt, or best/ (atomically, like every checkpoint)."""
         if source.is_dir():  # hard links: instant, and a step folder's files never change once it is published
             copied = self.folder / ".best.tmp"
-            shutil.copytree(source, copied, copy_function=os.link)
+            shutil.copytree(source, copied, copy_function=_link_or_copy)
             publish_folder(copied, self.best_path)
             return
 
@@ -216,6 +217,16 @@ class Checkpointer:
         ours = [path for path in step_files(self.folder) if lineage(path) in (self.run_id, "")]
         for old in ours[self.cfg.ckpt.keep :]:
             remove_checkpoint(old)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link, or a copy where the file system has none (some FUSE and object-store mounts)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+        with open(target, "rb") as file:  # on disk before the folder is renamed into place, as the step's was
+            os.fsync(file.fileno())
 
 
 def _bytes(tree) -> int:

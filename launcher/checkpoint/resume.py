@@ -208,7 +208,12 @@ def restore(trainer, payload: dict, path: Path) -> None:
         rank_state = payload["rank_states"][dist_env.rank]
         restore_rng(rank_state["rng"], trainer.device)
         trainer.loss_sum.fill_(rank_state["loss_sum"])
-    elif dist_env.is_main:
+        return
+    # The epoch's loss is the ranks' summed step losses over (steps x ranks): the steps before the checkpoint
+    # count as their mean over the old ranks, which every new rank carries, so the new world's sum holds it once.
+    saved_ranks = payload["rank_states"]
+    trainer.loss_sum.fill_(sum(state["loss_sum"] for state in saved_ranks) / len(saved_ranks))
+    if dist_env.is_main:
         log.warning("resuming on %d processes from a checkpoint of %d: the data order continues exactly, the "
                     "per-rank random streams start afresh", dist_env.world_size, payload["world_size"])
 

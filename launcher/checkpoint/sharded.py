@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.checkpoint.files import _first_line, file_crc32
+from launcher.errors import LauncherError
 
 
 class ShardsFailed(Exception):
@@ -39,6 +40,17 @@ def save_shards(model: nn.Module, optimizer, folder: Path) -> dict[str, list[int
     if rank == 0:
         files.update((path.name, _size_and_crc(path)) for path in folder.iterdir() if path.name not in files)
     return files
+
+
+def check_complete(folder: Path, files: dict[str, list[int]]) -> None:
+    """Rank 0, before it publishes ``folder``: every file the ranks wrote is there, whole. Where one is not, the
+    ranks do not share a file system (a run.dir on node-local disks), and publishing would keep a broken checkpoint."""
+    for name, (size, _) in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            raise LauncherError(
+                f"checkpoint {folder}: rank 0 does not see {name} as the rank that wrote it does: run.dir must be on "
+                "a file system every node shares, not on node-local disks (nothing was published)")
 
 
 def _size_and_crc(path: Path) -> list[int]:

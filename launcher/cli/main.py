@@ -12,6 +12,7 @@ from launcher.cli.args import USAGE, parse_command_line
 from launcher.cli.outcome import Outcome
 from launcher.cli.sweep import sweep_task
 from launcher.config.build import build_config, freeze, load_yaml, parse_overrides, recipe_name_from, validate
+from launcher.distributed import early_signals
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import end_with_parent
 from launcher.distributed.stop import StopSignals
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome = Outcome(dist_env)
     signals = StopSignals(dist_env)  # from the start: a Ctrl-C during setup stops too, without a traceback
     if dist_env.under_torchrun:
-        end_with_parent()
+        end_with_parent(early_signals.PARENT)
     try:
         command, recipe, cfg = load_validated(argv, dist_env)
     except LauncherError as error:

@@ -13,15 +13,12 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from launcher.distributed.env import DistEnv
-from launcher.errors import LauncherError, PeerFailed
+from launcher.errors import LauncherError, PeerFailed, as_launcher_error
 
 STATUS_FILE_ENV = "LAUNCHER_STATUS_FILE"
-_ENGINE = Path(__file__).resolve().parents[1]  # launcher/, whose frames a recipe's error does not show
-_SHIPPED_RECIPES = _ENGINE / "recipes"  # where an installed launcher keeps them: recipe code, shown
 
 
 class Outcome:
@@ -45,24 +42,17 @@ class Outcome:
 
     def failed(self, error: LauncherError) -> int:
         line = f"launcher: {error.prefix}{error}"
-        self._print(line, error.same_on_all_ranks)
+        if not error.repeats:
+            self._print(line, error.same_on_all_ranks)
         # torchrun takes the earliest error file as the root cause: a rank that only waited for another is later.
-        self._error_file(line, later=isinstance(error, PeerFailed))
+        self._error_file(line, later=isinstance(error, PeerFailed) or bool(error.repeats))
         self._status("failed")
         return error.exit_code
 
-    def crashed(self, error: BaseException) -> int:
-        """An exception from the recipe's code, or from torch under it: its message, then where it was raised,
-        without the engine's own frames."""
-        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if _recipe_frame(frame.filename)]
-        summary = "".join(traceback.format_exception_only(type(error), error)).strip()
-        text = f"launcher: error: {summary}"
-        if frames:
-            text += "\nraised at (most recent call last):\n" + "".join(traceback.format_list(frames)).rstrip()
-        self._print(text, same_on_all_ranks=False)
-        self._error_file(text)
-        self._status("failed")
-        return 1
+    def crashed(self, error: Exception) -> int:
+        """An exception from the recipe's code, or from torch under it: its message, then where it was raised in
+        the user's code (errors.describe), exit 2 where the fault is the recipe's."""
+        return self.failed(as_launcher_error(error))
 
     def _print(self, text: str, same_on_all_ranks: bool) -> None:
         if self.dist_env.is_main or not same_on_all_ranks:
@@ -82,6 +72,7 @@ class Outcome:
         if path and self.dist_env.is_main:
             tmp = Path(f"{path}.{os.getpid()}.tmp")
             try:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_text(word + "\n")
                 os.replace(tmp, path)
             except OSError as error:
@@ -94,8 +85,3 @@ def read_status(path: str) -> str | None:
         return Path(path).read_text().strip() or None
     except OSError:
         return None
-
-
-def _recipe_frame(filename: str) -> bool:
-    path = Path(filename).resolve()
-    return not path.is_relative_to(_ENGINE) or path.is_relative_to(_SHIPPED_RECIPES)

@@ -38,6 +38,7 @@ class DistEnv:
     master_addr: str = "localhost"
     master_port: int = 0
     restart_count: int = 0  # torchrun's restarts of this worker group so far
+    requeue_count: int = 0  # Slurm's restarts (requeues) of this job so far
     max_restarts: int = 0  # torchrun's --max-restarts: a worker that exits non-zero is started again
     agent_store: bool = False  # torchrun's agent serves the store that init_process_group uses
 
@@ -60,6 +61,7 @@ class DistEnv:
             master_addr=environ.get("MASTER_ADDR", "localhost"),
             master_port=int(environ.get("MASTER_PORT", 0)),
             restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            requeue_count=int(environ.get("SLURM_RESTART_COUNT", 0)),
             max_restarts=int(environ.get("TORCHELASTIC_MAX_RESTARTS", 0)),
             agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
@@ -71,6 +73,12 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def attempt(self) -> tuple[int, int]:
+        """Which attempt of the job this is, (Slurm requeues, torchrun restarts): a later one's is larger, and the
+        job's scheduler ends every process of an attempt before it starts the next."""
+        return self.requeue_count, self.restart_count
 
 
 def resolve_backend(backend: str) -> str:

@@ -16,15 +16,21 @@ from launcher.distributed.env import DistEnv, resolve_backend
 from launcher.errors import LauncherError, PeerFailed
 
 
-def end_with_parent() -> None:
+def end_with_parent(parent: int | None = None) -> None:
     """A torchrun worker gets SIGHUP when the torchrun that started it dies, even by SIGKILL: it stops gracefully
     instead of training on with no parent (torchrun starts workers in sessions of their own, which no signal to
-    torchrun's process group reaches)."""
+    torchrun's process group reaches).
+
+    ``parent`` is the process that started this one, read as early as possible (``early_signals.PARENT``): if it is
+    no longer the parent once the signal is armed, it died before, and the signal would never come. Comparing with
+    1 instead would stop every run whose torchrun is PID 1 (a container without an init process) at once.
+    """
+    parent = os.getppid() if parent is None else parent
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux with glibc: nothing to do
         return
-    if os.getppid() == 1:  # the parent died before the call: the signal would never come
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGHUP)
 
 
@@ -35,16 +41,21 @@ class JobStore:
     def __init__(self, client: dist.Store, restart_count: int):
         self._store = dist.PrefixStore(f"{_attempt_prefix(restart_count)}/job", client)
 
-    def report_failure(self, who: str) -> None:
+    def report_failure(self, who: str, kind: str) -> str | None:
+        """Say that ``who`` failed, with an error of ``kind``; returns who said it first, where another rank failed
+        with the same kind of error (every rank failing alike at one step): that rank shows it, this one need not."""
+        mine = f"{who}\n{kind}"
         try:
-            self._store.compare_set("failed", "", who)  # the first failure is the one to name
+            first = self._store.compare_set("failed", "", mine).decode()  # the first failure is the one to name
         except Exception:  # the store is gone with its host: the job is ending anyway
-            pass
+            return None
+        first_who, _, first_kind = first.partition("\n")
+        return first_who if first != mine and first_kind == kind else None
 
     def failure(self) -> str | None:
         """Who failed, if any rank said so (a store that cannot be reached says nothing)."""
         try:
-            return self._store.get("failed").decode() if self._store.check(["failed"]) else None
+            return self._store.get("failed").decode().partition("\n")[0] if self._store.check(["failed"]) else None
         except Exception:
             return None
 
@@ -103,8 +114,8 @@ def destroy_process_group() -> None:
 
 
 def run_agreed(dist_env: DistEnv, build: Callable | None, name_rank: bool = True):
-    """Run ``build`` (None: nothing) on this rank; if a LauncherError happens on any rank, every rank raises it (with
-    its exit code).
+    """Run ``build`` (None: nothing) on this rank; if a LauncherError happens on any rank, every rank raises it (of
+    its class, with its exit code).
 
     So a bad data path fails the job once, with one message from rank 0, instead of once per process or with
     the healthy ranks waiting forever in their next collective. The message names the rank it came from when
@@ -114,16 +125,16 @@ def run_agreed(dist_env: DistEnv, build: Callable | None, name_rank: bool = True
     try:
         result = build() if build else None
     except LauncherError as caught:
-        error = (str(caught), caught.exit_code)
+        error = (type(caught), str(caught), caught.exit_code)
     errors = [error]
     if dist_env.is_distributed:
         errors = [None] * dist_env.world_size
         dist.all_gather_object(errors, error)
     failures = [(rank, failure) for rank, failure in enumerate(errors) if failure]
     if failures:
-        rank, (message, exit_code) = failures[0]
+        rank, (kind, message, exit_code) = failures[0]
         some = dist_env.is_distributed and len(failures) < dist_env.world_size
-        agreed = LauncherError(f"rank {rank}: {message}" if name_rank and some else message, same_on_all_ranks=True)
+        agreed = kind(f"rank {rank}: {message}" if name_rank and some else message, same_on_all_ranks=True)
         agreed.exit_code = exit_code
         raise agreed
     return result

@@ -34,15 +34,17 @@ class StopSignals:
     it too; a preemption's SIGTERM to every process, and torchrun's).
 
     A stop signal that arrives after another rank of the job failed is torchrun tearing the job down, not a request
-    to checkpoint (no agreement can be reached any more): the process ends at once, in one line. SIGHUP, which a
-    worker gets when torchrun dies (``end_with_parent``; once per torchrun thread that ends) or its terminal hangs
-    up, asks for a graceful stop and nothing more. Processes forked from this one (data-loader workers) ignore
-    the signals: their parent decides.
+    to checkpoint (no agreement can be reached any more): the process ends at once, in one line; unless it is
+    ``failing`` itself, and finishing what its failure asks (a new run taken away), bounded by torchrun's SIGKILL.
+    SIGHUP, which a worker gets when torchrun dies (``end_with_parent``; once per torchrun thread that ends) or its
+    terminal hangs up, asks for a graceful stop and nothing more. Processes forked from this one (data-loader
+    workers) ignore the signals: their parent decides.
     """
 
     def __init__(self, dist_env: DistEnv):
         self.requested: str | None = None  # the first stop signal's name
         self.job_store: JobStore | None = None  # once the process group exists
+        self.failing = False  # this rank failed and is taking back what its run wrote: it ends once done
         self._dist_env, self._pid = dist_env, os.getpid()
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
@@ -58,6 +60,8 @@ class StopSignals:
             self.requested = self.requested or name
             return
         failed = self.job_store.failure() if self.job_store else None
+        if failed and self.failing:  # torchrun ending the job for this rank's failure (or one alike): it is ending
+            return
         if failed:
             print(f"{where}launcher: {name}: stopping at once, as {failed} failed (its error is above)",
                   file=sys.stderr, flush=True)
@@ -67,6 +71,13 @@ class StopSignals:
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.requested = name
+
+    def check(self, doing: str) -> None:
+        """Raise ``StopRequested`` if a stop signal came: for waits before training, where there is nothing to
+        checkpoint (``doing`` says what was being waited for)."""
+        if self.requested:
+            raise StopRequested(f"stopped by {self.requested} while {doing}: nothing was written; run the same "
+                                "command to start")
 
 
 class GracefulStop:

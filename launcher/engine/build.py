@@ -26,6 +26,9 @@ def build_model_and_data(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.d
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
+    if hasattr(train_set, "__len__") and len(train_set) == 0:
+        raise UserError("the recipe's training set is empty: build_datasets must return samples to train on (is "
+                        "data.root right?)", same_on_all_ranks=True)
     if eval_set is not None and len(eval_set) == 0:
         raise UserError("the recipe's eval set is empty: give it samples, or return None as the eval set for no "
                         "evaluation", same_on_all_ranks=True)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -12,8 +11,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from launcher.errors import UserError
 
-log = logging.getLogger(__name__)
-
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
@@ -21,7 +18,7 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle")
 def build_optimizer(model: nn.Module, groups: list[dict], cfg) -> torch.optim.Optimizer:
     """``optim.name`` over ``groups``; each group's own options (e.g. ``lr``) override the optim.* defaults."""
     groups = _materialize(groups)
-    _warn_untrained(model, groups)
+    _refuse_untrained(model, groups)
     o = cfg.optim
     # One fused kernel per step instead of a launch per parameter (or per foreach chunk), where torch has it: CUDA,
     # and for sharded (DTensor) parameters Adam and AdamW only (torch 2.14 has no sharding rule for fused SGD).
@@ -45,11 +42,15 @@ def _materialize(groups: list[dict]) -> list[dict]:
     return [dict(group, params=list(group["params"])) for group in groups]
 
 
-def _warn_untrained(model: nn.Module, groups: list[dict]) -> None:
+def _refuse_untrained(model: nn.Module, groups: list[dict]) -> None:
+    """A trainable parameter in no group would silently never train: freezing is said with requires_grad."""
     grouped = {id(p) for group in groups for p in group["params"]}
     left_out = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
     if left_out:
-        log.warning("%d trainable parameters are in no param group and will not train: %s", len(left_out), left_out)
+        listed = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        raise UserError(f"the recipe's param_groups leave {len(left_out)} trainable parameter(s) out of every group "
+                        f"({listed}): add them to a group, or freeze them in build_model with "
+                        "parameter.requires_grad_(False)")
 
 
 def lr_multiplier(cfg, total_steps: int):

@@ -97,7 +97,7 @@ class Trainer:
         complete (said so, nothing written). A start that fails leaves the directory as it was."""
         if cfg.train.keep_host_memory:
             keep_freed_memory()  # before anything is built: every allocation after it is served this way
-        attempt = Attempt.open(cfg, recipe, dist_env)
+        attempt = Attempt.open(cfg, recipe, dist_env, signals)
         try:
             start, payload = plan_start(attempt.cfg, attempt.run_dir, dist_env)
             if start.complete:
@@ -105,6 +105,7 @@ class Trainer:
                 return None
             return cls(attempt, recipe, dist_env, device, signals, start, payload)
         except BaseException:
+            signals.failing = True
             attempt.abandon()
             raise
 
@@ -147,6 +148,7 @@ class Trainer:
             raise
         except BaseException as error:
             detail = f"{type(error).__name__}: {error}".splitlines()[0]
+            self.stop.signals.failing = True
             raise
         finally:
             self.close(outcome, detail)
@@ -156,9 +158,11 @@ class Trainer:
                      time.perf_counter() - began, results, self.model_file)
 
     def close(self, outcome: str, detail: str = "") -> None:
-        """Wait for the stop agreement in flight; rank 0 records the attempt's end and gives the directory back."""
-        self.stop.close()
-        self.attempt.end(outcome, self.position.global_step, detail)
+        """Wait for the stop agreement in flight (not after a failure: another rank may never answer it); rank 0
+        records the attempt's end and gives the directory back."""
+        if outcome != "failed":
+            self.stop.close()
+        self.attempt.end(outcome, self.position.global_step, detail, self.checkpointer.last_good is not None)
 
     def fit(self) -> dict:
         """Train from where the position stands to the end of ``train.epochs``; returns the last epoch's record."""

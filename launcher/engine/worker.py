@@ -10,6 +10,7 @@ from launcher.distributed.group import destroy_process_group, init_process_group
 from launcher.distributed.stop import StopRequested, StopSignals
 from launcher.engine.evaluate import evaluate_only
 from launcher.engine.trainer import Trainer
+from launcher.errors import LauncherError, as_launcher_error, failure_kind
 from launcher.recipe import Recipe
 
 
@@ -21,13 +22,22 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
     signals.job_store = job_store
     try:
         _work(cfg, recipe, dist_env, device, signals)
+    except StopRequested:
+        raise
     except BaseException as error:
-        if job_store and not isinstance(error, StopRequested):
-            job_store.report_failure(f"rank {dist_env.rank}")  # the others stop at once when torchrun ends them
+        plain = isinstance(error, Exception) and not isinstance(error, LauncherError)
+        failure = as_launcher_error(error) if plain else error
+        repeats = None
+        if job_store:  # the others stop at once when torchrun ends them
+            repeats = job_store.report_failure(f"rank {dist_env.rank}", failure_kind(error))
         waited = peer_failure(error, cfg.dist.timeout_s, job_store)
         if waited:
             raise waited from None
-        raise
+        if isinstance(failure, LauncherError) and not failure.same_on_all_ranks:
+            failure.repeats = repeats
+        if failure is error:
+            raise
+        raise failure from None
     finally:
         destroy_process_group()
 

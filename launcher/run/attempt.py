@@ -1,10 +1,13 @@
 """One attempt at the run in a run directory. Rank 0 holds the directory's lock, the wandb process and the records
 for the attempt, and writes nothing into the directory until the start has passed every check: a start that fails
-leaves no trace (not even the directory, if it made it) and no wandb run."""
+leaves no trace (not even the directory, if it made it) and no wandb run. Nor does a new run that fails before its
+first checkpoint (a recipe's error at the first step, a loss that is NaN from the start): nothing in it could be
+continued from."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from launcher.checkpoint.files import save_model
@@ -12,14 +15,19 @@ from launcher.checkpoint.resume import Start
 from launcher.checkpoint.sharded import model_weights
 from launcher.config.build import with_run_dir
 from launcher.distributed.env import DistEnv
-from launcher.distributed.group import on_main
+from launcher.distributed.group import on_main, run_agreed
+from launcher.distributed.stop import StopSignals
 from launcher.recipe import Recipe
 from launcher.run.directory import Ledger, run_dir_for
-from launcher.run.lock import RunLock
+from launcher.run.lock import RunLock, check_shared
 from launcher.tracking.metrics import Records
 from launcher.tracking.wandb import WandbRun, begin_wandb, spawn_wandb
 
 log = logging.getLogger(__name__)
+
+# What a run's start writes into its directory besides checkpoints and model.pt (the ledger, config.yaml, the records,
+# the summary, the wandb run's id and files): what a new run that never checkpointed takes away again.
+RECORD_FILES = ("run.json", "history.jsonl", "config.yaml", "metrics.jsonl", "summary.txt", "wandb_id")
 
 
 class Attempt:
@@ -32,13 +40,22 @@ class Attempt:
         self.ledger = Ledger(run_dir)
         self.records: Records | None = None  # rank 0, once begun
         self.number = 0  # this attempt's number in the run's history
+        self.started: Start | None = None  # once begun
 
     @classmethod
-    def open(cls, cfg, recipe: Recipe, dist_env: DistEnv) -> "Attempt":
-        """Collective: the run directory locked by rank 0 (a directory in use fails every rank, in one line)."""
+    def open(cls, cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> "Attempt":
+        """Collective: the run directory locked by rank 0 and seen by every rank (a directory in use, or one that
+        is not shared by every node, fails every rank, in one line). A stop signal ends a wait for the lock."""
         run_dir = run_dir_for(cfg, recipe)
-        lock = RunLock(run_dir, dist_env.job_id) if dist_env.is_main else None
-        on_main(dist_env, lock.acquire if lock else None)
+        lock = RunLock(run_dir, dist_env.job_id, dist_env.attempt) if dist_env.is_main else None
+        token = on_main(dist_env, lambda: lock.acquire(signals.check))
+        try:
+            if dist_env.is_distributed:
+                run_agreed(dist_env, lambda: check_shared(run_dir, token))
+        except BaseException:
+            if lock:
+                lock.release(keep_dirs=False)
+            raise
         cfg = with_run_dir(cfg, str(run_dir))
         # wandb takes about a second to import, in its own process: while the model and data are built.
         wandb_run = spawn_wandb(cfg) if dist_env.is_main else None
@@ -47,6 +64,7 @@ class Attempt:
     def begin(self, start: Start) -> Records:
         """Rank 0, once every check passed: the ledger (a new run's identity, this attempt's start and changes),
         config.yaml, the records and the wandb run."""
+        self.started = start
         if start.new_run:
             self.ledger.create(start.run_id, self.cfg, start.started_from)
         resumed_from = {"checkpoint": start.checkpoint, "step": start.step} if start.checkpoint else None
@@ -73,17 +91,33 @@ class Attempt:
         self.abandon()
 
     def abandon(self) -> None:
-        """The start did not begin: no wandb run, and the directory as it was (gone, if this attempt made it)."""
+        """The start failed: no wandb run, and the directory as it was (gone, if this attempt made it); after
+        ``begin``, the attempt ends as failed."""
+        if self.started is not None:
+            self.end("failed", self.started.step, "the start failed", checkpointed=False)
+            return
         if self.wandb_run:
             self.wandb_run.finish()
         if self.lock:
             self.lock.release(keep_dirs=self.ledger.holds_run())
 
-    def end(self, outcome: str, step: int, detail: str = "") -> None:
+    def end(self, outcome: str, step: int, detail: str = "", checkpointed: bool = True) -> None:
         """Rank 0: record how the attempt ended (finished, stopped, failed), let wandb finish, give the directory
-        back."""
+        back. A new run that failed before its first checkpoint (not ``checkpointed``) is taken away instead."""
+        discard = outcome == "failed" and not checkpointed and self.started is not None and self.started.new_run
         if self.wandb_run:
-            self.wandb_run.finish()
-        if self.lock:
-            self.ledger.end_attempt(self.number, outcome, step, detail)
-            self.lock.release()
+            self.wandb_run.finish(wait=discard)  # its files go too: after it wrote them
+        if not self.lock:
+            return
+        if discard:
+            for name in RECORD_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "wandb", ignore_errors=True)
+            try:
+                (self.run_dir / "checkpoints").rmdir()  # made by a save that failed; never another's checkpoints
+            except OSError:
+                pass
+            self.lock.release(keep_dirs=False)
+            return
+        self.ledger.end_attempt(self.number, outcome, step, detail)
+        self.lock.release()

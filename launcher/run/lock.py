@@ -6,12 +6,18 @@ opened after another client closed it shows that client's writes and times (NFS 
 does not rely on flock or fcntl locks, which some cluster mounts (Lustre without ``-o flock``) do not share
 between nodes or do not offer at all.
 
-A holder is judged dead, and its lock taken over, when
-- it was an earlier attempt of the same job (the same Slurm job id or torchrun rendezvous id): a torchrun
-  restart or a Slurm requeue continues at once;
-- it ran on this host and its process is gone (its pid and the process's start time both checked);
+A holder is a process (host, pid and the process's start time), not a job: two starts in one Slurm allocation share
+a job id, and the second must not take the first's directory. A holder is judged gone, and its lock taken over, when
+- it ran on this host and its process is gone (a live one refuses the start, whatever its job);
+- it was an earlier attempt of the same job (a lower Slurm requeue or torchrun restart count): the scheduler ends
+  every process of an attempt before it starts the next, so a requeued or restarted job continues at once on any
+  host;
 - it ran on another host and its heartbeat (the lock file's modification time, touched every ``BEAT_S``) has not
   moved for ``STALE_S``: only then does a start wait, for that long.
+A lock file that names no holder (empty or truncated: its writer was killed between creating and writing it, or the
+disk was full; or another program's) is given ``WRITE_GRACE_S`` to be written, then refused in one line while it
+is fresher than ``STALE_S``, and taken over once older: every holder of this design writes its lock within
+moments of creating it and touches it every ``BEAT_S``. Every wait polls ``check_stop``, so a stop signal ends it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from launcher.errors import UserError
 
@@ -34,6 +41,10 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 BEAT_S = 10.0
 STALE_S = 60.0
+WRITE_GRACE_S = 2.0
+POLL_S = 0.2
+READ_TRIES = 3  # reads of its own lock, a second apart, before a holder concludes it lost it
+SHARED_WAIT_S = 10.0  # how long a rank looks for rank 0's lock (a network file system may show it late)
 
 
 @dataclass(frozen=True)
@@ -44,17 +55,39 @@ class Holder:
     pid: int
     started: str  # the process's start time as the kernel counts it: a reused pid has another
     job: str | None
+    attempt: tuple[int, int]  # of the job, when it took the lock (DistEnv.attempt)
     token: str
     since: str
 
     @classmethod
-    def this_process(cls, job: str | None) -> "Holder":
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "", job, secrets.token_hex(8),
-                   time.strftime("%Y-%m-%d %H:%M:%S"))
+    def this_process(cls, job: str | None, attempt: tuple[int, int] = (0, 0)) -> "Holder":
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "", job, tuple(attempt),
+                   secrets.token_hex(8), time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> "Holder | None":
+        """The holder a lock file's bytes name; None for none (missing, empty, truncated, another format). A lock of
+        an earlier version, without ``attempt``, still names its holder."""
+        try:
+            fields = json.loads(raw)
+            return cls(str(fields["host"]), int(fields["pid"]), str(fields["started"]), fields["job"],
+                       tuple(int(n) for n in fields.get("attempt", (0, 0))), str(fields["token"]), str(fields["since"]))
+        except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
+            return None
 
     def describe(self) -> str:
         job = f"job {self.job}, " if self.job else ""
         return f"{job}pid {self.pid} on {self.host}, since {self.since}"
+
+
+def _read(path: Path) -> bytes | None:
+    """A lock file's bytes; None if there is none."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UserError(f"run.dir={path.parent}: cannot read its lock file {path} ({error.strerror})") from None
 
 
 def _process_start(pid: int) -> str | None:
@@ -98,42 +131,69 @@ def check_writable(run_dir: Path) -> None:
         raise UserError(f"run.dir={run_dir} {what} ({error.strerror}): pick a run.dir you can write to") from None
 
 
+def check_shared(run_dir: Path, token: str) -> None:
+    """Fail in one line unless this process sees the lock rank 0 took (``token``) in ``run_dir``: a directory on a
+    disk of one node alone (the same path on a node-local disk elsewhere) cannot hold the job's checkpoints, which
+    every rank writes or reads."""
+    path, deadline = run_dir / LOCK_NAME, time.monotonic() + SHARED_WAIT_S
+    while True:
+        try:
+            os.listdir(run_dir)  # opening the folder revalidates what a network file system cached of it
+            holder = Holder.parse(path.read_bytes())
+        except OSError:
+            holder = None
+        if holder is not None and holder.token == token:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"run.dir={run_dir} is not the directory rank 0 locked ({socket.gethostname()} does not see its "
+                f"lock): the run directory must be on a file system every node shares, not on a node-local disk"
+            )
+        time.sleep(POLL_S)
+
+
+def _no_stop(doing: str) -> None:
+    pass
+
+
 class RunLock:
     """The lock on one run directory. ``acquire`` takes it (making the directory if needed), ``release`` gives it
-    back; a thread touches it every ``BEAT_S`` meanwhile and notices if it was ever taken away."""
+    back; a thread touches it every ``BEAT_S`` meanwhile and notices if it is taken away."""
 
-    def __init__(self, run_dir: Path, job: str | None):
+    def __init__(self, run_dir: Path, job: str | None, attempt: tuple[int, int] = (0, 0)):
         self.run_dir, self.path = run_dir, run_dir / LOCK_NAME
-        self.me = Holder.this_process(job)
+        self.me = Holder.this_process(job, attempt)
         self.created: list[Path] = []  # directories this lock made, removed again if the start fails
         self.lost = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, check_stop: Callable[[str], None] = _no_stop) -> str:
+        """Take the lock, or fail in one line; returns its token. Every wait calls ``check_stop(what it waits
+        for)``, which raises to end it (a stop signal)."""
         check_writable(self.run_dir)
         self._make_dirs()
-        while True:
-            if self._create():
-                break
-            holder = self._read(self.path)
-            if holder is None:  # vanished, or its holder is still writing it
-                time.sleep(0.2)
+        while not self._create():
+            raw = _read(self.path)
+            if raw is None:  # released meanwhile: try again
                 continue
-            reason = self._dead(holder)
-            if reason is None:
-                raise self._busy(holder)
-            if self._break(holder):
-                log.info("run.dir %s: took over the lock of %s (%s)", self.run_dir, holder.describe(), reason)
+            holder = Holder.parse(raw)
+            reason = self._dead(holder, check_stop) if holder else self._abandoned(raw, check_stop)
+            if reason is None:  # it changed while we looked: judge it again
+                continue
+            if self._break(raw):
+                log.info("run.dir %s: took over the lock of %s (%s)", self.run_dir,
+                         holder.describe() if holder else "no one", reason)
         self._beat = threading.Thread(target=self._heartbeat, name="launcher-run-lock", daemon=True)
         self._beat.start()
+        return self.me.token
 
     def check_free(self) -> None:
         """Fail now if a live process on this host holds the directory (the parent's check before it starts
         workers; a holder on another host is judged by rank 0, which may have to watch its heartbeat)."""
         check_writable(self.run_dir)
-        holder = self._read(self.path) if self.path.exists() else None
-        if holder and holder.host == self.me.host and holder.job != self.me.job and _alive_here(holder):
+        holder = Holder.parse(_read(self.path))
+        if holder and holder.host == self.me.host and _alive_here(holder):
             raise self._busy(holder)
 
     def release(self, keep_dirs: bool = True) -> None:
@@ -142,8 +202,7 @@ class RunLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-        holder = self._read(self.path)
-        if holder is not None and holder.token == self.me.token:
+        if self._holds():
             self.path.unlink(missing_ok=True)
         if not keep_dirs:
             for folder in reversed(self.created):
@@ -174,27 +233,68 @@ class RunLock:
             os.fsync(file.fileno())
         return True
 
-    @staticmethod
-    def _read(path: Path) -> Holder | None:
-        try:
-            return Holder(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+    def _current(self) -> Holder | None:
+        """Who the lock file names, read up to ``READ_TRIES`` times before saying no one: one failed read (a
+        network file system's passing error) is not a lost lock."""
+        for attempt in range(READ_TRIES):
+            try:
+                holder = Holder.parse(self.path.read_bytes())
+            except OSError:
+                holder = None
+            if holder is not None or attempt + 1 == READ_TRIES:
+                return holder
+            time.sleep(1.0)
 
-    def _dead(self, holder: Holder) -> str | None:
-        """Why ``holder`` is gone, or None while it lives."""
-        if holder.job is not None and holder.job == self.me.job:
-            return "an earlier attempt of this job"
+    def _holds(self) -> bool:
+        holder = self._current()
+        return holder is not None and holder.token == self.me.token
+
+    def _dead(self, holder: Holder, check_stop: Callable[[str], None]) -> str | None:
+        """Why ``holder`` is gone; raises while it lives; None when the lock changed while it was watched."""
         if holder.host == self.me.host:
-            return None if _alive_here(holder) else "its process is gone"
+            if _alive_here(holder):
+                raise self._busy(holder)
+            return "its process is gone"
+        if holder.job is not None and holder.job == self.me.job and holder.attempt < self.me.attempt:
+            return "an earlier attempt of this job"
         log.info("run.dir %s is locked by %s, on another host: watching its heartbeat for %.0f s", self.run_dir,
                  holder.describe(), STALE_S)
         before = self._mtime()
-        time.sleep(STALE_S)
-        after, now = self._mtime(), self._read(self.path)
-        if now is not None and now.token == holder.token and after != before:
+        self._wait(STALE_S, check_stop, f"watching the heartbeat of {holder.describe()}")
+        now = Holder.parse(_read(self.path))
+        if now is None or now.token != holder.token:
             return None
+        if self._mtime() != before:
+            raise self._busy(holder)
         return "its heartbeat stopped"
+
+    def _abandoned(self, raw: bytes, check_stop: Callable[[str], None]) -> str | None:
+        """Why a lock file that names no holder can be taken over; raises while it may still be in use; None when
+        it changed meanwhile (a writer finished it, or it was released)."""
+        deadline = time.monotonic() + WRITE_GRACE_S
+        while time.monotonic() < deadline:
+            self._wait(POLL_S, check_stop, f"reading {self.path}")
+            if _read(self.path) != raw:
+                return None
+        modified = self._mtime()
+        if modified is None:
+            return None
+        age = time.time() - modified
+        if age >= STALE_S:
+            return f"its lock file names no holder and nothing touched it for {age:.0f} s"
+        what = "is empty" if not raw.strip() else "names no holder this version can read"
+        raise UserError(
+            f"run.dir={self.run_dir}: its lock file {self.path} {what} (a start killed while writing it, a full "
+            f"disk, or another program's lock). If no job uses this directory, delete it; otherwise it is taken "
+            f"over once nothing has touched it for {STALE_S:.0f} s (in {STALE_S - age:.0f} s)"
+        )
+
+    @staticmethod
+    def _wait(seconds: float, check_stop: Callable[[str], None], doing: str) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            check_stop(doing)
+            time.sleep(min(POLL_S, left))
 
     def _mtime(self) -> float | None:
         try:
@@ -203,15 +303,14 @@ class RunLock:
         except OSError:
             return None
 
-    def _break(self, holder: Holder) -> bool:
-        """Move a dead holder's lock aside; False if another start got there first."""
+    def _break(self, raw: bytes) -> bool:
+        """Move an abandoned lock file (whose bytes were ``raw``) aside; False if another start got there first."""
         aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.me.token}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return False
-        moved = self._read(aside)
-        if moved is None or moved.token != holder.token:  # a new holder's lock: put it back
+        if _read(aside) != raw:  # a new holder's lock: put it back
             try:
                 os.link(aside, self.path)
             except FileExistsError:
@@ -229,14 +328,14 @@ class RunLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(BEAT_S):
-            holder = self._read(self.path)
-            if holder is None or holder.token != self.me.token:
-                if not self.lost:
-                    log.error("run.dir %s: the lock was taken over by %s; no more checkpoints are written",
-                              self.run_dir, holder.describe() if holder else "someone who then released it")
-                self.lost = True
+            holder = self._current()
+            if holder is not None and holder.token == self.me.token:
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass
                 continue
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
+            if not self.lost:
+                log.error("run.dir %s: the lock was taken over by %s; no more checkpoints are written", self.run_dir,
+                          holder.describe() if holder else "no one (its file is gone or unreadable)")
+            self.lost = True

@@ -67,17 +67,21 @@ class WandbRun:
             values["model_summary"] = summary_text
         self._send({"summary": values})
 
-    def finish(self) -> None:
+    def finish(self, wait: bool = False) -> None:
         """Tell the wandb process to finish the run (offline: write it out; online: upload), without waiting for
         it: this process waits for it only at its exit, and at most ``FINISH_WAIT_S``, so no rank, stop message or
         error report waits for wandb (a rank still in here when another has left is one torchrun ends), and a slow
-        upload goes on in the background instead of holding the end of the run."""
+        upload goes on in the background instead of holding the end of the run. ``wait``: that wait now (before
+        its files are removed)."""
         self._send({"finish": True})
         if self._process is None:
             return
         with contextlib.suppress(OSError):
             self._process.stdin.close()
-        atexit.register(_wait_briefly, self._process, self.notices)
+        if wait:
+            _wait_briefly(self._process, self.notices)
+        else:
+            atexit.register(_wait_briefly, self._process, self.notices)
         self._process = None
 
     def _send(self, message: dict) -> None:

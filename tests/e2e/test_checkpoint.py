@@ -34,6 +34,19 @@ def test_sigkill_mid_epoch_then_torchrun_restart_ends_bitwise_identical(workdir)
     assert_steps_increase(workdir / "run")
 
 
+def test_a_resume_on_fewer_processes_logs_the_epoch_loss_of_an_uninterrupted_run(tmp_path):
+    """2 processes stopped at step 33 (11 steps into epoch 2), continued on 1: the epoch's loss counts its first 11
+    steps, as run on 2 processes, and the rest (digits has no dropout: 1 and 2 processes train alike)."""
+    common = ["recipe=digits", "wandb.mode=disabled", "train.epochs=2"]
+    check_ok(launch([*common, "run.dir=whole"], tmp_path, nproc=2))
+    check_ok(launch([*common, "run.dir=split", "train.max_steps=33"], tmp_path, nproc=2))
+    resumed = check_ok(launch([*common, "run.dir=split"], tmp_path))
+    assert "resuming on 1 processes from a checkpoint of 2" in resumed.stdout
+    whole, split = epoch_records(tmp_path / "whole")[-1], epoch_records(tmp_path / "split")[-1]
+    assert whole["epoch"] == split["epoch"] == 2 and whole["step"] == split["step"] == 44
+    assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
+
+
 def test_sigterm_stops_all_ranks_with_a_checkpoint_and_the_same_command_continues(workdir):
     reference = reference_weights(workdir)
     command = [*ARGS, "run.dir=run", "dist.nproc_per_node=2"]

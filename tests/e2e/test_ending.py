@@ -283,6 +283,65 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_previo
         subprocess.run(["umount", str(disk)], check=True)
 
 
+DIGITS_PARTS = "from launcher.recipes.digits import DEFAULTS, build_model, build_datasets\n"
+# A recipe's mistakes that reach its import, its setup or its first step: (recipe, the line, a frame it must show).
+RECIPE_MISTAKES = {
+    "import": ("import numpyy_typo\n",
+               "recipe=mistake.py failed to import: ModuleNotFoundError: No module named 'numpyy_typo'",
+               'mistake.py", line 1, in <module>\n    import numpyy_typo'),
+    "empty training set": (DIGITS_PARTS.replace("build_datasets", "build_datasets as digits") + textwrap.dedent("""
+        import torch
+
+        def build_datasets(cfg):
+            return torch.utils.data.Subset(digits(cfg)[0], []), digits(cfg)[1]
+        """), "the recipe's training set is empty", None),
+    "parameters in no group": (DIGITS_PARTS + textwrap.dedent("""
+        def param_groups(model, cfg):
+            return [{"params": model[0].parameters()}]
+        """), "the recipe's param_groups leave 4 trainable parameter(s) out of every group (2.weight, 2.bias, "
+              "6.weight, 6.bias): add them to a group, or freeze them", None),
+    "shapes that do not fit": (DIGITS_PARTS.replace("build_model, ", "") + textwrap.dedent("""
+        from torch import nn
+
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = nn.Linear(32, 10)
+
+            def forward(self, images):
+                return self.linear(images.flatten(1))
+
+        def build_model(cfg):
+            return Head()
+        """), "RuntimeError: mat1 and mat2 shapes cannot be multiplied (32x64 and 32x10)",
+        'mistake.py", line 11, in forward\n    return self.linear(images.flatten(1))'),
+    "labels out of range": (DIGITS_PARTS.replace("build_datasets", "build_datasets as digits") + textwrap.dedent("""
+        import torch
+
+        def build_datasets(cfg):
+            train, evaluation = digits(cfg)
+            return torch.utils.data.TensorDataset(train.tensors[0], train.tensors[1] + 5), evaluation
+        """), "IndexError: Target 1", None),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(RECIPE_MISTAKES))
+def test_a_recipes_mistake_is_one_line_exit_2_and_leaves_no_run_directory(tmp_path, mistake):
+    """Whether the recipe's code raised it (its frames shown) or torch did with what the recipe gave it (its model,
+    its data): one line however many ranks fail alike, and a run that trained no step leaves nothing behind, its
+    wandb run included."""
+    recipe, message, frame = RECIPE_MISTAKES[mistake]
+    (tmp_path / "mistake.py").write_text(recipe)
+    result = launch(["recipe=mistake.py", "dist.nproc_per_node=2"], tmp_path, env=without_credentials(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    if frame:
+        assert frame in result.stderr
+    assert "Traceback" not in result.stderr and "site-packages" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 # 4. wandb: its own environment variables, and never holding the end of a run.
 def test_wandb_mode_auto_honours_wandb_environment_variables(tmp_path):
     check_ok(launch(["recipe=digits", "run.dir=off", "train.epochs=1"], tmp_path,

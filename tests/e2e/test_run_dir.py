@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import textwrap
+import time
 import zipfile
 
 import pytest
@@ -70,16 +71,17 @@ def test_the_same_command_continues_after_sigterm_without_run_dir(workdir, how):
 
 @pytest.mark.parametrize("how", ["python", "torchrun"])
 def test_the_same_command_continues_after_sigkill_of_the_whole_job(workdir, how):
+    """The second start is the same Slurm job requeued (its job id, one restart more): it takes over at once."""
     reference = reference_weights(workdir)
     args, nproc = command_for(how)
-    job = start(args, workdir, nproc=nproc, env={"STEP_SLEEP": "0.05"})
+    job = start(args, workdir, nproc=nproc, env={"STEP_SLEEP": "0.05", "SLURM_JOB_ID": "4343"})
     wait_for(lambda: list((workdir / "runs").glob("*/*/checkpoints/step_*.pt")), "a first checkpoint")
     for pid in [job.pid, *descendants(job.pid)]:
         os.kill(pid, signal.SIGKILL)
     job.wait()
     run_dir = the_run_dir(workdir)
     assert (run_dir / ".lock").exists()  # the killed job's, left behind
-    resumed = check_ok(launch(args, workdir, nproc=nproc))
+    resumed = check_ok(launch(args, workdir, nproc=nproc, env={"SLURM_JOB_ID": "4343", "SLURM_RESTART_COUNT": "1"}))
     assert "took over the lock of" in resumed.stdout and "its process is gone" in resumed.stdout
     assert "resumed from" in resumed.stdout
     assert_identical(load_weights(run_dir), reference)
@@ -174,13 +176,15 @@ def test_a_resume_that_fails_its_checks_writes_nothing(tmp_path):
     assert snapshot(tmp_path / "x") == before
 
 
-# 7. One job per run directory: the second is refused at once, the first goes on undisturbed.
-def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_is_undisturbed(workdir):
+# 7. One job per run directory: the second is refused at once, the first goes on undisturbed; so is a second start in
+# the same Slurm allocation (the same job id: two srun steps, or two commands in one salloc).
+@pytest.mark.parametrize("allocation", [{}, {"SLURM_JOB_ID": "4242"}], ids=["another job", "the same slurm job"])
+def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_is_undisturbed(workdir, allocation):
     reference = reference_weights(workdir)
-    first = start([*ARGS, "run.dir=run"], workdir, nproc=2, env={"STEP_SLEEP": "0.15"})
+    first = start([*ARGS, "run.dir=run"], workdir, nproc=2, env={"STEP_SLEEP": "0.15", **allocation})
     wait_for(lambda: (workdir / "run" / ".lock").exists(), "the first job's lock")
-    second = launch([*ARGS, "run.dir=run"], workdir, nproc=2)
-    parent = launch([*ARGS, "run.dir=run", "dist.nproc_per_node=2"], workdir)
+    second = launch([*ARGS, "run.dir=run"], workdir, nproc=2, env=allocation)
+    parent = launch([*ARGS, "run.dir=run", "dist.nproc_per_node=2"], workdir, env=allocation)
     assert first.poll() is None  # both were refused while the first was still training
     assert second.returncode != 0 and "launcher: error: run.dir=run is in use by another job (" in second.stderr
     assert parent.returncode == 2 and "is in use by another job" in parent.stderr
@@ -189,6 +193,44 @@ def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_is_undisturbe
     assert_identical(load_weights(workdir / "run"), reference)
     assert_steps_increase(workdir / "run")
     assert len([line for line in (workdir / "run" / "history.jsonl").read_text().splitlines()]) == 2
+
+
+def test_a_lock_file_naming_no_holder_is_one_line_within_seconds_and_taken_over_once_stale(tmp_path):
+    """Empty (a start killed between creating and writing it, or a full disk), truncated, or another program's."""
+    (tmp_path / "x").mkdir()
+    for content in (b"", b'{"host": "n1", "pid": 4', b'{"owner": "another tool", "version": 9}'):
+        (tmp_path / "x" / ".lock").write_bytes(content)
+        began = time.monotonic()
+        refused = launch([*DIGITS, "run.dir=x", "train.epochs=1"], tmp_path, timeout=60)
+        assert time.monotonic() - began < 30  # the start itself (imports) and the lock's 2 s of grace
+        (line,) = error_lines(refused)
+        assert refused.returncode == 2 and "run.dir=x: its lock file x/.lock " in line, content
+        assert "If no job uses this directory, delete it; otherwise it is taken over once nothing has touched" in line
+    stale = time.time() - 120
+    os.utime(tmp_path / "x" / ".lock", (stale, stale))
+    taken = check_ok(launch([*DIGITS, "run.dir=x", "train.epochs=1"], tmp_path, nproc=2))
+    assert "took over the lock of no one (its lock file names no holder and nothing touched it for 12" in taken.stdout
+
+
+LOCK_OF_ANOTHER_HOST = {"host": "elsewhere", "pid": 4, "started": "", "job": "9", "attempt": [0, 0],
+                        "token": "theirs", "since": "2026-12-01 10:00:00"}
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_during_a_wait_for_the_lock_ends_the_start_at_once(tmp_path, processes):
+    """A holder on another host is watched for a minute; Ctrl-C or a preemption then ends the wait at once."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / ".lock").write_text(json.dumps(LOCK_OF_ANOTHER_HOST))
+    job = start([*DIGITS, "run.dir=x", f"dist.nproc_per_node={processes}"], tmp_path)
+    wait_for(lambda: "watching its heartbeat" in job.output.read_text(), "the wait for the lock", 60)
+    job.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    assert job.wait(timeout=30) == 75, job.output.read_text()
+    assert time.monotonic() - began < 5
+    output = job.output.read_text()
+    assert "stopped by SIGTERM while watching the heartbeat of job 9, pid 4 on elsewhere" in output
+    assert json.loads((tmp_path / "x" / ".lock").read_text())["token"] == "theirs"  # theirs, untouched
+    assert not descendants(job.pid)
 
 
 # 8. Nonsense fails loudly.
@@ -220,6 +262,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
     assert result.returncode != 0
     (line,) = error_lines(result)
     assert f"training diverged: the loss is not a finite number {message}" in line
+    if "no checkpoint was written" in message:  # a new run with nothing to continue from leaves nothing
+        assert not (tmp_path / "x").exists()
+        return
     assert not (tmp_path / "x" / "model.pt").exists()
     for path in (tmp_path / "x" / "checkpoints").glob("step_*.pt"):
         weights = torch.load(path, weights_only=True)["model"]
@@ -233,7 +278,7 @@ def test_a_best_metric_evaluation_never_produces_fails_at_the_first_evaluation(t
     assert result.returncode != 0
     assert ("ckpt.best_metric=eval/f1 is not a metric this run's evaluation produces (eval/accuracy, eval/loss)"
             in result.stderr)
-    assert [record["epoch"] for record in epoch_records(tmp_path / "x")] == []
+    assert not (tmp_path / "x").exists()  # nothing was checkpointed: nothing to continue from, nothing left
 
 
 def test_an_empty_eval_set_fails_at_setup_and_leaves_nothing(tmp_path):

@@ -52,19 +52,23 @@ def test_submit_validates_before_it_submits_and_dry_run_writes_and_prints_the_sc
     assert dry.stdout.split("\n", 1)[1] == script.read_text()
 
 
-def test_sbatch_single_node_template_trains_to_completion(slurm, tmp_path):
-    (tmp_path / "logs").mkdir()
+def test_sbatch_single_node_template_trains_to_completion_with_its_output_elsewhere(slurm, tmp_path):
+    """Raw sbatch, its output sent elsewhere (-o) from a folder without logs/: the status file's folder is made."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     job = slurm.sbatch(
         f"--export=ALL,LAUNCHER_TEMPLATES={REPO / 'slurm'},LAUNCHER_NPROC=2", "--cpus-per-task=2",
-        str(REPO / "slurm" / "single_node.sbatch"),
+        "-o", str(scratch / "job.out"), str(REPO / "slurm" / "single_node.sbatch"),
         "recipe=digits", "train.epochs=3", "ckpt.every_steps=10", cwd=tmp_path,
     )
-    assert slurm.wait_until_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, f"launcher-{job}.out")
+    log = lambda: (scratch / "job.out").read_text()  # noqa: E731
+    assert slurm.wait_until_done(job)["JobState"] == "COMPLETED", log()
     (run_dir,) = (tmp_path / "runs" / "digits").iterdir()
     assert {"metrics.jsonl", "model.pt", "config.yaml", "checkpoints"} <= {p.name for p in run_dir.iterdir()}
     assert list((run_dir / "checkpoints").glob("step_*.pt"))
-    assert "launcher: the run finished (exit 0)" in log_of(tmp_path, f"launcher-{job}.out")
-    assert "2 process(es), backend gloo" in log_of(tmp_path, f"launcher-{job}.out")
+    assert "launcher: the run finished (exit 0)" in log() and "cannot write" not in log()
+    assert "2 process(es), backend gloo" in log()
+    assert (tmp_path / "logs" / f"launcher-{job}.status").read_text() == "finished\n"
 
 
 FAKE_HOSTNAME = """#!/bin/sh

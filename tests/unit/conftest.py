@@ -3,9 +3,20 @@
 import signal
 
 import pytest
+import torch
 from helpers import RECIPE
 
 from launcher.distributed.stop import STOP_SIGNALS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread, as the launched tests have (OMP_NUM_THREADS=1): with two, torch splits a reduction by
+    the batch's size, so a whole batch and its accumulated micro-batches round differently (3e-5 after an epoch)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

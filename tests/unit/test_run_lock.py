@@ -1,12 +1,14 @@
 """The run directory's lock, its identity and the checkpoint checksums, in one process: the logic, fast."""
 
 import json
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
 import zipfile
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -19,14 +21,13 @@ from launcher.config.build import build_config, parse_overrides
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
 from launcher.run.directory import derived_name
-from launcher.run.lock import Holder, RunLock
+from launcher.run.lock import Holder, RunLock, check_shared
 
 
 def write_holder(path, **fields):
-    holder = {**vars(Holder.this_process("other-job")), **fields}
+    holder = {**asdict(Holder.this_process("other-job")), **fields}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(holder))
-    return Holder(**holder)
 
 
 def dead_pid() -> int:
@@ -47,19 +48,91 @@ def test_a_live_holder_is_named_and_a_second_job_refused(tmp_path):
     RunLock(tmp_path / "runs" / "x", job="b").check_free()
 
 
-def test_the_lock_of_a_dead_process_or_of_an_earlier_attempt_of_the_same_job_is_taken_over(tmp_path, caplog):
+def test_the_lock_of_a_dead_process_is_taken_over_and_a_live_one_of_the_same_job_is_not(tmp_path, caplog):
     caplog.set_level("INFO")
-    write_holder(tmp_path / ".lock", pid=dead_pid())
-    lock = RunLock(tmp_path, job="new")
+    write_holder(tmp_path / ".lock", pid=dead_pid(), job="job-7")
+    lock = RunLock(tmp_path, job="job-7")
     lock.acquire()
     assert "its process is gone" in caplog.text
     lock.release()
-    write_holder(tmp_path / ".lock", job="job-7")  # alive (this very process), but the same job
-    lock = RunLock(tmp_path, job="job-7")
+    # Two starts in one Slurm allocation share its job id: a holder is a process, and this one (this very
+    # process) is alive.
+    write_holder(tmp_path / ".lock", job="job-7")
+    with pytest.raises(UserError, match=r"is in use by another job \(job job-7, pid"):
+        RunLock(tmp_path, job="job-7").acquire()
+
+
+def test_an_earlier_attempt_of_the_job_on_another_host_is_taken_over_at_once(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(run_lock, "STALE_S", 30)  # a heartbeat watch would time the test out
+    write_holder(tmp_path / ".lock", host="elsewhere", job="job-7", attempt=[0, 2])
+    lock = RunLock(tmp_path, job="job-7", attempt=(1, 0))  # requeued once by Slurm, torchrun counting afresh
+    started = time.monotonic()
     lock.acquire()
-    assert "an earlier attempt of this job" in caplog.text
-    assert json.loads((tmp_path / ".lock").read_text())["token"] == lock.me.token
+    assert time.monotonic() - started < 5 and "an earlier attempt of this job" in caplog.text
     lock.release()
+
+
+def test_the_same_attempt_of_the_job_on_another_host_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "STALE_S", 0.5)
+    write_holder(tmp_path / ".lock", host="elsewhere", job="job-7", attempt=[0, 0])
+    lock = RunLock(tmp_path, job="job-7")
+    lock.acquire()  # no beat for STALE_S: taken over
+    lock.release()
+
+
+@pytest.mark.parametrize("content", [b"", b'{"host": "vm", "pid": 12', b'{"owner": "someone", "pid": 1}'],
+                         ids=["empty", "truncated", "foreign"])
+def test_a_lock_naming_no_holder_is_refused_in_seconds_then_taken_over_once_stale(tmp_path, monkeypatch, caplog,
+                                                                                   content):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(run_lock, "WRITE_GRACE_S", 0.3)
+    (tmp_path / ".lock").write_bytes(content)
+    started = time.monotonic()
+    refusal = (r"its lock file .*\.lock (is empty|names no holder this version can read) \(a start killed while "
+               r"writing it.* If no job uses this directory, delete it")
+    with pytest.raises(UserError, match=refusal):
+        RunLock(tmp_path, job="a").acquire()
+    assert time.monotonic() - started < run_lock.WRITE_GRACE_S + 2
+    old = time.time() - run_lock.STALE_S - 1
+    os.utime(tmp_path / ".lock", (old, old))
+    lock = RunLock(tmp_path, job="a")
+    lock.acquire()
+    assert "names no holder and nothing touched it for 6" in caplog.text
+    lock.release()
+
+
+def test_a_lock_being_written_is_waited_for(tmp_path):
+    (tmp_path / ".lock").write_bytes(b"")
+    holder = Holder.this_process("writer")
+    later = threading.Timer(0.5, lambda: (tmp_path / ".lock").write_text(json.dumps(asdict(holder))))
+    later.start()
+    with pytest.raises(UserError, match=r"in use by another job \(job writer"):  # judged once written: alive
+        RunLock(tmp_path, job="a").acquire()
+    later.join()
+
+
+def test_a_stop_signal_ends_any_wait_for_the_lock_at_once(tmp_path, monkeypatch):
+    class Stopped(Exception):
+        pass
+
+    calls = []
+
+    def check_stop(doing: str) -> None:
+        calls.append(doing)
+        if len(calls) > 3:
+            raise Stopped(doing)
+
+    monkeypatch.setattr(run_lock, "STALE_S", 600)
+    write_holder(tmp_path / ".lock", host="elsewhere")
+    started = time.monotonic()
+    with pytest.raises(Stopped, match="watching the heartbeat of job other-job"):
+        RunLock(tmp_path, job="new").acquire(check_stop)
+    (tmp_path / ".lock").write_bytes(b"")
+    calls.clear()
+    with pytest.raises(Stopped, match=r"reading .*\.lock"):
+        RunLock(tmp_path, job="new").acquire(check_stop)
+    assert time.monotonic() - started < 3
 
 
 def test_a_holder_on_another_host_is_dead_only_when_its_heartbeat_stops(tmp_path, monkeypatch):
@@ -95,6 +168,30 @@ def test_a_lock_taken_away_is_noticed(tmp_path, monkeypatch):
     assert lock.lost
     lock.release()
     assert json.loads((tmp_path / ".lock").read_text())["job"] == "intruder"  # not ours to remove
+
+
+def test_one_failed_read_of_its_own_lock_is_not_a_lost_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "BEAT_S", 0.05)
+    lock = RunLock(tmp_path, job="a")
+    lock.acquire()
+    mine = (tmp_path / ".lock").read_bytes()
+    (tmp_path / ".lock").write_bytes(b"")  # a passing error: unreadable for half a second
+    time.sleep(0.5)
+    (tmp_path / ".lock").write_bytes(mine)
+    time.sleep(0.3)
+    assert not lock.lost
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_rank_that_does_not_see_rank_0s_lock_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "SHARED_WAIT_S", 0.3)
+    lock = RunLock(tmp_path / "shared", job="a")
+    token = lock.acquire()
+    check_shared(tmp_path / "shared", token)  # the same directory: seen
+    with pytest.raises(UserError, match="must be on a file system every node shares, not on a node-local disk"):
+        check_shared(tmp_path / "node-local", token)  # the same path on another node's own disk
+    lock.release()
 
 
 def test_a_failed_start_removes_the_directories_its_lock_made(tmp_path):
