@@ -176,17 +176,20 @@ def test_a_resume_that_fails_its_checks_writes_nothing(tmp_path):
     assert snapshot(tmp_path / "x") == before
 
 
-# 7. One job per run directory: the second is refused at once, the first goes on undisturbed; so is a second start in
+# 7. One job per run directory: a second is refused at once, the first goes on undisturbed; so is a second start in
 # the same Slurm allocation (the same job id: two srun steps, or two commands in one salloc).
-@pytest.mark.parametrize("allocation", [{}, {"SLURM_JOB_ID": "4242"}], ids=["another job", "the same slurm job"])
-def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_is_undisturbed(workdir, allocation):
+def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_is_undisturbed(workdir):
     reference = reference_weights(workdir)
-    first = start([*ARGS, "run.dir=run"], workdir, nproc=2, env={"STEP_SLEEP": "0.15", **allocation})
+    allocation = {"SLURM_JOB_ID": "4242"}
+    first = start([*ARGS, "run.dir=run"], workdir, nproc=2, env={"STEP_SLEEP": "0.3", **allocation})
     wait_for(lambda: (workdir / "run" / ".lock").exists(), "the first job's lock")
-    second = launch([*ARGS, "run.dir=run"], workdir, nproc=2, env=allocation)
+    second = launch([*ARGS, "run.dir=run"], workdir, nproc=2)
+    same_allocation = launch([*ARGS, "run.dir=run"], workdir, nproc=2, env=allocation)
     parent = launch([*ARGS, "run.dir=run", "dist.nproc_per_node=2"], workdir, env=allocation)
-    assert first.poll() is None  # both were refused while the first was still training
-    assert second.returncode != 0 and "launcher: error: run.dir=run is in use by another job (" in second.stderr
+    assert first.poll() is None  # all were refused while the first was still training
+    for refused in (second, same_allocation):
+        assert refused.returncode != 0 and "launcher: error: run.dir=run is in use by another job (" in refused.stderr
+    assert "(job 4242, pid" in same_allocation.stderr
     assert parent.returncode == 2 and "is in use by another job" in parent.stderr
     assert "OMP_NUM_THREADS" not in parent.stderr  # refused before any worker started
     assert first.wait(timeout=300) == 0
@@ -208,7 +211,7 @@ def test_a_lock_file_naming_no_holder_is_one_line_within_seconds_and_taken_over_
         assert "If no job uses this directory, delete it; otherwise it is taken over once nothing has touched" in line
     stale = time.time() - 120
     os.utime(tmp_path / "x" / ".lock", (stale, stale))
-    taken = check_ok(launch([*DIGITS, "run.dir=x", "train.epochs=1"], tmp_path, nproc=2))
+    taken = check_ok(launch([*DIGITS, "run.dir=x", "train.epochs=1"], tmp_path))
     assert "took over the lock of no one (its lock file names no holder and nothing touched it for 12" in taken.stdout
 
 
