@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 
 def rss_bytes() -> int:
@@ -54,10 +53,10 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from launcher.checkpoint.checkpointer import Checkpointer, Position
+    from launcher.checkpoint.checkpointer import Checkpointer
     from launcher.checkpoint.files import load_checkpoint
-    from launcher.checkpoint.resume import _copied_state
     from launcher.distributed.env import DistEnv
+    from launcher.engine.state import TrainingState
 
     width = 4096
     layers = max(1, round(params / (width * width)))
@@ -67,25 +66,26 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     optimizer.step()
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     training_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": 1}
-    cfg = OmegaConf.create({"ckpt": {"keep": 1}, "train": {"batch_size": 1}, "dist": {"strategy": "ddp"}})
-    # What the Checkpointer reads of a Trainer, for this model.
-    trainer = SimpleNamespace(model=model, optimizer=optimizer, cfg=cfg, device=torch.device("cpu"),
-                              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                              precision=SimpleNamespace(scaler=None), position=Position(global_step=1),
-                              loss_sum=torch.zeros((), dtype=torch.float64))
+    cfg = OmegaConf.create({"ckpt": {"keep": 1, "best_metric": "", "best_mode": "max"}, "optim": {"name": "sgd"},
+                            "train": {"batch_size": 1}, "dist": {"strategy": "ddp"}})
+    state = TrainingState(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None, 1, torch.device("cpu"))
+    state.position.global_step = 1
+    checkpointer = Checkpointer(folder, cfg, DistEnv(), run_id="bench")
     start = time.perf_counter()
     with PeakRss() as memory:
         if case == "launcher":
-            checkpointer = Checkpointer(folder, cfg, DistEnv(), run_id="bench")
-            path = checkpointer.save(trainer)
+            path = checkpointer.save(model, optimizer, state)
         else:
             path = folder / "plain.pt"
             torch.save(training_state, path)
     save_s = time.perf_counter() - start
     start = time.perf_counter()
-    payload = load_checkpoint(path) if case == "launcher" else torch.load(path, weights_only=True)
-    model.load_state_dict(payload["model"])  # what a resume does with it (the launcher's: launcher.checkpoint.resume)
-    optimizer.load_state_dict(_copied_state(payload["optimizer"]) if case == "launcher" else payload["optimizer"])
+    if case == "launcher":  # verified, then put back as a resume does
+        checkpointer.restore(path, load_checkpoint(path), model, optimizer, state)
+    else:
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
     for value in optimizer.state.values():  # and touched, as the next step touches it (memory-mapped pages fault in)
         value["momentum_buffer"].mul_(1)
     return {

@@ -96,7 +96,7 @@ def main() -> None:
         sides["limit"] = limit_side(loader.dataset, cfg, device)
     if args.data_wait:
         inputs, targets = next(iter(loader))
-        resident = itertools.repeat((trainer.precision.prepare(inputs.to(device)), targets.to(device)))
+        resident = itertools.repeat((trainer.precision.to_memory_format(inputs.to(device)), targets.to(device)))
         sides["launcher_resident"] = launcher_on(resident)
     for run in sides.values():
         run(args.warmup)

@@ -53,7 +53,7 @@ def measure(strategy: str, overrides: list[str], dist_env: DistEnv) -> dict:
     batches = iter(trainer.train_loader)
     trainer.train_steps(batches, until_step=STEPS)  # the optimizer state exists from the first step on
     params = list(trainer.model.parameters())
-    trainer._micro_step(to_device(next(batches), device, trainer.precision.prepare), 1, sync=True)
+    trainer._micro_step(to_device(next(batches), device, trainer.precision.to_memory_format), 1, sync=True)
     gradients = local_bytes(p.grad for p in params if p.grad is not None)
     optimizer_state = local_bytes(value for state in trainer.optimizer.state.values() for value in state.values()
                                   if isinstance(value, torch.Tensor) and value.dim() > 0)

@@ -42,8 +42,10 @@ _LIBRARIES = {Path(path).resolve() for key, path in sysconfig.get_paths().items(
 
 
 def _users(filename: str) -> bool:
-    """A frame of the user's code: a recipe, or a module of theirs it imports; not the engine's, the standard
-    library's or an installed library's (torch's)."""
+    """A frame of the user's code: a recipe, or a module of theirs it imports.
+
+    Not the engine's, the standard library's or an installed library's (torch's).
+    """
     if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
         return False
     path = Path(filename).resolve()
@@ -63,9 +65,11 @@ def describe(error: BaseException) -> str:
 
 
 def as_launcher_error(error: Exception) -> LauncherError:
-    """Any exception as the line the launcher prints: a ``UserError`` (exit 2) when it came out of what the recipe
-    gave the engine (its functions, model, data or loss), unless it is the machine's limits (out of memory); else
-    a ``LauncherError`` (exit 1)."""
+    """Any exception as the line the launcher prints.
+
+    A ``UserError`` (exit 2) when it came out of what the recipe gave the engine (its functions, model, data or loss),
+    unless it is the machine's limits (out of memory); else a ``LauncherError`` (exit 1).
+    """
     frames = traceback.extract_tb(error.__traceback__)
     from_recipe = any(_users(frame.filename) or Path(frame.filename).resolve() == _RECIPE_HOOKS for frame in frames)
     out_of_memory = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
@@ -73,8 +77,11 @@ def as_launcher_error(error: Exception) -> LauncherError:
 
 
 def failure_kind(error: BaseException) -> str:
-    """What makes two ranks' failures the same one: a launcher error's text; another exception's class and the line
-    that raised it (each rank's data may put other numbers in its message)."""
+    """What makes two ranks' failures the same one.
+
+    A launcher error's text; another exception's class and the line that raised it (each rank's data may put other
+    numbers in its message).
+    """
     if isinstance(error, LauncherError) or error.__traceback__ is None:
         return f"{type(error).__name__}: {error}"
     where = traceback.extract_tb(error.__traceback__)[-1]

@@ -1,6 +1,9 @@
-"""What the repository keeps beside launcher/ (recipes/, slurm/) and an installed launcher holds inside itself
-(launcher.recipes, launcher.templates): found either way, so a source checkout that was never installed (a copy
-sent to a GPU machine) runs as an installed one does."""
+"""Recipes and templates, found in a source checkout and an installed launcher alike.
+
+The repository keeps them beside launcher/ (recipes/, slurm/), and an installed launcher holds them inside itself
+(launcher.recipes, launcher.templates). They are found either way, so a source checkout that was never installed (a copy
+sent to a GPU machine) runs as an installed one does.
+"""
 
 from __future__ import annotations
 

@@ -80,8 +80,11 @@ class Recipe:
         return getattr(self.module, "collate", None)
 
     def step(self, model: nn.Module, batch) -> tuple[torch.Tensor, Any]:
-        """(the batch's mean loss, what evaluation's metrics need): the recipe's ``step(model, batch)``, which
-        returns the loss or (loss, outputs); else ``loss(model(inputs), targets)`` of an (inputs, targets) batch."""
+        """(the batch's mean loss, what evaluation's metrics need) for one batch.
+
+        The recipe's ``step(model, batch)``, which returns the loss or (loss, outputs); else
+        ``loss(model(inputs), targets)`` of an (inputs, targets) batch.
+        """
         if hasattr(self.module, "step"):
             result = self.module.step(model, batch)
             return result if isinstance(result, tuple) else (result, None)
@@ -90,8 +93,11 @@ class Recipe:
         return self.loss(outputs, targets), outputs
 
     def metrics(self, outputs, batch) -> dict[str, tuple]:
-        """name -> (sum, count) or (sum, count, finish) for one evaluation batch: the recipe's ``metrics(outputs,
-        batch)``, else accuracy for a classifier ((batch, classes) scores of integer targets)."""
+        """name -> (sum, count) or (sum, count, finish) for one evaluation batch.
+
+        The recipe's ``metrics(outputs, batch)``, else accuracy for a classifier ((batch, classes) scores of integer
+        targets).
+        """
         if hasattr(self.module, "metrics"):
             return dict(self.module.metrics(outputs, batch))
         scores, targets = self.predictions(outputs), batch[1] if isinstance(batch, (tuple, list)) else None
@@ -103,13 +109,19 @@ class Recipe:
 
     @property
     def augment(self) -> Callable | None:
-        """The recipe's ``augment(batch, generator, cfg) -> batch``: a batched augmentation of training batches on
-        the device, drawing its random numbers from ``generator`` (a torch.Generator there), else None."""
+        """The recipe's ``augment(batch, generator, cfg) -> batch``, else None.
+
+        A batched augmentation of training batches on the device, drawing its random numbers from ``generator`` (a
+        torch.Generator there).
+        """
         return getattr(self.module, "augment", None)
 
     def fsdp_blocks(self, model: nn.Module) -> list[nn.Module]:
-        """The recipe's ``fsdp_blocks(model)``: the modules ``dist.strategy=fsdp`` shards one by one (a transformer's
-        layers), else the children of the model's largest list of alike modules (``repeated_blocks``)."""
+        """The modules ``dist.strategy=fsdp`` shards one by one (a transformer's layers).
+
+        The recipe's ``fsdp_blocks(model)``, else the children of the model's largest list of alike modules
+        (``repeated_blocks``).
+        """
         if hasattr(self.module, "fsdp_blocks"):
             return list(self.module.fsdp_blocks(model))
         return repeated_blocks(model)

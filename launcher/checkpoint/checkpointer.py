@@ -1,17 +1,17 @@
-"""The Checkpointer: what a checkpoint holds (every rank's state), written by rank 0 for every rank (or, with a
-sharded model, by every rank its shards and rank 0 the rest), and kept newest first within the run's own lineage."""
+"""The Checkpointer: what a checkpoint holds, who writes it, and which are kept.
+
+A checkpoint holds every rank's state. Rank 0 writes it for every rank (or, with a sharded model, every rank writes its
+shards and rank 0 the rest), and checkpoints are kept newest first within the run's own lineage.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import platform
-import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -23,16 +23,18 @@ from launcher.checkpoint.files import (
     _first_line,
     _tensors,
     _write_atomic,
-    lineage,
+    check_model_fits,
     publish_folder,
     remove_checkpoint,
     restore_set_aside,
+    run_id_of,
     save_atomic,
+    shapes,
     step_files,
 )
-from launcher.checkpoint.sharded import check_complete, save_shards
+from launcher.checkpoint.sharded import ShardsFailed, check_complete, load_shards, save_shards, saved_shapes
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import shards_model
+from launcher.distributed.fsdp import is_sharded
 from launcher.distributed.group import run_agreed
 from launcher.errors import LauncherError, UserError
 
@@ -41,57 +43,18 @@ class TrainingDiverged(UserError):
     """The loss stopped being a finite number: nothing after it is worth keeping."""
 
 
-def capture_rng(device: torch.device) -> dict:
-    """This process's random states, in types ``torch.load(..., weights_only=True)`` accepts."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": numpy_state["state"]["pos"],
-            "has_gauss": numpy_state["has_gauss"],
-            "gauss": numpy_state["gauss"],
-        },
-    }
-
-
-@dataclass
-class Position:
-    """Where training stands: the epoch in progress, optimizer steps of it done, steps overall; the best eval metric
-    so far and the step of the last checkpoint."""
-
-    epoch: int = 1
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best: float | None = None
-    saved_step: int = -1
-
-
-def training_state(trainer) -> dict:
-    """What a checkpoint holds of the trainer besides the model and optimizer state: the same on every rank."""
-    where = trainer.position
-    scaler = trainer.precision.scaler
-    return {
-        "scheduler": trainer.scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None,
-        "epoch": where.epoch,
-        "samples_in_epoch": where.step_in_epoch * trainer.cfg.train.batch_size,
-        "global_step": where.global_step,
-        "best": where.best,
-    }
-
-
 class Checkpointer:
-    """Writes ``<run.dir>/checkpoints/step_<global step>.pt`` (and ``best.pt``) for run ``run_id``, or with a sharded
-    model the folders ``step_<global step>/`` (and ``best/``), and keeps the newest ``ckpt.keep`` of that run's own:
-    a checkpoint it cannot read, or another run's, it never deletes."""
+    """Writes the checkpoints of run ``run_id`` and removes old ones.
+
+    It writes ``<run.dir>/checkpoints/step_<global step>.pt`` (and ``best.pt``), or with a sharded model the folders
+    ``step_<global step>/`` (and ``best/``), and keeps the newest ``ckpt.keep`` of that run's own: a checkpoint it
+    cannot read, or another run's, it never deletes.
+    """
 
     def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None):
         self.folder = run_dir / "checkpoints"
         self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
-        self.sharded = shards_model(cfg)
+        self.sharded = is_sharded(cfg)
         self.lock = lock  # rank 0's RunLock: no writes once it is lost
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
 
@@ -102,30 +65,30 @@ class Checkpointer:
     def best_path(self) -> Path:
         return self.folder / ("best" if self.sharded else "best.pt")
 
-    def save(self, trainer, best: bool = False) -> Path:
-        """Collective: every rank hands in its own state (random streams, partial epoch loss); rank 0 writes one
-        file with the trainer's state and every rank's (and, ``best``, its copy best.pt); all wait for it, and all
+    def save(self, model, optimizer, state, best: bool = False) -> Path:
+        """Collective: write a checkpoint of ``model``, ``optimizer`` and the training ``state``.
+
+        The state (engine/state.py) goes in with every rank's own part of it. All ranks wait for the checkpoint, and all
         fail together if it cannot be written.
 
         Before anything is written every rank sees every rank's state, so all refuse together: a non-finite loss
         (a diverged run is not worth a checkpoint) or a lost lock (another job owns the directory now).
         """
-        rank_state = {"rng": capture_rng(trainer.device), "loss_sum": trainer.loss_sum.item()}
-        lock_lost = bool(self.lock and self.lock.lost)
+        rank_state, lock_lost = state.rank_state_dict(), bool(self.lock and self.lock.lost)
         gathered = [(rank_state, lock_lost)]
         if self.dist_env.is_distributed:
             gathered = [None] * self.dist_env.world_size
             dist.all_gather_object(gathered, (rank_state, lock_lost))
-        rank_states = [state for state, _ in gathered]
-        step = trainer.position.global_step
-        if not all(math.isfinite(state["loss_sum"]) for state in rank_states):
+        rank_states = [rank_state for rank_state, _ in gathered]
+        step = state.position.global_step
+        if not all(math.isfinite(rank_state["loss_sum"]) for rank_state in rank_states):
             raise TrainingDiverged(self.diverged_message(step), same_on_all_ranks=True)
         if any(lost for _, lost in gathered):
             raise LauncherError(f"the lock on {self.folder.parent} was taken over by another job: stopped at step "
                                 f"{step} without writing a checkpoint", same_on_all_ranks=True)
         path = self.path_for(step)
         meta = {
-            **training_state(trainer),
+            **state.state_dict(),
             "run_id": self.run_id,
             "rank_states": rank_states,
             "world_size": self.dist_env.world_size,
@@ -133,12 +96,37 @@ class Checkpointer:
             "versions": {"launcher": launcher.__version__, "torch": str(torch.__version__),
                          "python": platform.python_version()},
         }
-        if self.sharded:
-            self._save_sharded(trainer, meta, path, best)
-        else:
-            self._save_file(trainer, meta, path, best)
+        (self._save_sharded if self.sharded else self._save_file)(model, optimizer, meta, path, best)
         self.last_good = path
         return path
+
+    def restore(self, path: Path, saved: dict, model, optimizer, state) -> None:
+        """Put the checkpoint at ``path`` back into ``model``, ``optimizer`` and the training ``state``.
+
+        ``saved`` is its file, or its folder's launcher.pt, loaded; what goes back is what ``save`` wrote.
+
+        The optimizer's hyperparameters stay those of the config (and recipe) now in force: with an unchanged config
+        they equal the saved ones, and a changed ``optim.lr``, schedule or momentum takes effect.
+        """
+        check_model_fits(model, saved_shapes(path) if self.sharded else shapes(saved["model"]), path)
+        now = [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
+               for group in optimizer.param_groups]
+        try:
+            if self.sharded:
+                load_shards(model, optimizer, path)
+            else:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(_copied_state(saved["optimizer"]))
+        except (ValueError, KeyError, ShardsFailed) as error:
+            raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={self.cfg.optim.name} "
+                            f"and the recipe's param_groups ({_first_line(error)})") from None
+        for group, hyperparameters in zip(optimizer.param_groups, now):
+            group.update(hyperparameters)
+        saved_ckpt = saved["config"]["ckpt"]
+        same_best = (saved_ckpt["best_metric"], saved_ckpt["best_mode"]) == (self.cfg.ckpt.best_metric,
+                                                                            self.cfg.ckpt.best_mode)
+        state.load_state_dict(saved, self.dist_env.rank, self.dist_env.world_size, same_best)
+        self.last_good = path
 
     def _clear_stale(self) -> None:
         """What a writer that was killed left (temporary files and folders); the lock makes them ours."""
@@ -146,31 +134,34 @@ class Checkpointer:
         for stale in self.folder.glob(".*.tmp"):
             remove_checkpoint(stale)
 
-    def _save_file(self, trainer, meta: dict, path: Path, best: bool) -> None:
+    def _save_file(self, model, optimizer, meta: dict, path: Path, best: bool) -> None:
         """Rank 0 writes every rank's state into one file; all wait for it, and all fail if it cannot be written."""
 
         def write() -> None:
-            payload = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(), **meta}
+            contents = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
             self._clear_stale()
             try:
-                save_atomic(payload, path)
+                save_atomic(contents, path)
                 if best:
                     self._save_best(path)
             except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
-                raise LauncherError(self._write_failed(path, _bytes(payload), error)) from None
+                raise LauncherError(self._write_failed(path, _bytes(contents), error)) from None
             self._prune()
 
         run_agreed(self.dist_env, write if self.dist_env.is_main else None, name_rank=False)  # all wait for the file
 
-    def _save_sharded(self, trainer, meta: dict, path: Path, best: bool) -> None:
-        """Every rank writes its shards into a temporary folder; rank 0 adds launcher.pt (with every file's size and
-        CRC-32) and renames the folder into place once it is complete."""
+    def _save_sharded(self, model, optimizer, meta: dict, path: Path, best: bool) -> None:
+        """Write a folder checkpoint from every rank's shards.
+
+        Every rank writes its shards into a temporary folder; rank 0 adds launcher.pt (with every file's size and
+        CRC-32) and renames the folder into place once it is complete.
+        """
         written = self.folder / f".{path.name}.tmp"
         run_agreed(self.dist_env, self._clear_stale if self.dist_env.is_main else None, name_rank=False)  # first
         try:
-            files = save_shards(trainer.model, trainer.optimizer, written)
+            files = save_shards(model, optimizer, written)
         except Exception as error:  # DCP raises every rank's failure on all ranks (ShardsFailed)
-            needed = _bytes([trainer.model.state_dict(), trainer.optimizer.state_dict()]) * self.dist_env.world_size
+            needed = _bytes([model.state_dict(), optimizer.state_dict()]) * self.dist_env.world_size
             raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
 
         def publish() -> None:
@@ -214,9 +205,20 @@ class Checkpointer:
         _write_atomic(self.best_path, copy)
 
     def _prune(self) -> None:
-        ours = [path for path in step_files(self.folder) if lineage(path) in (self.run_id, "")]
+        ours = [path for path in step_files(self.folder) if run_id_of(path) in (self.run_id, "")]
         for old in ours[self.cfg.ckpt.keep :]:
             remove_checkpoint(old)
+
+
+def _copied_state(optimizer_state: dict) -> dict:
+    """The optimizer's state with its tensors copied out of the memory-mapped checkpoint.
+
+    The optimizer keeps them and writes them at the next step: a mapped page is then copied on its first write,
+    one 4 KB fault at a time, where one copy of each tensor costs far less (BENCHMARKS.md, "Checkpoint").
+    """
+    state = {key: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in entry.items()}
+             for key, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
 
 
 def _link_or_copy(source: str, target: str) -> None:

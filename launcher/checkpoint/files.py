@@ -1,6 +1,9 @@
-"""Checkpoint files: written atomically, verified against their records' CRC-32 when loaded, found again after any
-crash. A checkpoint is one file (``step_<N>.pt``), or under ``dist.strategy=fsdp`` a folder (``step_<N>/``) of
-torch.distributed.checkpoint shards with our own small ``launcher.pt`` beside them (checkpoint/sharded.py)."""
+"""Checkpoint files: written atomically, verified when loaded, found again after any crash.
+
+Loading checks every record against its CRC-32. A checkpoint is one file (``step_<N>.pt``), or under
+``dist.strategy=fsdp`` a folder (``step_<N>/``) of torch.distributed.checkpoint shards with our own small
+``launcher.pt`` beside them (checkpoint/sharded.py).
+"""
 
 from __future__ import annotations
 
@@ -92,9 +95,10 @@ def save_model(state_dict: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, check_shards: bool = True) -> dict:
-    """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified: every
-    record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``.
-    Of a folder checkpoint, its ``launcher.pt``, with every shard's size checked and (``check_shards``) its CRC-32.
+    """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified.
+
+    Every record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``. Of a
+    folder checkpoint, its ``launcher.pt``, with every shard's size checked and (``check_shards``) its CRC-32.
 
     The file is memory-mapped: the verification reads it once, at the CRC's speed, and the tensors are its pages
     (copy-on-write), which is faster than reading it into fresh memory and then checking it.
@@ -102,13 +106,13 @@ def load_checkpoint(path: Path, check_shards: bool = True) -> dict:
     if path.is_dir():
         return _load_sharded_meta(path, check_shards)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated, corrupt, or not a torch file at all
         raise BadCheckpoint(f"{type(error).__name__}: {_first_line(error)}") from None
-    if not isinstance(payload, dict):
-        raise BadCheckpoint(f"it holds a {type(payload).__name__}, not a dict")
+    if not isinstance(saved, dict):
+        raise BadCheckpoint(f"it holds a {type(saved).__name__}, not a dict")
     _verify_records(path)
-    return payload
+    return saved
 
 
 def _load_sharded_meta(folder: Path, check_shards: bool) -> dict:
@@ -139,8 +143,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def _verify_records(path: Path) -> None:
-    """Check each zip record's CRC-32 against its bytes (stored, uncompressed, as torch writes them). A record with
-    no CRC (0: written with torch's compute_crc32 off) cannot be checked and is let through."""
+    """Check each zip record's CRC-32 against its bytes (stored, uncompressed, as torch writes them).
+
+    A record with no CRC (0: written with torch's compute_crc32 off) cannot be checked and is let through.
+    """
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         view = memoryview(mapped)
         try:
@@ -184,9 +190,11 @@ def step_of(path: Path) -> int:
     return int(path.name.removesuffix(".pt").removeprefix(STEP_PREFIX))
 
 
-def lineage(path: Path) -> str | None:
-    """The id of the run that wrote ``path`` ("" for a checkpoint from before checkpoints carried one), read without
-    loading its tensors; None when it does not load at all."""
+def run_id_of(path: Path) -> str | None:
+    """The id of the run that wrote ``path``, read without loading its tensors.
+
+    "" for a checkpoint from before checkpoints carried one; None when it does not load at all.
+    """
     try:
         record = path / SHARDED_META if path.is_dir() else path
         return torch.load(record, map_location="cpu", weights_only=True, mmap=True).get("run_id", "")
@@ -195,8 +203,11 @@ def lineage(path: Path) -> str | None:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint file, or folder: renamed to a temporary name first, so that a crash half-way through
-    leaves a leftover the next save clears, never a step folder that is neither whole nor removable."""
+    """Delete a checkpoint file, or folder, renaming it to a temporary name first.
+
+    So a crash half-way through leaves a leftover the next save clears, never a step folder that is neither whole nor
+    removable.
+    """
     if not path.is_dir():
         path.unlink(missing_ok=True)
         return
@@ -207,9 +218,11 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def publish_folder(written: Path, path: Path) -> None:
-    """Rename the complete folder ``written`` to ``path`` (replacing one there), durably. The one there is renamed
-    aside first (a folder cannot be renamed over another); a crash between the two renames leaves it aside, where
-    ``restore_set_aside`` finds it."""
+    """Rename the complete folder ``written`` to ``path`` (replacing one there), durably.
+
+    The one there is renamed aside first (a folder cannot be renamed over another); a crash between the two renames
+    leaves it aside, where ``restore_set_aside`` finds it.
+    """
     _fsync_dir(written)
     aside = path.with_name(f".{path.name}.old.tmp")
     if path.exists():
@@ -228,19 +241,21 @@ def restore_set_aside(folder: Path) -> None:
 
 
 def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
-    """The newest step checkpoint that loads, verifies and belongs to run ``run_id`` (None: to any run); the others
-    are skipped with a one-line warning each."""
+    """The newest step checkpoint of run ``run_id`` (None: of any run) that loads and verifies.
+
+    The others are skipped with a one-line warning each.
+    """
     for path in step_files(folder):
         try:
-            payload = load_checkpoint(path)
+            saved = load_checkpoint(path)
         except BadCheckpoint as error:
             log.warning("checkpoint %s is unreadable (%s); trying the one before", path, error)
             continue
-        if run_id is not None and payload.get("run_id", run_id) != run_id:
+        if run_id is not None and saved.get("run_id", run_id) != run_id:
             log.warning("checkpoint %s belongs to another run (%s), not this directory's (%s); skipped", path,
-                        payload["run_id"], run_id)
+                        saved["run_id"], run_id)
             continue
-        return path, payload
+        return path, saved
     return None
 
 
@@ -263,3 +278,19 @@ def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:
     extra = [name for name in saved if name not in current]
     if extra:
         raise UserError(f"checkpoint {path} does not fit the model: the model has no '{extra[0]}'; {hint}")
+
+
+def is_checkpoint(saved: dict) -> bool:
+    """A training checkpoint, as opposed to a bare model state_dict such as model.pt.
+
+    ``saved`` is loaded from a checkpoint file, or from a folder's launcher.pt.
+    """
+    return "global_step" in saved and ("model" in saved or "files" in saved)
+
+
+def load_named(path: Path, key: str = "ckpt.resume", check_shards: bool = True) -> dict:
+    """A checkpoint the user named: loaded and verified, or one line saying why not."""
+    try:
+        return load_checkpoint(path, check_shards)
+    except BadCheckpoint as error:
+        raise UserError(f"{key}={path} does not load ({error})") from None

@@ -1,9 +1,11 @@
-"""The shards of a folder checkpoint (``dist.strategy=fsdp``), written and read with torch.distributed.checkpoint
-(DCP): every rank writes its own part of the model and optimizer state, and reads back what its shards need on
-any number of processes (DCP reshards).
+"""The shards of a folder checkpoint (``dist.strategy=fsdp``): how they are written and read.
 
-torch.distributed.checkpoint is imported inside the functions: importing it costs every process half a second at
-startup, and a ddp run never needs it (distributed/fsdp.py does the same for FSDP)."""
+With torch.distributed.checkpoint (DCP), every rank writes its own part of the model and optimizer state, and reads back
+what its shards need on any number of processes (DCP reshards).
+
+torch.distributed.checkpoint is imported inside the functions, as distributed/fsdp.py imports FSDP: a ddp run
+never needs it, and every process would pay for the import at startup (BENCHMARKS.md).
+"""
 
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ class ShardsFailed(Exception):
 
 
 def save_shards(model: nn.Module, optimizer, folder: Path) -> dict[str, list[int]]:
-    """Collective: write this rank's shards of the model and optimizer state into ``folder``; every rank gets the
-    size and CRC-32 of every file written (each rank checksums its own, rank 0 the rest)."""
+    """Collective: write this rank's shards of the model and optimizer state into ``folder``.
+
+    Every rank gets the size and CRC-32 of every file written (each rank checksums its own, rank 0 the rest).
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -43,8 +47,11 @@ def save_shards(model: nn.Module, optimizer, folder: Path) -> dict[str, list[int
 
 
 def check_complete(folder: Path, files: dict[str, list[int]]) -> None:
-    """Rank 0, before it publishes ``folder``: every file the ranks wrote is there, whole. Where one is not, the
-    ranks do not share a file system (a run.dir on node-local disks), and publishing would keep a broken checkpoint."""
+    """Rank 0, before it publishes ``folder``: every file the ranks wrote is there, whole.
+
+    Where one is not, the ranks do not share a file system (a run.dir on node-local disks), and publishing would keep a
+    broken checkpoint.
+    """
     for name, (size, _) in files.items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != size:
@@ -88,11 +95,14 @@ def saved_shapes(folder: Path) -> dict:
     return {name: tuple(entry.size) for name, entry in _model_entries(folder).items()}
 
 
-def model_weights(checkpoint: Path, payload: dict) -> dict:
-    """The whole model's state_dict of a checkpoint whose file, or folder's launcher.pt, loaded as ``payload``; a
-    folder's assembled from its shards in this one process, on the CPU."""
+def model_weights(checkpoint: Path, saved: dict) -> dict:
+    """The whole model's state_dict of the checkpoint loaded as ``saved``.
+
+    ``saved`` is its file, or its folder's launcher.pt, loaded; a folder's state_dict is assembled from its shards in
+    this one process, on the CPU.
+    """
     if not checkpoint.is_dir():
-        return payload["model"]
+        return saved["model"]
     weights = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
                for name, entry in _model_entries(checkpoint).items()}
     _load({"model": weights}, checkpoint, alone=True)  # even where a process group exists: rank 0 may call it alone
@@ -100,8 +110,11 @@ def model_weights(checkpoint: Path, payload: dict) -> dict:
 
 
 def _load(state: dict, folder: Path, alone: bool = False, planner=None) -> None:
-    """``dcp.load``, collective; ``alone`` (or without a process group) in this one process, quietly (DCP warns that
-    it assumes so where there is no process group)."""
+    """``dcp.load``: collective, or in this one process.
+
+    It runs in this one process when ``alone`` or without a process group, and then quietly (DCP warns that it assumes
+    so where there is no process group).
+    """
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings(), _one_line_failures():
@@ -110,8 +123,11 @@ def _load(state: dict, folder: Path, alone: bool = False, planner=None) -> None:
 
 
 def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> None:
-    """Collective where the model is sharded: the model weights of a folder checkpoint (``weights`` None), or the
-    whole ``weights`` of a file, into ``model``, sharded or not."""
+    """Load a checkpoint's model weights into ``model``, sharded or not.
+
+    The weights are those of a folder checkpoint (``weights`` None), or the whole ``weights`` of a file. Collective
+    where the model is sharded.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     if weights is None:
@@ -124,8 +140,11 @@ def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> No
 
 @contextlib.contextmanager
 def _one_line_failures():
-    """DCP raises every rank's failure on all ranks as a ``CheckpointException`` (a BaseException, which ``except
-    Exception`` misses): as a ``ShardsFailed`` naming the first failed rank's error."""
+    """DCP's ``CheckpointException`` as a ``ShardsFailed`` naming the first failed rank's error.
+
+    DCP raises every rank's failure on all ranks as a ``CheckpointException``, a BaseException, which
+    ``except Exception`` misses.
+    """
     try:
         yield
     except BaseException as error:

@@ -17,9 +17,9 @@ usage: python -m launcher recipe=NAME [key=value ...] [--config FILE] [--cfg]
                   also the overrides of the N-th task line of a sweep file (Slurm array jobs pass this)
   --cfg           print the fully resolved config and exit
   --quiet         only warnings and errors (log.level=warning)
-  -h, --help      this text
+  -h, --help      this text, and every key
 
-Keys, their types and defaults: python -m launcher recipe=NAME --cfg
+A run's values, its recipe's keys included: python -m launcher recipe=NAME --cfg
 """
 
 

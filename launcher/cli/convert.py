@@ -1,6 +1,9 @@
-"""`python -m launcher.convert CHECKPOINT [--out FILE]`: the model's weights from a checkpoint (a folder of shards
-written under dist.strategy=fsdp, or a single-file one) as a model.pt: the whole, unwrapped state_dict, loadable with
-``torch.load(..., weights_only=True)`` into the recipe's freshly built model. Runs in one process, with no GPU."""
+"""`python -m launcher.convert CHECKPOINT [--out FILE]`: a checkpoint's model weights as a model.pt.
+
+The checkpoint is a folder of shards written under dist.strategy=fsdp, or a single-file one. The model.pt holds the
+whole, unwrapped state_dict, loadable with ``torch.load(..., weights_only=True)`` into the recipe's freshly built model.
+Runs in one process, with no GPU.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +11,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.checkpoint.files import BadCheckpoint, load_checkpoint, save_model
-from launcher.checkpoint.resume import is_checkpoint
+from launcher.checkpoint.files import BadCheckpoint, is_checkpoint, load_checkpoint, save_model
 from launcher.checkpoint.sharded import model_weights
 from launcher.errors import LauncherError
 
 
 def convert(checkpoint: Path, out: Path | None) -> tuple[Path, int]:
-    """Write ``checkpoint``'s model weights to ``out`` (default: model_<checkpoint's name>.pt in the run directory,
-    beside checkpoints/); returns the file and its number of tensors."""
+    """Write ``checkpoint``'s model weights to ``out``; returns the file and its number of tensors.
+
+    ``out`` defaults to model_<checkpoint's name>.pt in the run directory, beside checkpoints/.
+    """
     if not checkpoint.exists():
         raise LauncherError(f"{checkpoint}: no such checkpoint (a checkpoints/step_<N> folder or step_<N>.pt file)")
     try:
-        payload = load_checkpoint(checkpoint)  # verified: every record's and every shard's checksum
+        saved = load_checkpoint(checkpoint)  # verified: every record's and every shard's checksum
     except BadCheckpoint as error:
         raise LauncherError(f"{checkpoint} does not load ({error})") from None
-    if not is_checkpoint(payload):
+    if not is_checkpoint(saved):
         raise LauncherError(f"{checkpoint} is already a model state_dict, not a checkpoint")
-    weights = model_weights(checkpoint, payload)
+    weights = model_weights(checkpoint, saved)
     out = out or checkpoint.parent.parent / f"model_{checkpoint.name.removesuffix('.pt')}.pt"
     save_model(weights, out)
     return out, len(weights)

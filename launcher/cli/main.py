@@ -12,6 +12,7 @@ from launcher.cli.args import USAGE, parse_command_line
 from launcher.cli.outcome import Outcome
 from launcher.cli.sweep import sweep_task
 from launcher.config.build import build_config, freeze, load_yaml, parse_overrides, recipe_name_from, validate
+from launcher.config.reference import help_listing
 from launcher.distributed import early_signals
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import end_with_parent
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         error.same_on_all_ranks = True  # every rank reads the same command line and files
         return outcome.failed(error)
     if command.help:
-        print(USAGE)
+        print(USAGE + "\n" + help_listing(), end="")
         return 0
     setup_logging(dist_env, cfg.log.level)
     if command.print_config:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _start_workers(argv: list[str], cfg, recipe, outcome: Outcome) -> int:
     """`python -m launcher dist.nproc_per_node=N`: N workers through torch's own torchrun, from this process."""
-    from launcher.distributed.spawn import launch_workers
+    from launcher.cli.workers import launch_workers
     from launcher.run.directory import new_run_id, run_dir_for
     from launcher.run.lock import RunLock
 

@@ -1,5 +1,7 @@
-"""How a process's part of a run ended, told every way a caller reads it: the exit code, one line on stderr, the
-status file a script asked for (``LAUNCHER_STATUS_FILE``), and torchrun's error file (its report's root cause).
+"""How a process's part of a run ended, told every way a caller reads it.
+
+Those are the exit code, one line on stderr, the status file a script asked for (``LAUNCHER_STATUS_FILE``), and
+torchrun's error file (its report's root cause).
 
     0   finished (or, under torchrun --max-restarts, stopped: see ``stopped``)
     75  stopped on a signal, checkpoint written: the same command continues
@@ -32,8 +34,11 @@ class Outcome:
         return 0
 
     def stopped(self, stop: LauncherError) -> int:
-        """A graceful stop. Under torchrun --max-restarts the exit code is 0, or torchrun would start the job
-        again; the status file and history.jsonl still say "stopped"."""
+        """A graceful stop.
+
+        Under torchrun --max-restarts the exit code is 0, or torchrun would start the job again; the status file and
+        history.jsonl still say "stopped".
+        """
         restarts = self.dist_env.max_restarts > 0
         note = " (exit 0, so torchrun --max-restarts does not start the job again)" if restarts else ""
         self._print(f"launcher: {stop}{note}", stop.same_on_all_ranks)
@@ -50,8 +55,11 @@ class Outcome:
         return error.exit_code
 
     def crashed(self, error: Exception) -> int:
-        """An exception from the recipe's code, or from torch under it: its message, then where it was raised in
-        the user's code (errors.describe), exit 2 where the fault is the recipe's."""
+        """An exception from the recipe's code, or from torch under it.
+
+        Told as its message, then where it was raised in the user's code (errors.describe); exit 2 where the fault is
+        the recipe's.
+        """
         return self.failed(as_launcher_error(error))
 
     def _print(self, text: str, same_on_all_ranks: bool) -> None:

@@ -1,5 +1,7 @@
-"""`python -m launcher.plot RUN_DIR [--out FILE]`: train loss and eval metrics against step, as a PNG, from
-RUN_DIR/metrics.jsonl (for everyone without wandb)."""
+"""`python -m launcher.plot RUN_DIR [--out FILE]`: train loss and eval metrics against step, as a PNG.
+
+Made from RUN_DIR/metrics.jsonl, for everyone without wandb.
+"""
 
 from __future__ import annotations
 

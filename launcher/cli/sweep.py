@@ -1,5 +1,8 @@
-"""Sweep files: one task per line of `key=value` overrides, split as a shell would (quotes keep spaces), the same
-when `python -m launcher.slurm` checks them and when an array task runs one (`--sweep-task FILE:N`)."""
+"""Sweep files: one task per line of `key=value` overrides, split as a shell would.
+
+Quotes keep spaces. A line splits the same when `python -m launcher.slurm` checks the file and when an array task runs
+it (`--sweep-task FILE:N`).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """One configuration: engine defaults -> recipe defaults -> YAML file -> key=value overrides, validated, read-only.
 
-Every key has a type, taken from its default value; a value of another type, or a key that does not exist,
-fails with a message naming the key, the value and what would work.
+Every key has a type, taken from its default value (an engine key's declared in config/keys.py, a recipe key's in
+its DEFAULTS); a value of another type, or a key that does not exist, fails with a message naming the key, the value
+and what would work.
 """
 
 from __future__ import annotations
@@ -16,15 +17,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-from launcher.config.schema import ENGINE_DEFAULTS, leaves
-from launcher.distributed.env import BACKENDS, check_backend, first_bucket_mb
-from launcher.distributed.parallel import COMPILE_MODES, STRATEGIES
-from launcher.engine.optim import OPTIMIZERS, SCHEDULES
-from launcher.engine.precision import AMP_MODES
-from launcher.engine.resident import RESIDENT_MODES
+from launcher.config.keys import DEFAULTS, KEYS, RECIPE_SECTIONS, leaves
+from launcher.config.machine import check_backend, check_compile_buckets
 from launcher.errors import UserError
-from launcher.tracking.terminal import LOG_LEVELS
-from launcher.tracking.wandb import WANDB_MODES
 
 _NODE_TYPES = {bool: BooleanNode, int: IntegerNode, float: FloatNode, str: StringNode}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -142,8 +137,10 @@ def build_config(
 ) -> DictConfig:
     """Merge the four layers into one config (not yet validated, still writable)."""
     cfg, types = OmegaConf.create({}), {}
-    for key, value in leaves(ENGINE_DEFAULTS):
+    for key, value in DEFAULTS.items():
         _add(cfg, types, key, value)
+    for section in RECIPE_SECTIONS:
+        cfg[section] = OmegaConf.create({})
     for key, value in leaves(recipe_defaults):
         _add_recipe_default(cfg, types, key, value, recipe_origin)
     OmegaConf.set_struct(cfg, True)
@@ -168,73 +165,25 @@ def _add_recipe_default(cfg: DictConfig, types: dict[str, KeyType], key: str, va
 
 
 def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: bool = True) -> None:
-    """Check values against each other and against the world the job will run in.
+    """Check every engine key against its declaration, and values against each other.
+
+    Values are also checked against the world the job will run in.
 
     ``local_gpus``: the job runs on this machine, so its GPUs can be counted (not so when submitting to Slurm).
     """
-    _check_ranges(cfg)
-    _check_choices(cfg)
-    if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).exists():
-        raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file or folder; use auto, never, or a checkpoint's "
-                        "path")
-    _check_world(cfg, world_size)
-    if local_gpus:
-        check_backend(cfg.dist.backend, procs_per_node)
-
-
-def _check_ranges(cfg: DictConfig) -> None:
-    checks = [
-        (cfg.train.epochs >= 1, "train.epochs", "at least 1"),
-        (0 <= cfg.train.seed < 2**31, "train.seed", "in [0, 2**31)"),
-        (cfg.train.batch_size >= 1, "train.batch_size", "at least 1"),
-        (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
-        (cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", "0 (off) or more"),
-        (cfg.train.max_steps >= 0, "train.max_steps", "0 (no limit) or more"),
-        (cfg.train.limit_eval_batches >= 0, "train.limit_eval_batches", "0 (all) or more"),
-        (cfg.sched.warmup_steps >= 0, "sched.warmup_steps", "0 or more"),
-        (cfg.sched.step_size >= 1, "sched.step_size", "at least 1"),
-        (0 <= cfg.sched.min_lr_ratio <= 1, "sched.min_lr_ratio", "in [0, 1]"),
-        (cfg.optim.lr > 0, "optim.lr", "greater than 0"),
-        (0 <= cfg.optim.momentum < 1, "optim.momentum", "in [0, 1)"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "0 or more"),
-        (cfg.data.num_workers >= -1, "data.num_workers", "-1 (chosen for the device) or 0 or more"),
-        (0 < cfg.data.resident_share <= 1, "data.resident_share", "in (0, 1]"),
-        (cfg.eval.batch_size >= 1, "eval.batch_size", "at least 1"),
-        (cfg.dist.nproc_per_node >= 1, "dist.nproc_per_node", "at least 1"),
-        (cfg.dist.timeout_s >= 1, "dist.timeout_s", "at least 1 (seconds)"),
-        (cfg.dist.bucket_cap_mb > 0, "dist.bucket_cap_mb", "greater than 0"),
-        (cfg.dist.stop_check_every >= 1, "dist.stop_check_every", "at least 1"),
-        (cfg.ckpt.every_epochs >= 0, "ckpt.every_epochs", "0 (off) or more"),
-        (cfg.ckpt.every_steps >= 0, "ckpt.every_steps", "0 (off) or more"),
-        (cfg.ckpt.keep >= 1, "ckpt.keep", "at least 1"),
-        (cfg.ckpt.best_metric == "" or cfg.ckpt.best_metric.startswith("eval/"), "ckpt.best_metric",
-         "an eval metric such as eval/accuracy or eval/loss, or '' (off)"),
-    ]
-    for ok, key, wanted in checks:
-        if not ok:
-            raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be {wanted}")
-
-
-def _check_choices(cfg: DictConfig) -> None:
-    _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    _check_choice("dist.backend", cfg.dist.backend, BACKENDS)
-    _check_choice("sched.name", cfg.sched.name, SCHEDULES)
-    _check_choice("train.amp", cfg.train.amp, AMP_MODES)
-    _check_choice("ckpt.best_mode", cfg.ckpt.best_mode, ("max", "min"))
-    _check_choice("log.level", cfg.log.level, LOG_LEVELS)
-    _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
-    _check_choice("data.resident", cfg.data.resident, RESIDENT_MODES)
-    _check_choice("train.compile_mode", cfg.train.compile_mode, COMPILE_MODES)
-    _check_choice("dist.strategy", cfg.dist.strategy, STRATEGIES)
+    for key, declared in KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        if declared.choices and value not in declared.choices:
+            raise UserError(f"{key}={value!r} is not {declared.wanted()}")
+        if declared.valid and not declared.valid[0](value):
+            raise UserError(f"{key}={value} must be {declared.wanted()}")
     if cfg.dist.strategy == "fsdp" and cfg.train.amp == "fp16":
         # FSDP2 casts parameters itself (its MixedPrecisionPolicy); torch's GradScaler knows no sharded gradients.
         raise UserError("train.amp=fp16 does not work with dist.strategy=fsdp: use train.amp=bf16 (FSDP2 computes in "
                         "bf16 and reduces gradients in fp32), or dist.strategy=ddp")
-
-
-def _check_world(cfg: DictConfig, world_size: int) -> None:
-    """The global batch splits evenly over the processes; compile's buckets fit DDP's."""
+    if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).exists():
+        raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file or folder; use auto, never, or a checkpoint's "
+                        "path")
     parts = world_size * cfg.train.grad_accum
     if cfg.train.batch_size % parts:
         below = cfg.train.batch_size - cfg.train.batch_size % parts
@@ -244,15 +193,9 @@ def _check_world(cfg: DictConfig, world_size: int) -> None:
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {over}: "
             f"use a multiple of {parts}, e.g. {below or parts} or {below + parts}"
         )
-    if cfg.train.compile and world_size > 1 and cfg.dist.bucket_cap_mb < first_bucket_mb():
-        # TorchDynamo's DDPOptimizer refuses buckets smaller than DDP's first one (an assertion deep in torch).
-        raise UserError(f"dist.bucket_cap_mb={cfg.dist.bucket_cap_mb} must be at least {first_bucket_mb():g} "
-                        "(DDP's first bucket) with train.compile=true; use e.g. dist.bucket_cap_mb=25")
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+    check_compile_buckets(cfg, world_size)
+    if local_gpus:
+        check_backend(cfg.dist.backend, procs_per_node)
 
 
 def freeze(cfg: DictConfig) -> DictConfig:

@@ -1,2 +1,4 @@
-"""The job's processes: the distributed environment, the process group, stop signals, spawning workers, and the
-DDP wrapper."""
+"""The job's processes.
+
+The distributed environment, the process group, stop signals, spawning workers, and the DDP wrapper.
+"""

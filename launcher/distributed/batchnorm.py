@@ -58,8 +58,11 @@ _GLOBAL = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d,
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` with every BatchNorm layer synchronised over the job's ranks. Its parameters and buffers stay the
-    same tensors (the optimizer and the unwrapped model see them; state_dict keys do not change)."""
+    """``model`` with every BatchNorm layer synchronised over the job's ranks.
+
+    Its parameters and buffers stay the same tensors (the optimizer and the unwrapped model see them; state_dict keys do
+    not change).
+    """
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for module in model.modules():

@@ -1,7 +1,10 @@
-"""What a worker must catch before it imports torch (seconds): stop signals that arrive meanwhile, kept for
-``StopSignals`` instead of ending the process mid-import (torchrun may be tearing the job down because another rank
-failed first, and this rank's own line, or its error file, should still be written), and which process started it
-(``end_with_parent`` compares against it). Standard library only, so it can run first."""
+"""What a worker must catch before it imports torch, which takes seconds.
+
+Stop signals that arrive meanwhile are kept for ``StopSignals`` instead of ending the process mid-import (torchrun may
+be tearing the job down because another rank failed first, and this rank's own line, or its error file, should still be
+written). The process that started the worker is kept too (``end_with_parent`` compares against it). Standard library
+only, so it can run first.
+"""
 
 from __future__ import annotations
 

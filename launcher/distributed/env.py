@@ -7,17 +7,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.distributed as dist
 
-from launcher.errors import UserError
-
-BACKENDS = ("auto", "gloo", "nccl")
-
-
-def first_bucket_mb() -> float:
-    """The size of the small first bucket DDP all-reduces early. torch keeps it in a private constant, read when
-    asked (not at import), and taken as its value today, 1 MiB, should torch rename it."""
-    return getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 2**20) / 2**20
+from launcher.config.machine import resolve_backend
 
 
 @dataclass(frozen=True)
@@ -76,33 +67,11 @@ class DistEnv:
 
     @property
     def attempt(self) -> tuple[int, int]:
-        """Which attempt of the job this is, (Slurm requeues, torchrun restarts): a later one's is larger, and the
-        job's scheduler ends every process of an attempt before it starts the next."""
+        """Which attempt of the job this is (Slurm requeues, torchrun restarts).
+
+        A later attempt's is larger, and the job's scheduler ends every process of an attempt before it starts the next.
+        """
         return self.requeue_count, self.restart_count
-
-
-def resolve_backend(backend: str) -> str:
-    """``auto`` means nccl where there are GPUs, gloo otherwise."""
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    return backend
-
-
-def check_backend(backend: str, procs_per_node: int) -> None:
-    """Fail early when the backend cannot serve ``procs_per_node`` processes on this machine."""
-    if resolve_backend(backend) != "nccl":
-        return
-    gpus = torch.cuda.device_count()
-    if gpus == 0:
-        raise UserError(
-            f"dist.backend={backend} needs CUDA GPUs, and this machine has none: use dist.backend=gloo "
-            "(or auto, which picks gloo without GPUs)"
-        )
-    if procs_per_node > gpus:
-        raise UserError(
-            f"{procs_per_node} processes per node with dist.backend={backend}, but this machine has {gpus} GPU(s): "
-            f"use at most {gpus} processes per node (one per GPU), or dist.backend=gloo"
-        )
 
 
 def device_for(dist_env: DistEnv, backend: str) -> torch.device:

@@ -1,9 +1,11 @@
-"""``dist.strategy=fsdp``: the model sharded over the processes with torch's FSDP2 (``fully_shard``). Each process
-keeps 1/world of the parameters, gradients and optimizer state, and gathers a block's parameters only while the block
-computes: a model that does not fit one GPU trains on several.
+"""``dist.strategy=fsdp``: the model sharded over the processes with torch's FSDP2 (``fully_shard``).
 
-torch's FSDP is imported inside the functions: importing it (and the DTensor machinery it brings) costs every
-process half a second at startup, and a ddp run never needs it."""
+Each process keeps 1/world of the parameters, gradients and optimizer state, and gathers a block's parameters only while
+the block computes: a model that does not fit one GPU trains on several.
+
+torch's FSDP is imported inside the functions: importing it (and the DTensor machinery it brings) would lengthen
+every process's startup (BENCHMARKS.md), and a ddp run never needs it.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ from launcher.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def shards_model(cfg) -> bool:
+def is_sharded(cfg) -> bool:
     """Whether the run's model is sharded (``dist.strategy=fsdp``)."""
     return cfg.dist.strategy == "fsdp"
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The default blocks to shard one by one: the children of the model's largest (by parameters) ``nn.ModuleList``,
-    or ``nn.Sequential`` of two or more modules of one class (a transformer's layers); none if it has neither."""
+    """The default blocks to shard one by one (a transformer's layers).
+
+    They are the children of the model's largest (by parameters) ``nn.ModuleList``, or ``nn.Sequential`` of two or more
+    modules of one class; none if it has neither.
+    """
 
     def alike(container: nn.Module) -> bool:
         if isinstance(container, nn.ModuleList):
@@ -41,9 +46,12 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def refuse_rank_local_batchnorm(model: nn.Module, cfg, dist_env: DistEnv) -> None:
-    """FSDP keeps each rank's BatchNorm running statistics apart (DDP copies rank 0's into every rank at each
-    forward): the checkpoint would hold one rank's, and evaluation on every rank would differ by rank. Synchronised
-    BatchNorm computes them from the global batch, the same on every rank."""
+    """Refuse BatchNorm that is not synchronised when FSDP runs on several processes.
+
+    FSDP keeps each rank's BatchNorm running statistics apart (DDP copies rank 0's into every rank at each forward): the
+    checkpoint would hold one rank's, and evaluation on every rank would differ by rank. Synchronised BatchNorm computes
+    them from the global batch, the same on every rank.
+    """
     if not dist_env.is_distributed or cfg.dist.sync_batchnorm:
         return
     if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
@@ -53,8 +61,10 @@ def refuse_rank_local_batchnorm(model: nn.Module, cfg, dist_env: DistEnv) -> Non
 
 
 def shard_model(model: nn.Module, cfg, recipe, dist_env: DistEnv, device: torch.device) -> nn.Module:
-    """``model`` (on the CPU) sharded over the job's processes onto ``device``: each of the recipe's
-    ``fsdp_blocks`` on its own, then the root with the rest. Returns the same module, now an ``FSDPModule``.
+    """``model`` (on the CPU) sharded over the job's processes onto ``device``.
+
+    Each of the recipe's ``fsdp_blocks`` is sharded on its own, then the root with the rest. Returns the same module,
+    now an ``FSDPModule``.
 
     Sharding moves one block at a time to the device, so the whole model is never there at once. ``train.amp=bf16``
     computes in bf16 with the gradients reduced in fp32, and the model's output in fp32 (so the loss is, as under
@@ -85,8 +95,10 @@ def shard_model(model: nn.Module, cfg, recipe, dist_env: DistEnv, device: torch.
 
 
 def full_model_state(model: nn.Module) -> dict:
-    """Collective: the sharded model's whole state_dict, gathered on rank 0 one tensor at a time into host memory
-    (never the whole model on one GPU); an empty dict on the other ranks."""
+    """Collective: the sharded model's whole state_dict on rank 0; an empty dict on the other ranks.
+
+    It is gathered one tensor at a time into host memory (never the whole model on one GPU).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,5 +1,7 @@
-"""The job's process group: joining it, leaving it, and agreeing on failure across it (an error on any rank fails
-every rank once, instead of hanging the rest)."""
+"""The job's process group: joining it, leaving it, and agreeing on failure across it.
+
+An error on any rank fails every rank once, instead of hanging the rest.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from launcher.distributed.env import DistEnv, resolve_backend
+from launcher.config.machine import resolve_backend
+from launcher.distributed.env import DistEnv
 from launcher.errors import LauncherError, PeerFailed
 
 
 def end_with_parent(parent: int | None = None) -> None:
-    """A torchrun worker gets SIGHUP when the torchrun that started it dies, even by SIGKILL: it stops gracefully
-    instead of training on with no parent (torchrun starts workers in sessions of their own, which no signal to
-    torchrun's process group reaches).
+    """Make this torchrun worker stop gracefully when the torchrun that started it dies.
+
+    The worker gets SIGHUP when that torchrun dies, even by SIGKILL, and stops instead of training on with no parent
+    (torchrun starts workers in sessions of their own, which no signal to torchrun's process group reaches).
 
     ``parent`` is the process that started this one, read as early as possible (``early_signals.PARENT``): if it is
     no longer the parent once the signal is armed, it died before, and the signal would never come. Comparing with
@@ -35,15 +39,21 @@ def end_with_parent(parent: int | None = None) -> None:
 
 
 class JobStore:
-    """The key-value store every process of this attempt of the job reaches (the rendezvous store, under a prefix
-    per attempt): where a failing rank says so, so that the others stop at once instead of waiting for it."""
+    """The key-value store every process of this attempt of the job reaches.
+
+    It is the rendezvous store, under a prefix per attempt: where a failing rank says so, so that the others stop at
+    once instead of waiting for it.
+    """
 
     def __init__(self, client: dist.Store, restart_count: int):
         self._store = dist.PrefixStore(f"{_attempt_prefix(restart_count)}/job", client)
 
     def report_failure(self, who: str, kind: str) -> str | None:
-        """Say that ``who`` failed, with an error of ``kind``; returns who said it first, where another rank failed
-        with the same kind of error (every rank failing alike at one step): that rank shows it, this one need not."""
+        """Say that ``who`` failed, with an error of ``kind``.
+
+        Returns who said it first, where another rank failed with the same kind of error (every rank failing alike at
+        one step): that rank shows it, this one need not.
+        """
         mine = f"{who}\n{kind}"
         try:
             first = self._store.compare_set("failed", "", mine).decode()  # the first failure is the one to name
@@ -72,8 +82,10 @@ def _store_client(dist_env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
 
 def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, timeout_s: int,
                        even_alone: bool = False) -> JobStore | None:
-    """Join the job's process group (torchrun's env:// rendezvous), and return the job's store; for a single
-    process nothing, or (``even_alone``: FSDP2 and distributed checkpoints need one) a group of one."""
+    """Join the job's process group (torchrun's env:// rendezvous), and return the job's store.
+
+    For a single process: nothing, or (``even_alone``: FSDP2 and distributed checkpoints need one) a group of one.
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = resolve_backend(backend)
@@ -114,8 +126,9 @@ def destroy_process_group() -> None:
 
 
 def run_agreed(dist_env: DistEnv, build: Callable | None, name_rank: bool = True):
-    """Run ``build`` (None: nothing) on this rank; if a LauncherError happens on any rank, every rank raises it (of
-    its class, with its exit code).
+    """Run ``build`` (None: nothing) on this rank, and fail every rank if any rank fails.
+
+    If a LauncherError happens on any rank, every rank raises it (of its class, with its exit code).
 
     So a bad data path fails the job once, with one message from rank 0, instead of once per process or with
     the healthy ranks waiting forever in their next collective. The message names the rank it came from when
@@ -149,9 +162,12 @@ def on_main(dist_env: DistEnv, decide: Callable):
 
 
 def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | None) -> PeerFailed | None:
-    """The one line to say when a collective failed because of another rank (it timed out, or the rank's process
-    ended), else None. A lost connection raises ``DistNetworkError`` where torch wraps it; gloo (torch 2.14) raises
-    both its timeouts and lost connections as plain RuntimeErrors, which only their text tells apart."""
+    """The one line to say when a collective failed because of another rank, else None.
+
+    Either the collective timed out, or the rank's process ended. A lost connection raises ``DistNetworkError`` where
+    torch wraps it; gloo (torch 2.14) raises both its timeouts and lost connections as plain RuntimeErrors, which only
+    their text tells apart.
+    """
     if not isinstance(error, RuntimeError):  # DistError and its subclasses are RuntimeErrors
         return None
     text = str(error)

@@ -9,13 +9,12 @@ from torch.nn.parallel import DistributedDataParallel
 from launcher.distributed.batchnorm import sync_batchnorm
 from launcher.distributed.env import DistEnv
 
-STRATEGIES = ("ddp", "fsdp")  # fsdp: distributed/fsdp.py
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
 
 def wrap_model(model: nn.Module, cfg, dist_env: DistEnv, device: torch.device) -> nn.Module:
-    """``model`` with synchronised BatchNorm (``dist.sync_batchnorm``, several processes), compiled
-    (``train.compile``) and wrapped in DDP (several processes); shares its parameters and buffers.
+    """``model`` with synchronised BatchNorm, compiled, and wrapped in DDP, each where it applies.
+
+    BatchNorm is synchronised with ``dist.sync_batchnorm`` and several processes, the model compiled with
+    ``train.compile``, and wrapped in DDP with several processes. The result shares ``model``'s parameters and buffers.
 
     torch.compile goes inside DDP: DDP's forward then runs eagerly and marks itself active, so TorchDynamo's
     DDPOptimizer splits the compiled graph at DDP's bucket boundaries and each bucket's all-reduce starts while

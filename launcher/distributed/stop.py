@@ -1,5 +1,7 @@
-"""Stopping on a signal: Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2 on any rank becomes a stop every rank makes after the
-same step, with a checkpoint; a second one aborts at once."""
+"""Stopping on a signal: every rank stops after the same step, with a checkpoint.
+
+Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2 on any rank starts the stop; a second one aborts at once.
+"""
 
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ class StopRequested(LauncherError):
 
 
 class StopSignals:
-    """The process's stop signals, caught from its start: a first one asks for a graceful stop (``requested``),
-    a second Ctrl-C, or a second signal of another kind, ends the process at once. The same signal again is not a
-    second request: relays deliver one signal twice (srun to every process of the step, and torchrun forwarding
-    it too; a preemption's SIGTERM to every process, and torchrun's).
+    """The process's stop signals, caught from its start.
+
+    A first one asks for a graceful stop (``requested``); a second Ctrl-C, or a second signal of another kind, ends the
+    process at once. The same signal again is not a second request: relays deliver one signal twice (srun to every
+    process of the step, and torchrun forwarding it too; a preemption's SIGTERM to every process, and torchrun's).
 
     A stop signal that arrives after another rank of the job failed is torchrun tearing the job down, not a request
     to checkpoint (no agreement can be reached any more): the process ends at once, in one line; unless it is
@@ -73,8 +76,10 @@ class StopSignals:
         self.requested = name
 
     def check(self, doing: str) -> None:
-        """Raise ``StopRequested`` if a stop signal came: for waits before training, where there is nothing to
-        checkpoint (``doing`` says what was being waited for)."""
+        """Raise ``StopRequested`` if a stop signal came.
+
+        For waits before training, where there is nothing to checkpoint (``doing`` says what was being waited for).
+        """
         if self.requested:
             raise StopRequested(f"stopped by {self.requested} while {doing}: nothing was written; run the same "
                                 "command to start")
@@ -85,7 +90,7 @@ class GracefulStop:
 
     The agreement is an all-reduce of two CPU numbers (gloo), issued asynchronously every ``every`` steps and read
     ``every`` steps later, so it never stalls the training loop and costs a small model nothing measurable (one
-    per step cost a 2-process CPU run of a small MLP several percent); a stop happens within ``2 * every`` steps of
+    per step did: BENCHMARKS.md); a stop happens within ``2 * every`` steps of
     the signal, at the same step on every rank. One process needs no agreement: it stops after the current step.
     """
 
@@ -101,8 +106,10 @@ class GracefulStop:
         return self.signals.requested
 
     def diverged(self, step: int) -> None:
-        """This rank read a non-finite loss after ``step``: every rank stops at the next agreement, without a
-        checkpoint (``diverged_at`` says where)."""
+        """This rank read a non-finite loss after ``step``.
+
+        Every rank stops at the next agreement, without a checkpoint (``diverged_at`` says where).
+        """
         if self._diverged_seen is None:
             self._diverged_seen = step
 

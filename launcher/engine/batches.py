@@ -8,8 +8,11 @@ import torch
 
 
 def to_device(batch: Any, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``batch`` with every tensor moved to ``device`` (asynchronously from pinned memory) and passed through
-    ``prepare`` (channels_last for image tensors); its structure, and every other leaf, kept."""
+    """``batch`` with every tensor moved to ``device`` and passed through ``prepare``.
+
+    The copy is asynchronous from pinned memory, and ``prepare`` makes image tensors channels_last; the batch's
+    structure, and every other leaf, is kept.
+    """
     if isinstance(batch, torch.Tensor):
         return prepare(batch.to(device, non_blocking=True))
     if isinstance(batch, dict):
@@ -51,8 +54,11 @@ def tensors_in(batch: Any):
 
 
 def prefetched(batches, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor]):
-    """``batches`` on ``device``. On CUDA the next batch is copied (from pinned memory, on a side stream) while the
-    step on the current one runs, instead of before it; elsewhere they are moved as they come."""
+    """``batches`` on ``device``.
+
+    On CUDA the next batch is copied (from pinned memory, on a side stream) while the step on the current one runs,
+    instead of before it; elsewhere they are moved as they come.
+    """
     if device.type != "cuda":
         for batch in batches:
             yield to_device(batch, device, prepare)

@@ -1,5 +1,8 @@
-"""Data loaders: each rank's share of the global batch for training (in an order a resumed epoch continues exactly),
-whole batches for evaluation."""
+"""Data loaders for training and evaluation.
+
+For training, each rank's share of the global batch, in an order a resumed epoch continues exactly; for evaluation,
+whole batches.
+"""
 
 from __future__ import annotations
 
@@ -41,9 +44,12 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 def loader_workers(cfg, dist_env: DistEnv, device: torch.device) -> int:
-    """``data.num_workers``, or for -1 (the default): none on a CPU, where the training itself needs the cores and
-    an in-memory data set is fastest read in the process; on a GPU, 4 per process, or as many as the cores this
-    process may use shared among the node's processes allow, keeping one for the process itself."""
+    """The number of loader workers: ``data.num_workers``, or a choice for -1 (the default).
+
+    For -1: none on a CPU, where the training itself needs the cores and an in-memory data set is fastest read in the
+    process; on a GPU, 4 per process, or as many as the cores this process may use shared among the node's processes
+    allow, keeping one for the process itself.
+    """
     if cfg.data.num_workers >= 0:
         return cfg.data.num_workers
     if device.type != "cuda":

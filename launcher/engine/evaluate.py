@@ -1,21 +1,23 @@
-"""Evaluation: loss, and accuracy for classifiers, on rank 0 alone or sharded over all ranks; after each epoch, or
-of a saved checkpoint alone (``eval.only``, like torchvision's --test-only)."""
+"""Evaluation: loss, and accuracy for classifiers, on rank 0 alone or sharded over all ranks.
+
+It runs after each epoch, or on a saved checkpoint alone (``eval.only``, like torchvision's --test-only).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint.files import check_model_fits, shapes
-from launcher.checkpoint.resume import checkpoint_to_evaluate, is_checkpoint, load_named
+from launcher.checkpoint.files import check_model_fits, is_checkpoint, load_named, newest_good, shapes
 from launcher.checkpoint.sharded import load_model_weights, saved_shapes
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import shard_model, shards_model
-from launcher.distributed.group import run_agreed
+from launcher.distributed.fsdp import is_sharded, shard_model
+from launcher.distributed.group import on_main, run_agreed
 from launcher.engine.batches import batch_size, to_device
 from launcher.engine.build import build_model_and_data
 from launcher.engine.data import build_eval_loader, eval_batches
@@ -28,13 +30,14 @@ log = logging.getLogger(__name__)
 
 def on_every_rank(cfg) -> bool:
     """Whether every rank evaluates (``eval.sharded``, or a sharded model, which no rank can run alone)."""
-    return cfg.eval.sharded or shards_model(cfg)
+    return cfg.eval.sharded or is_sharded(cfg)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.device, dist_env: DistEnv) -> dict:
-    """``eval/loss`` and the recipe's metrics (by default accuracy, for a classifier) of the unwrapped model (never
-    the DDP wrapper: a DDP forward on one rank hangs the others), or of the sharded model.
+    """``eval/loss`` and the recipe's metrics (by default accuracy, for a classifier).
+
+    Of the unwrapped model (never the DDP wrapper: a DDP forward on one rank hangs the others), or of the sharded model.
 
     Every metric is a sum and a count per batch. Sharded, rank r evaluates batches r, r + world, ...; each batch's
     sums land in their own slot and the slots are summed in batch order, so the result equals the single-rank
@@ -46,7 +49,7 @@ def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.devic
         batches = batches[: cfg.train.limit_eval_batches]
     slots: list[int | None] = list(range(dist_env.rank, len(batches), dist_env.world_size) if sharded
                                    else range(len(batches)))
-    if sharded and shards_model(cfg):
+    if sharded and is_sharded(cfg):
         # Every forward of a sharded model gathers parameters from every rank: all run as many, the short ones an
         # extra forward of the first batch whose result is dropped.
         slots += [None] * (-(-len(batches) // dist_env.world_size) - len(slots))
@@ -91,23 +94,48 @@ def _pair(value: tuple, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.as_tensor(part, device=device).double().reshape(()) for part in value[:2]])
 
 
+def checkpoint_to_evaluate(cfg, run_dir: Path, dist_env: DistEnv) -> tuple[Path, dict | None]:
+    """``eval.only``: which checkpoint to evaluate.
+
+    The named file, else the newest good checkpoint in run.dir, else its model.pt; and on rank 0 what it holds, when
+    already loaded.
+    """
+    loaded: dict = {}
+
+    def decide() -> str:
+        if cfg.ckpt.resume not in ("auto", "never"):
+            return cfg.ckpt.resume
+        found = newest_good(run_dir / "checkpoints", None)
+        if found:
+            loaded["saved"] = found[1]
+            return str(found[0])
+        if (run_dir / "model.pt").is_file():
+            return str(run_dir / "model.pt")
+        raise UserError(f"eval.only=true found no checkpoint or model.pt in run.dir={run_dir}: pass "
+                        "ckpt.resume=<checkpoint or model.pt>")
+
+    return Path(on_main(dist_env, decide)), loaded.get("saved")
+
+
 def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) -> None:
-    """``eval.only=true``: evaluate a checkpoint or model.pt (``ckpt.resume``, else the run's newest) and print the
-    metrics; nothing is written."""
-    sharded = shards_model(cfg)
+    """``eval.only=true``: evaluate a checkpoint or model.pt and print the metrics.
+
+    The checkpoint is ``ckpt.resume``, else the run's newest; nothing is written.
+    """
+    sharded = is_sharded(cfg)
     model, _, eval_set = build_model_and_data(cfg, recipe, dist_env, torch.device("cpu") if sharded else device)
     if eval_set is None:
         raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
     if sharded:
         model = shard_model(model, cfg, recipe, dist_env, device)
-    path, payload = checkpoint_to_evaluate(cfg, run_dir_for(cfg, recipe), dist_env)
+    path, saved = checkpoint_to_evaluate(cfg, run_dir_for(cfg, recipe), dist_env)
 
     def check_fit() -> dict | None:
         """The weights of a file (None for a folder of shards), checked against the model."""
         if path.is_dir():
             check_model_fits(model, saved_shapes(path), path)
             return None
-        loaded = payload or load_named(path)
+        loaded = saved or load_named(path)
         weights = loaded["model"] if is_checkpoint(loaded) else loaded
         check_model_fits(model, shapes(weights), path)
         return weights

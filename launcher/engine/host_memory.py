@@ -11,13 +11,15 @@ TRIM_THRESHOLD = 2**30  # up to 1 GB of free heap stays with the process
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc serve blocks up to 32 MB from the heap and keep up to 1 GB of it free, the way
-    jemalloc and tcmalloc behave by default; False where the C library is not glibc (nothing changes there).
+    """Make glibc's malloc serve blocks up to 32 MB from the heap and keep up to 1 GB of it free.
+
+    That is the way jemalloc and tcmalloc behave by default. Returns False where the C library is not glibc (nothing
+    changes there).
 
     A step allocates and frees the same activations every time. By default glibc hands blocks above its adaptive
-    mmap threshold back to the OS when freed, and the next step faults their pages in again, zeroed: 4,000-6,300
-    page faults per step for LeNet on a batch of 256 on a CPU, about a quarter of its time, and more or less from
-    one process to the next. With this: none, and the step 25-30% faster.
+    mmap threshold back to the OS when freed, and the next step faults their pages in again, zeroed: thousands of
+    page faults per step for LeNet on a CPU, more or less from one process to the next. With this: none (the
+    numbers, before and after: BENCHMARKS.md).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -1,5 +1,8 @@
-"""The optimizer, built from the recipe's parameter groups and the optim.* keys, and its learning-rate schedule
-(sched.*), stepped once per optimizer step, with linear warmup."""
+"""The optimizer and its learning-rate schedule.
+
+The optimizer is built from the recipe's parameter groups and the optim.* keys; the schedule (sched.*) is stepped once
+per optimizer step, with linear warmup.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,6 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from launcher.errors import UserError
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
 def build_optimizer(model: nn.Module, groups: list[dict], cfg) -> torch.optim.Optimizer:
@@ -57,7 +57,8 @@ def lr_multiplier(cfg, total_steps: int):
     """The factor on each param group's learning rate after ``step`` optimizer steps.
 
     ``onecycle`` is a cosine with a warmup of 30% of the steps (unless ``sched.warmup_steps`` says otherwise).
-    The config values are read once, here: reading them in ``multiplier`` cost ~30 us per step.
+    The config values are read once, here: an OmegaConf lookup in ``multiplier`` would cost every step
+    microseconds (BENCHMARKS.md).
     """
     name, gamma, step_size, min_ratio = cfg.sched.name, cfg.sched.gamma, cfg.sched.step_size, cfg.sched.min_lr_ratio
     warmup = cfg.sched.warmup_steps or (round(0.3 * total_steps) if name == "onecycle" else 0)
@@ -75,10 +76,11 @@ def lr_multiplier(cfg, total_steps: int):
 
 
 class StepSchedule(LRScheduler):
-    """Each param group's learning rate is its initial one times ``multiplier(optimizer steps so far)``: torch's
-    LambdaLR, a real ``LRScheduler`` (``get_last_lr()``, ``last_epoch``, ``base_lrs``), whose ``step`` skips the
-    checks LambdaLR runs every step (bench/schedule.py times both); its state_dict holds only numbers, so it saves
-    and loads with weights_only (LambdaLR's would hold the multiplier).
+    """The LR schedule: each param group's initial rate times ``multiplier(optimizer steps so far)``.
+
+    It is torch's LambdaLR, a real ``LRScheduler`` (``get_last_lr()``, ``last_epoch``, ``base_lrs``), whose ``step``
+    skips the checks LambdaLR runs every step (bench/schedule.py times both); its state_dict holds only numbers, so it
+    saves and loads with weights_only (LambdaLR's would hold the multiplier).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, multiplier):

@@ -6,7 +6,6 @@ import contextlib
 
 import torch
 
-AMP_MODES = ("none", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -24,7 +23,7 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+    def to_memory_format(self, inputs: torch.Tensor) -> torch.Tensor:
         """Image batches (N, C, H, W) in channels_last when asked; anything else as it is."""
         if self.channels_last and inputs.dim() == 4:
             return inputs.contiguous(memory_format=torch.channels_last)

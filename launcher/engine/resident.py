@@ -1,5 +1,7 @@
-"""Data on the device (``data.resident``): an in-memory data set (a TensorDataset) copied to the device once, each
-rank's batches formed there by indexing, in exactly the order the DataLoader path would give them.
+"""Data on the device (``data.resident``): an in-memory data set copied to the device once.
+
+The data set is a TensorDataset; each rank's batches are formed there by indexing, in exactly the order the DataLoader
+path would give them.
 
 A DataLoader batch of a TensorDataset is ``default_collate`` of ``dataset[i]`` for the sampler's indices, which is
 ``tensor[indices]`` for each of its tensors: the same values, so the same weights, on any number of processes and
@@ -13,12 +15,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from launcher.errors import UserError
 
-RESIDENT_MODES = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
-
 
 def resident_tensors(dataset: Dataset, cfg, device: torch.device, which: str) -> tuple[torch.Tensor, ...] | None:
-    """``dataset``'s tensors on ``device`` when ``data.resident`` says so (``auto``: a TensorDataset on a GPU whose
-    tensors take at most ``data.resident_share`` of its memory), else None (the DataLoader path)."""
+    """``dataset``'s tensors on ``device`` when ``data.resident`` says so, else None.
+
+    ``auto`` says so for a TensorDataset on a GPU whose tensors take at most ``data.resident_share`` of its memory. None
+    means the DataLoader path.
+    """
     mode = cfg.data.resident
     if mode == "never":
         return None
@@ -38,9 +41,12 @@ def resident_tensors(dataset: Dataset, cfg, device: torch.device, which: str) ->
 
 
 class ResidentLoader:
-    """What the engine asks of a DataLoader (iteration, ``len``, ``sampler``, ``dataset``, ``generator``), over
-    tensors already on the device. ``batches``: lists of indices (evaluation), or None to take ``batch_size``
-    consecutive indices of the sampler's order, dropping an incomplete last batch (training)."""
+    """What the engine asks of a DataLoader, over tensors already on the device.
+
+    That is iteration, ``len``, ``sampler``, ``dataset`` and ``generator``. ``batches``: lists of indices (evaluation),
+    or None to take ``batch_size`` consecutive indices of the sampler's order, dropping an incomplete last batch
+    (training).
+    """
 
     def __init__(self, dataset: Dataset, tensors: tuple[torch.Tensor, ...], batch_size: int = 0, sampler=None,
                  batches: list[list[int]] | None = None):

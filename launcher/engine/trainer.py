@@ -1,6 +1,9 @@
-"""The Trainer: one rank's part of a run, from a locked run directory to the final model. It owns the training
-state (model, optimizer, schedule, position) and its collaborators (loader, checkpointer, records, stop agreement),
-so the loop's methods read what they need from it instead of passing it along."""
+"""The Trainer: one rank's part of a run, from a locked run directory to the final model.
+
+It owns the model, the optimizer and the training state (engine/state.py: position, schedule, loss sums, random
+streams) and their collaborators (loader, checkpointer, records, stop agreement), so the loop's methods read what
+they need from it instead of passing it along.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.checkpoint.checkpointer import Checkpointer, Position, TrainingDiverged
-from launcher.checkpoint.files import save_model
-from launcher.checkpoint.resume import Start, load_named, plan_start, restore
+from launcher.checkpoint.checkpointer import Checkpointer, TrainingDiverged
+from launcher.checkpoint.files import load_named, save_model
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import full_model_state, refuse_rank_local_batchnorm, shard_model, shards_model
+from launcher.distributed.fsdp import full_model_state, is_sharded, refuse_rank_local_batchnorm, shard_model
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
@@ -30,9 +32,11 @@ from launcher.engine.evaluate import evaluate, on_every_rank
 from launcher.engine.host_memory import keep_freed_memory
 from launcher.engine.optim import build_optimizer, build_scheduler
 from launcher.engine.precision import Precision
+from launcher.engine.state import Position, TrainingState
 from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.run.attempt import Attempt
+from launcher.run.start import Start, plan_start
 from launcher.tracking import terminal
 from launcher.tracking.summary import parameter_counts, summarize, write_summary
 
@@ -43,12 +47,15 @@ class Trainer:
     """One rank's run. ``Trainer.build`` makes it (or says there is nothing to train), ``run`` trains to the end."""
 
     def __init__(self, attempt: Attempt, recipe: Recipe, dist_env: DistEnv, device: torch.device,
-                 signals: StopSignals, start: Start, payload: dict | None):
-        """Everything the run needs, built alike on every rank and put back from ``start``'s checkpoint if any.
-        Rank 0 records the start (ledger, config.yaml, summary, wandb) only after every check passed."""
+                 signals: StopSignals, start: Start, saved: dict | None):
+        """Everything the run needs, built alike on every rank.
+
+        What ``start``'s checkpoint holds, if there is one, is put back. Rank 0 records the start (ledger, config.yaml,
+        summary, wandb) only after every check passed.
+        """
         cfg = self.cfg = attempt.cfg
         self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
-        self.sharded = shards_model(cfg)
+        self.sharded = is_sharded(cfg)
         built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
         self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
@@ -65,25 +72,19 @@ class Trainer:
         groups = lambda: recipe.param_groups(self.model, cfg)  # noqa: E731
         self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
         seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
-        self.scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
         # Under fsdp, its MixedPrecisionPolicy casts (distributed/fsdp.py), not autocast.
         self.precision = Precision("none" if self.sharded else cfg.train.amp, cfg.train.channels_last, device)
-        self.position = Position()
-        # This rank's summed step losses in the epoch, on the device: progress windows are differences of it.
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
+        self.state = TrainingState(scheduler, self.precision.scaler, cfg.train.batch_size, device)
         self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock)
         if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
-            path = Path(start.checkpoint)
-            # Rank 0 verified every shard of a folder checkpoint; the others check only that each is there.
-            loaded = run_agreed(dist_env, lambda: payload or load_named(path, check_shards=False))
-            run_agreed(dist_env, lambda: restore(self, loaded, path))
-            self.checkpointer.last_good = path
+            self._restore(Path(start.checkpoint), saved)
         if dist_env.is_main:
             self._record_start(start, summary)
         # What trains; ``model`` is evaluated and saved (the same module under fsdp).
-        self.trained = self.model if self.sharded else wrap_model(self.model, cfg, dist_env, device)
+        self.wrapped_model = self.model if self.sharded else wrap_model(self.model, cfg, dist_env, device)
         self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
-        self.progress = terminal.wants_progress_bar(dist_env)
+        self.shows_progress_bar = terminal.wants_progress_bar(dist_env)
         self.tokens_per_sample = recipe.tokens_per_sample(cfg)
         self.augment_rng = torch.Generator(device) if recipe.augment else None
         # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
@@ -93,21 +94,34 @@ class Trainer:
     @classmethod
     def build(cls, cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device,
               signals: StopSignals) -> Trainer | None:
-        """Collective: open the run directory, decide how this attempt starts, build; None when the run is already
-        complete (said so, nothing written). A start that fails leaves the directory as it was."""
+        """Collective: open the run directory, decide how this attempt starts, build.
+
+        Returns None when the run is already complete (said so, nothing written). A start that fails leaves the
+        directory as it was.
+        """
         if cfg.train.keep_host_memory:
             keep_freed_memory()  # before anything is built: every allocation after it is served this way
         attempt = Attempt.open(cfg, recipe, dist_env, signals)
         try:
-            start, payload = plan_start(attempt.cfg, attempt.run_dir, dist_env)
+            start, saved = plan_start(attempt.cfg, attempt.run_dir, dist_env)
             if start.complete:
-                attempt.complete(start, payload)
+                attempt.complete(start, saved)
                 return None
-            return cls(attempt, recipe, dist_env, device, signals, start, payload)
+            return cls(attempt, recipe, dist_env, device, signals, start, saved)
         except BaseException:
             signals.failing = True
             attempt.abandon()
             raise
+
+    def _restore(self, path: Path, saved: dict | None) -> None:
+        """Collective: the checkpoint at ``path`` put back into the model, optimizer and training state.
+
+        Rank 0 has it loaded already (``saved``), and verified every shard of a folder: the others check only that each
+        is there.
+        """
+        loaded = run_agreed(self.dist_env, lambda: saved or load_named(path, check_shards=False))
+        run_agreed(self.dist_env, lambda: self.checkpointer.restore(path, loaded, self.model, self.optimizer,
+                                                                    self.state))
 
     def _total_steps(self) -> int:
         """Optimizer steps the whole run takes: what the LR schedule spans."""
@@ -128,6 +142,11 @@ class Trainer:
         write_summary(summary, self.attempt.run_dir)
         if self.attempt.wandb_run:
             self.attempt.wandb_run.save_summary(*parameter_counts(self.model), summary)
+
+    @property
+    def position(self) -> Position:
+        """Where training stands (the training state's)."""
+        return self.state.position
 
     @property
     def model_file(self) -> Path:
@@ -158,8 +177,11 @@ class Trainer:
                      time.perf_counter() - began, results, self.model_file)
 
     def close(self, outcome: str, detail: str = "") -> None:
-        """Wait for the stop agreement in flight (not after a failure: another rank may never answer it); rank 0
-        records the attempt's end and gives the directory back."""
+        """End the attempt on this rank.
+
+        Wait for the stop agreement in flight (not after a failure: another rank may never answer it); rank 0 records
+        the attempt's end and gives the directory back.
+        """
         if outcome != "failed":
             self.stop.close()
         self.attempt.end(outcome, self.position.global_step, detail, self.checkpointer.last_good is not None)
@@ -185,10 +207,10 @@ class Trainer:
     def run_epoch(self) -> bool:
         """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint)."""
         where = self.position
-        self.trained.train()
+        self.wrapped_model.train()
         start_epoch(self.train_loader, where.epoch, where.step_in_epoch * self.cfg.train.batch_size)
         bar = None
-        if self.progress:
+        if self.shows_progress_bar:
             bar = terminal.progress_bar(where.epoch, self.cfg.train.epochs, where.step_in_epoch, self.steps_per_epoch)
         try:
             return self.train_steps(iter(self.train_loader), self.cfg.train.max_steps, bar)
@@ -197,19 +219,22 @@ class Trainer:
                 bar.close()
 
     def train_steps(self, batches, until_step: int = 0, bar=None) -> bool:
-        """Optimizer steps on ``batches`` (the current epoch's, moved to the device here) until they run out or the
-        global step reaches ``until_step`` (0: no limit); True if a stop was agreed on (after writing a checkpoint).
+        """Optimizer steps on ``batches`` until they run out or the global step reaches ``until_step``.
+
+        ``batches`` are the current epoch's, moved to the device here; ``until_step`` 0 means no limit. Returns True if
+        a stop was agreed on (after writing a checkpoint).
 
         The only host syncs are rank 0's, every ``train.log_every`` steps.
         """
         # Config values read once: an OmegaConf lookup costs microseconds, and this loop runs every step.
         accum, clip, log_every = self.cfg.train.grad_accum, self.cfg.train.clip_grad_norm, self.cfg.train.log_every
         save_every, where = self.cfg.ckpt.every_steps, self.position
-        window = _Window(self.loss_sum)
+        window, scheduler = _Window(self.state.loss_sum), self.state.scheduler
         micro_in_epoch = where.step_in_epoch * accum
-        for micro, batch in enumerate(prefetched(batches, self.device, self.precision.prepare), 1):
+        memory_format = self.precision.to_memory_format
+        for micro, batch in enumerate(prefetched(batches, self.device, memory_format), 1):
             if self.augment_rng is not None:  # then channels_last again: an augmentation may make a new tensor
-                batch = to_device(self._augmented(batch, micro_in_epoch + micro), self.device, self.precision.prepare)
+                batch = to_device(self._augmented(batch, micro_in_epoch + micro), self.device, memory_format)
             self._micro_step(batch, accum, sync=micro % accum == 0)
             if micro % accum:
                 continue
@@ -218,7 +243,7 @@ class Trainer:
                 window.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.precision.step(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            scheduler.step()
             where.step_in_epoch += 1
             where.global_step += 1
             window.steps += 1
@@ -240,27 +265,34 @@ class Trainer:
         return False
 
     def _augmented(self, batch, micro_in_epoch: int):
-        """The recipe's augmentation of ``batch``, its random numbers a function of where the batch is (seed, epoch,
-        rank, micro-batch): a resumed epoch draws exactly what the uninterrupted one did, with nothing to save."""
+        """The recipe's augmentation of ``batch``.
+
+        Its random numbers are a function of where the batch is (seed, epoch, rank, micro-batch): a resumed epoch draws
+        exactly what the uninterrupted one did, with nothing to save.
+        """
         seed, epoch, rank = self.cfg.train.seed, self.position.epoch, self.dist_env.rank
         self.augment_rng.manual_seed((((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_003 + micro_in_epoch) % 2**63)
         return self.recipe.augment(batch, self.augment_rng, self.cfg)
 
     def _micro_step(self, batch, accum: int, sync: bool) -> None:
-        """Forward and backward of one micro-batch; DDP all-reduces (FSDP reduce-scatters) gradients only when
-        ``sync`` (the last one)."""
+        """Forward and backward of one micro-batch.
+
+        DDP all-reduces (FSDP reduce-scatters) gradients only when ``sync`` (the last one).
+        """
         if self.sharded and accum > 1:
             self.model.set_requires_gradient_sync(sync)
-        skip_sync = not sync and isinstance(self.trained, DistributedDataParallel)
-        with self.trained.no_sync() if skip_sync else contextlib.nullcontext():
+        skip_sync = not sync and isinstance(self.wrapped_model, DistributedDataParallel)
+        with self.wrapped_model.no_sync() if skip_sync else contextlib.nullcontext():
             with self.precision.autocast():
-                loss, _ = self.recipe.step(self.trained, batch)
+                loss, _ = self.recipe.step(self.wrapped_model, batch)
             self.precision.backward(loss / accum if accum > 1 else loss)  # the step's gradient: the batch mean
-        self.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
+        self.state.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
 
     def _report(self, report: dict, bar) -> None:
-        """Rank 0: a progress record (and line, or bar text); a non-finite loss stops every rank at the next
-        agreement."""
+        """Rank 0: a progress record (and line, or bar text).
+
+        A non-finite loss stops every rank at the next agreement.
+        """
         where = self.position
         lrs = {f"lr/group{i}": group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
         self.attempt.records.write({"step": where.global_step, "epoch": where.epoch, **report, **lrs})
@@ -271,7 +303,7 @@ class Trainer:
     def finish_epoch(self, began: float, steps_run: int) -> dict:
         """Average the epoch's loss over ranks, evaluate, checkpoint, and write the epoch's record."""
         cfg, where = self.cfg, self.position
-        loss_sum = self.loss_sum.clone()
+        loss_sum = self.state.loss_sum.clone()
         if self.dist_env.is_distributed:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / (max(1, where.step_in_epoch) * self.dist_env.world_size)  # waits for the device
@@ -287,7 +319,7 @@ class Trainer:
             where.best = improved
         if where.step_in_epoch >= self.steps_per_epoch:  # else train.max_steps ended it part-way: a longer
             where.epoch, where.step_in_epoch = where.epoch + 1, 0  # max_steps continues it from there
-            self.loss_sum.zero_()
+            self.state.loss_sum.zero_()
         every, last = cfg.ckpt.every_epochs, record["epoch"] == cfg.train.epochs or self._reached_max_steps()
         if improved is not None or (every and record["epoch"] % every == 0) or last:
             self.save_checkpoint(best=improved is not None)
@@ -297,8 +329,11 @@ class Trainer:
         return record
 
     def _new_best(self, record: dict) -> float | None:
-        """Rank 0 judges the new eval metric against the best so far; every rank learns the new best, or None, or
-        that ``ckpt.best_metric`` names a metric evaluation does not produce."""
+        """Rank 0 judges the new eval metric against the best so far.
+
+        Every rank learns the new best, or None, or that ``ckpt.best_metric`` names a metric evaluation does not
+        produce.
+        """
         metric, mode = self.cfg.ckpt.best_metric, self.cfg.ckpt.best_mode
 
         def judge() -> float | None:
@@ -313,7 +348,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """Collective: every rank calls it at the same step."""
-        path = self.checkpointer.save(self, best)
+        path = self.checkpointer.save(self.model, self.optimizer, self.state, best)
         self.position.saved_step = self.position.global_step
         return path
 

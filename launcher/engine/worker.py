@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from launcher.distributed.env import DistEnv, device_for
-from launcher.distributed.fsdp import shards_model
+from launcher.distributed.fsdp import is_sharded
 from launcher.distributed.group import destroy_process_group, init_process_group, peer_failure
 from launcher.distributed.stop import StopRequested, StopSignals
 from launcher.engine.evaluate import evaluate_only
@@ -18,7 +18,7 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
     """Train ``recipe`` as this process's part of the job described by ``dist_env``."""
     device = device_for(dist_env, cfg.dist.backend)
     job_store = init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s,
-                                   even_alone=shards_model(cfg))
+                                   even_alone=is_sharded(cfg))
     signals.job_store = job_store
     try:
         _work(cfg, recipe, dist_env, device, signals)

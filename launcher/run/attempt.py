@@ -1,8 +1,10 @@
-"""One attempt at the run in a run directory. Rank 0 holds the directory's lock, the wandb process and the records
-for the attempt, and writes nothing into the directory until the start has passed every check: a start that fails
-leaves no trace (not even the directory, if it made it) and no wandb run. Nor does a new run that fails before its
-first checkpoint (a recipe's error at the first step, a loss that is NaN from the start): nothing in it could be
-continued from."""
+"""One attempt at the run in a run directory.
+
+Rank 0 holds the directory's lock, the wandb process and the records for the attempt, and writes nothing into the
+directory until the start has passed every check: a start that fails leaves no trace (not even the directory, if it made
+it) and no wandb run. Nor does a new run that fails before its first checkpoint (a recipe's error at the first step, a
+loss that is NaN from the start): nothing in it could be continued from.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import shutil
 from pathlib import Path
 
 from launcher.checkpoint.files import save_model
-from launcher.checkpoint.resume import Start
 from launcher.checkpoint.sharded import model_weights
 from launcher.config.build import with_run_dir
 from launcher.distributed.env import DistEnv
@@ -20,6 +21,7 @@ from launcher.distributed.stop import StopSignals
 from launcher.recipe import Recipe
 from launcher.run.directory import Ledger, run_dir_for
 from launcher.run.lock import RunLock, check_shared
+from launcher.run.start import Start
 from launcher.tracking.metrics import Records
 from launcher.tracking.wandb import WandbRun, begin_wandb, spawn_wandb
 
@@ -31,8 +33,11 @@ RECORD_FILES = ("run.json", "history.jsonl", "config.yaml", "metrics.jsonl", "su
 
 
 class Attempt:
-    """This attempt's hold on the run directory: opened before anything is built, begun once every check passed,
-    ended (or abandoned) in one of the designed ways."""
+    """This attempt's hold on the run directory.
+
+    It is opened before anything is built, begun once every check passed, and ended (or abandoned) in one of the
+    designed ways.
+    """
 
     def __init__(self, cfg, run_dir: Path, dist_env: DistEnv, lock: RunLock | None, wandb_run: WandbRun | None):
         self.cfg, self.run_dir, self.dist_env = cfg, run_dir, dist_env
@@ -44,8 +49,11 @@ class Attempt:
 
     @classmethod
     def open(cls, cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> "Attempt":
-        """Collective: the run directory locked by rank 0 and seen by every rank (a directory in use, or one that
-        is not shared by every node, fails every rank, in one line). A stop signal ends a wait for the lock."""
+        """Collective: the run directory locked by rank 0 and seen by every rank.
+
+        A directory in use, or one that is not shared by every node, fails every rank, in one line. A stop signal ends a
+        wait for the lock.
+        """
         run_dir = run_dir_for(cfg, recipe)
         lock = RunLock(run_dir, dist_env.job_id, dist_env.attempt) if dist_env.is_main else None
         token = on_main(dist_env, lambda: lock.acquire(signals.check))
@@ -62,8 +70,11 @@ class Attempt:
         return cls(cfg, run_dir, dist_env, lock, wandb_run)
 
     def begin(self, start: Start) -> Records:
-        """Rank 0, once every check passed: the ledger (a new run's identity, this attempt's start and changes),
-        config.yaml, the records and the wandb run."""
+        """Rank 0, once every check passed: begin the attempt.
+
+        It writes the ledger (a new run's identity, this attempt's start and changes) and config.yaml, and starts the
+        records and the wandb run.
+        """
         self.started = start
         if start.new_run:
             self.ledger.create(start.run_id, self.cfg, start.started_from)
@@ -78,21 +89,25 @@ class Attempt:
             begin_wandb(self.wandb_run, self.cfg, self.run_dir, self.dist_env.job_group, logged_through)
         return self.records
 
-    def complete(self, start: Start, payload: dict) -> None:
-        """A run already trained as far as its config asks: rank 0 says so (and writes model.pt if it was lost),
-        and the attempt ends without writing anything else."""
+    def complete(self, start: Start, saved: dict) -> None:
+        """A run already trained as far as its config asks.
+
+        Rank 0 says so (and writes model.pt if it was lost), and the attempt ends without writing anything else.
+        """
         if self.dist_env.is_main:
             model_file = self.run_dir / "model.pt"
             if not model_file.is_file():
-                save_model(model_weights(Path(start.checkpoint), payload), model_file)
+                save_model(model_weights(Path(start.checkpoint), saved), model_file)
             log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
                      "train.epochs; for a new run set run.name=<new name>", self.run_dir, start.step,
-                     payload["epoch"] - 1, start.checkpoint, model_file)
+                     saved["epoch"] - 1, start.checkpoint, model_file)
         self.abandon()
 
     def abandon(self) -> None:
-        """The start failed: no wandb run, and the directory as it was (gone, if this attempt made it); after
-        ``begin``, the attempt ends as failed."""
+        """The start failed: no wandb run, and the directory as it was.
+
+        The directory is gone if this attempt made it; after ``begin``, the attempt ends as failed.
+        """
         if self.started is not None:
             self.end("failed", self.started.step, "the start failed", checkpointed=False)
             return
@@ -102,8 +117,11 @@ class Attempt:
             self.lock.release(keep_dirs=self.ledger.holds_run())
 
     def end(self, outcome: str, step: int, detail: str = "", checkpointed: bool = True) -> None:
-        """Rank 0: record how the attempt ended (finished, stopped, failed), let wandb finish, give the directory
-        back. A new run that failed before its first checkpoint (not ``checkpointed``) is taken away instead."""
+        """Rank 0: record how the attempt ended, let wandb finish, give the directory back.
+
+        The attempt ended finished, stopped or failed. A new run that failed before its first checkpoint (not
+        ``checkpointed``) is taken away instead.
+        """
         discard = outcome == "failed" and not checkpointed and self.started is not None and self.started.new_run
         if self.wandb_run:
             self.wandb_run.finish(wait=discard)  # its files go too: after it wrote them

@@ -1,5 +1,7 @@
-"""The run directory: where a run lives (named by what defines it, so the same command finds it again) and its
-ledger (run.json: the run's identity and first config; history.jsonl: every attempt, what it changed, how it ended).
+"""The run directory: where a run lives, and its ledger.
+
+The directory is named by what defines the run, so the same command finds it again. The ledger is run.json (the run's
+identity and first config) and history.jsonl (every attempt, what it changed, how it ended).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher.config.schema import ENGINE_DEFAULTS, changes_freely, leaves
+from launcher.config.keys import DEFAULTS, FREE, leaves, resume_policy
 from launcher.recipe import Recipe
 
 
@@ -24,23 +26,26 @@ def new_run_id() -> str:
 
 
 def derived_name(cfg, recipe: Recipe) -> str:
-    """A name for the run from what defines it: the recipe and every key that may not change on resume, where it
-    differs from the engine's default (so a key the engine adds later does not rename existing runs).
+    """A name for the run from what defines it.
+
+    That is the recipe and every key that may not change on resume, where it differs from the engine's default (so a key
+    the engine adds later does not rename existing runs).
 
     Changing ``train.epochs``, logging, checkpointing, evaluation or the process count keeps the name, so the same
     command (with more epochs, or on more GPUs) continues the same run; changing the model, the data, the seed or
     the optimizer names another run.
     """
-    engine = dict(leaves(ENGINE_DEFAULTS))
     values = {key: value for key, value in leaves(OmegaConf.to_container(cfg))
-              if key != "recipe" and not changes_freely(key) and (key not in engine or value != engine[key])}
+              if key != "recipe" and resume_policy(key) != FREE and (key not in DEFAULTS or value != DEFAULTS[key])}
     values["recipe"] = recipe.origin
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run_dir_for(cfg, recipe: Recipe) -> Path:
-    """``run.dir`` if set, else runs/<recipe>/<run.name, or the name derived from the config>: the same on every
-    rank and every restart without any agreement."""
+    """``run.dir`` if set, else runs/<recipe>/<run.name, or the name derived from the config>.
+
+    The same on every rank and every restart without any agreement.
+    """
     if cfg.run.dir:
         return Path(cfg.run.dir)
     return Path("runs") / recipe.name / (cfg.run.name or derived_name(cfg, recipe))
@@ -53,8 +58,10 @@ def _write_atomic_text(path: Path, text: str) -> None:
 
 
 class Ledger:
-    """What a run directory says about its run. Rank 0 alone writes it, and only once a start has passed every
-    check (a start that fails writes nothing)."""
+    """What a run directory says about its run.
+
+    Rank 0 alone writes it, and only once a start has passed every check (a start that fails writes nothing).
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -80,8 +87,10 @@ class Ledger:
 
     def start_attempt(self, cfg, job: str | None, world_size: int, resumed_from: dict | None,
                       changes: dict[str, list]) -> int:
-        """Append this attempt's start (where it resumed from, what it changed) and write config.yaml: the
-        config in force now. Returns the attempt's number."""
+        """Append this attempt's start and write config.yaml; returns the attempt's number.
+
+        The start says where it resumed from and what it changed; config.yaml holds the config in force now.
+        """
         attempt = 1 + sum(1 for event in self.attempts() if event["event"] == "start")
         self._append({"event": "start", "attempt": attempt, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "host": socket.gethostname(), "job": job, "world_size": world_size,

@@ -66,8 +66,11 @@ class Holder:
 
     @classmethod
     def parse(cls, raw: bytes | None) -> "Holder | None":
-        """The holder a lock file's bytes name; None for none (missing, empty, truncated, another format). A lock of
-        an earlier version, without ``attempt``, still names its holder."""
+        """The holder a lock file's bytes name, or None.
+
+        None for none: missing, empty, truncated, another format. A lock of an earlier version, without ``attempt``,
+        still names its holder.
+        """
         try:
             fields = json.loads(raw)
             return cls(str(fields["host"]), int(fields["pid"]), str(fields["started"]), fields["job"],
@@ -91,8 +94,10 @@ def _read(path: Path) -> bytes | None:
 
 
 def _process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat), or None if there is no such live process
-    (a zombie counts as gone)."""
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat).
+
+    None if there is no such live process (a zombie counts as gone).
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -132,9 +137,11 @@ def check_writable(run_dir: Path) -> None:
 
 
 def check_shared(run_dir: Path, token: str) -> None:
-    """Fail in one line unless this process sees the lock rank 0 took (``token``) in ``run_dir``: a directory on a
-    disk of one node alone (the same path on a node-local disk elsewhere) cannot hold the job's checkpoints, which
-    every rank writes or reads."""
+    """Fail in one line unless this process sees the lock rank 0 took (``token``) in ``run_dir``.
+
+    A directory on a disk of one node alone (the same path on a node-local disk elsewhere) cannot hold the job's
+    checkpoints, which every rank writes or reads.
+    """
     path, deadline = run_dir / LOCK_NAME, time.monotonic() + SHARED_WAIT_S
     while True:
         try:
@@ -157,8 +164,11 @@ def _no_stop(doing: str) -> None:
 
 
 class RunLock:
-    """The lock on one run directory. ``acquire`` takes it (making the directory if needed), ``release`` gives it
-    back; a thread touches it every ``BEAT_S`` meanwhile and notices if it is taken away."""
+    """The lock on one run directory.
+
+    ``acquire`` takes it (making the directory if needed), ``release`` gives it back; a thread touches it every
+    ``BEAT_S`` meanwhile and notices if it is taken away.
+    """
 
     def __init__(self, run_dir: Path, job: str | None, attempt: tuple[int, int] = (0, 0)):
         self.run_dir, self.path = run_dir, run_dir / LOCK_NAME
@@ -169,8 +179,10 @@ class RunLock:
         self._beat: threading.Thread | None = None
 
     def acquire(self, check_stop: Callable[[str], None] = _no_stop) -> str:
-        """Take the lock, or fail in one line; returns its token. Every wait calls ``check_stop(what it waits
-        for)``, which raises to end it (a stop signal)."""
+        """Take the lock, or fail in one line; returns its token.
+
+        Every wait calls ``check_stop(what it waits for)``, which raises to end it (a stop signal).
+        """
         check_writable(self.run_dir)
         self._make_dirs()
         while not self._create():
@@ -189,16 +201,22 @@ class RunLock:
         return self.me.token
 
     def check_free(self) -> None:
-        """Fail now if a live process on this host holds the directory (the parent's check before it starts
-        workers; a holder on another host is judged by rank 0, which may have to watch its heartbeat)."""
+        """Fail now if a live process on this host holds the directory.
+
+        This is the parent's check before it starts workers; a holder on another host is judged by rank 0, which may
+        have to watch its heartbeat.
+        """
         check_writable(self.run_dir)
         holder = Holder.parse(_read(self.path))
         if holder and holder.host == self.me.host and _alive_here(holder):
             raise self._busy(holder)
 
     def release(self, keep_dirs: bool = True) -> None:
-        """Give the lock back (if it is still ours); without ``keep_dirs``, also remove the directories
-        ``acquire`` made, when they hold nothing else (a start that failed leaves no trace)."""
+        """Give the lock back (if it is still ours).
+
+        Without ``keep_dirs``, also remove the directories ``acquire`` made, when they hold nothing else (a start that
+        failed leaves no trace).
+        """
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
@@ -234,8 +252,10 @@ class RunLock:
         return True
 
     def _current(self) -> Holder | None:
-        """Who the lock file names, read up to ``READ_TRIES`` times before saying no one: one failed read (a
-        network file system's passing error) is not a lost lock."""
+        """Who the lock file names, read up to ``READ_TRIES`` times before saying no one.
+
+        One failed read (a network file system's passing error) is not a lost lock.
+        """
         for attempt in range(READ_TRIES):
             try:
                 holder = Holder.parse(self.path.read_bytes())
@@ -269,8 +289,10 @@ class RunLock:
         return "its heartbeat stopped"
 
     def _abandoned(self, raw: bytes, check_stop: Callable[[str], None]) -> str | None:
-        """Why a lock file that names no holder can be taken over; raises while it may still be in use; None when
-        it changed meanwhile (a writer finished it, or it was released)."""
+        """Why a lock file that names no holder can be taken over.
+
+        Raises while it may still be in use; None when it changed meanwhile (a writer finished it, or it was released).
+        """
         deadline = time.monotonic() + WRITE_GRACE_S
         while time.monotonic() < deadline:
             self._wait(POLL_S, check_stop, f"reading {self.path}")

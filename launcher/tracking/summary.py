@@ -1,5 +1,8 @@
-"""The model summary (torchsummary's table, taken on a real sample's shape without disturbing the model or the RNG;
-a table of the parameters where torchsummary cannot run the model)."""
+"""The model summary.
+
+torchsummary's table, taken on a real sample's shape without disturbing the model or the RNG; a table of the parameters
+where torchsummary cannot run the model.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The terminal: rank 0 tells the story on stdout (a header, a progress bar or periodic lines, a line per epoch);
-the other ranks speak only of errors, on stderr."""
+"""The terminal: rank 0 tells the story on stdout; the other ranks speak only of errors, on stderr.
+
+Rank 0's story is a header, a progress bar or periodic lines, and a line per epoch.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ import warnings
 import torch
 
 from launcher.distributed.env import DistEnv
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("launcher")
 
@@ -33,8 +33,10 @@ def setup_logging(dist_env: DistEnv, level: str = "info") -> None:
 
 
 class _AroundProgressBar(logging.StreamHandler):
-    """Lines written around tqdm's progress bar (cleared, written, drawn again) instead of onto it; plain lines where
-    there is no bar. Other threads log here too (the wandb process's notices)."""
+    """Lines written around tqdm's progress bar (cleared, written, drawn again) instead of onto it.
+
+    Plain lines where there is no bar. Other threads log here too (the wandb process's notices).
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -46,7 +48,7 @@ class _AroundProgressBar(logging.StreamHandler):
 
 
 def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir, data_path: str) -> None:
-    from launcher.distributed.env import resolve_backend
+    from launcher.config.machine import resolve_backend
     from launcher.tracking.summary import parameter_counts
 
     total, trainable = parameter_counts(model)

@@ -16,14 +16,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher.config.schema import ENGINE_DEFAULTS
+from launcher.config.keys import KEYS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROJECT = ENGINE_DEFAULTS["wandb"]["project"]
+DEFAULT_PROJECT = KEYS["wandb.project"].default
 NOTICES_FILE = "wandb-process.log"  # in the run's wandb folder: what the wandb process says once training has gone
 FINISH_WAIT_S = 5.0  # how long the end of a run waits for wandb to finish; then it finishes in the background
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 # WANDB_MODE's values, wandb's old names included.
 _WANDB_MODE_ENV = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
                    "disabled": "disabled"}
@@ -49,8 +48,10 @@ class WandbRun:
         threading.Thread(target=_relay, args=(self._process.stdout,), name="launcher-wandb-relay", daemon=True).start()
 
     def begin(self, run_id: str, logged_through: int, start: dict) -> None:
-        """Start (or continue: ``run_id``) the run. Until this, the process only imports wandb: a start that fails
-        before it creates no wandb run."""
+        """Start (or continue: ``run_id``) the run.
+
+        Until this, the process only imports wandb: a start that fails before it creates no wandb run.
+        """
         self.id, self.logged_through = run_id, logged_through
         self.notices = Path(start["options"]["dir"]) / "wandb" / NOTICES_FILE
         self._send({"start": start})
@@ -68,11 +69,13 @@ class WandbRun:
         self._send({"summary": values})
 
     def finish(self, wait: bool = False) -> None:
-        """Tell the wandb process to finish the run (offline: write it out; online: upload), without waiting for
-        it: this process waits for it only at its exit, and at most ``FINISH_WAIT_S``, so no rank, stop message or
-        error report waits for wandb (a rank still in here when another has left is one torchrun ends), and a slow
-        upload goes on in the background instead of holding the end of the run. ``wait``: that wait now (before
-        its files are removed)."""
+        """Tell the wandb process to finish the run, without waiting for it.
+
+        Offline, it writes the run out; online, it uploads it. This process waits for it only at its exit, and at most
+        ``FINISH_WAIT_S``, so no rank, stop message or error report waits for wandb (a rank still in here when another
+        has left is one torchrun ends), and a slow upload goes on in the background instead of holding the end of the
+        run. ``wait``: that wait now (before its files are removed).
+        """
         self._send({"finish": True})
         if self._process is None:
             return
@@ -137,8 +140,10 @@ def spawn_wandb(cfg) -> WandbRun | None:
 
 
 def begin_wandb(wandb_run: WandbRun, cfg, run_dir: Path, job_group: str | None, logged_through: int) -> None:
-    """Rank 0: start or continue the job's wandb run (its id is kept in run.dir/wandb_id across restarts). A run that
-    fails to start logs its warning (from its process) and logs nothing.
+    """Rank 0: start or continue the job's wandb run.
+
+    Its id is kept in run.dir/wandb_id across restarts. A run that fails to start logs its warning (from its process)
+    and logs nothing.
 
     A key left at its default yields to wandb's own environment variable (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME,
     WANDB_RUN_GROUP, WANDB_TAGS): wandb reads it where the launcher passes nothing.

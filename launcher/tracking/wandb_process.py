@@ -1,8 +1,9 @@
 """The wandb process: rank 0's wandb run lives here, fed JSON lines through a pipe, so training carries none of it.
 
-In the training process, every ``wandb.log`` cost about 2 ms of Python and thread hand-offs (``bench/wandb_log.py``),
-and training waited for wandb to import and start before its first step. Here the training process pays one pipe
-write per record (0.2 ms) and waits for nothing; wandb starts, logs and finishes on its own time, at nice 10.
+In the training process, every ``wandb.log`` cost milliseconds of Python and thread hand-offs, and training waited
+for wandb to import and start before its first step. Here the training process pays one pipe write per record
+(a fraction of that: ``bench/wandb_log.py``, BENCHMARKS.md) and waits for nothing; wandb starts, logs and finishes on
+its own time, at nice 10.
 
     python -m launcher.tracking.wandb_process   # stdin: {"start": {...}} (or {"finish": true}: no run),
                                        # then {"log": ..., "step": N} / {"summary": ...},
@@ -30,8 +31,10 @@ log = logging.getLogger("launcher.wandb")
 
 
 def _has_credentials() -> bool:
-    """Whether W&B credentials are configured (API key in the environment or from `wandb login`), asked of wandb
-    itself without any prompt or network call."""
+    """Whether W&B credentials are configured (API key in the environment or from `wandb login`).
+
+    Asked of wandb itself without any prompt or network call.
+    """
 
     try:
         from wandb.sdk.lib.wbauth.authenticate import authenticate_session
@@ -50,8 +53,10 @@ def _base_url() -> str:
 
 
 def _reachable(url: str) -> bool:
-    """Whether the W&B server answers a TCP connection within 3 s: without a network, online mode would wait its
-    whole init timeout before failing."""
+    """Whether the W&B server answers a TCP connection within 3 s.
+
+    Without a network, online mode would wait its whole init timeout before failing.
+    """
     address = urlparse(url)
     port = address.port or (443 if address.scheme == "https" else 80)
     try:
@@ -96,16 +101,21 @@ def init_run(mode: str, options: dict):
 
 
 def _stderr_to_file(path: Path) -> None:
-    """What wandb and its service print on their own (retries, exporter errors) goes to a file in the run's wandb
-    folder, not across the training's terminal."""
+    """Send what wandb and its service print on their own to a file in the run's wandb folder.
+
+    That is retries and exporter errors, which then stay off the training's terminal.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as file:
         os.dup2(file.fileno(), 2)
 
 
 class _ToTrainingProcess(logging.Handler):
-    """Notices go back to the training process through stdout ("LEVEL<tab>text" lines), which logs them like its
-    own (around its progress bar). Once it has gone (a run that finishes in the background), to stderr."""
+    """Notices go back to the training process through stdout ("LEVEL<tab>text" lines).
+
+    The training process logs them like its own (around its progress bar). Once it has gone (a run that finishes in the
+    background), they go to stderr.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         text = self.format(record).replace("\n", " ")
@@ -127,8 +137,11 @@ def apply(run, message: dict) -> None:
 
 
 def read_messages(lines, messages: queue.SimpleQueue) -> None:
-    """Every line, parsed, onto ``messages``, then None: read at once so that the training process never blocks on
-    a full pipe while wandb is still starting (an online start may take its whole 30 s timeout)."""
+    """Every line, parsed, onto ``messages``, then None.
+
+    Read at once so that the training process never blocks on a full pipe while wandb is still starting (an online start
+    may take its whole 30 s timeout).
+    """
     for line in lines:
         messages.put(json.loads(line))
     messages.put(None)

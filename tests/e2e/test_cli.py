@@ -6,6 +6,8 @@ import pytest
 import yaml
 from helpers import TORCHRUN_BANNER, assert_user_error, check_ok, error_lines, launch
 
+from launcher.config.keys import KEYS
+
 
 def test_cfg_prints_the_resolved_config_and_exits(tmp_path):
     (tmp_path / "run.yaml").write_text("train:\n  epochs: 7\noptim:\n  lr: 0.5\n")
@@ -109,6 +111,12 @@ def test_failed_download_says_where_to_put_the_files(tmp_path):
     assert str(tmp_path / "FashionMNIST" / "raw") in error_lines(result)[0]
 
 
-def test_help_lists_usage(tmp_path):
+def test_help_lists_usage_and_every_key_with_its_meaning(tmp_path):
     result = check_ok(launch(["--help"], tmp_path))
     assert "usage: python -m launcher recipe=NAME" in result.stdout and "--cfg" in result.stdout
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ") and "." in line}
+    for name, key in KEYS.items():
+        if name != "recipe":
+            assert name in lines and key.meaning in lines[name], name
+    assert "train.amp                   str   none       mixed precision" in result.stdout
+    assert "one of: none, bf16, fp16" in lines["train.amp"] and "in [0, 2**31)" in lines["train.seed"]

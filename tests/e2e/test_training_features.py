@@ -37,7 +37,8 @@ def _count_all_reduces(rank: int, tmp_path, accum: int, counts) -> None:
     cfg = freeze(build_config(recipe.defaults, {}, overrides, "digits"))
     trainer = Trainer.build(cfg, recipe, dist_env, torch.device("cpu"), StopSignals(dist_env))
     calls = []  # one bucket (bucket_cap_mb=1000): one all-reduce per gradient sync
-    trainer.trained.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
+    count_and_reduce = lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket)  # noqa: E731
+    trainer.wrapped_model.register_comm_hook(None, count_and_reduce)
     trainer.run_epoch()
     trainer.close("finished")
     counts[rank] = (len(calls), trainer.position.global_step)

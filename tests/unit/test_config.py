@@ -1,11 +1,16 @@
 """The config flow: engine defaults -> recipe defaults -> YAML -> overrides, typed, validated, read-only."""
 
 import pytest
+from helpers import REPO
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
+from launcher.cli.main import load
 from launcher.config.build import build_config, freeze, load_yaml, parse_overrides, validate, with_run_dir
+from launcher.config.keys import APPLIED, DEFINES, FREE, KEYS
+from launcher.config.reference import TABLE_END, TABLE_START, with_table
 from launcher.errors import UserError
+from launcher.run.directory import derived_name
 
 RECIPE_DEFAULTS = {"train": {"epochs": 3}, "optim": {"lr": 1}, "model": {"hidden": 64, "widths": [2.0, -3.4]}}
 
@@ -77,3 +82,35 @@ def test_frozen_config_is_read_only():
     resolved = with_run_dir(cfg, "runs/x/1")
     assert resolved.run.dir == "runs/x/1" and cfg.run.dir == ""
     assert OmegaConf.is_readonly(resolved)
+
+
+def test_every_declared_default_is_a_valid_value_of_its_key():
+    for name, key in KEYS.items():
+        assert not key.choices or key.default in key.choices, name
+        assert not key.valid or key.valid[0](key.default), name
+        assert key.resume in (FREE, APPLIED, DEFINES), name
+    validate(build_config({}, {}, [], "no recipe"), 1, 1)
+
+
+def test_the_documented_key_table_is_made_from_the_declarations():
+    document = (REPO / "docs" / "configuration.md").read_text()
+    assert TABLE_START in document and TABLE_END in document
+    assert with_table(document) == document, (
+        "docs/configuration.md's key table differs from launcher/config/keys.py: run "
+        "python -m launcher.config.reference docs/configuration.md")
+
+
+# Names of runs started by earlier versions (the launcher of ce770e8): they must keep naming the same directories.
+EARLIER_RUN_NAMES = {
+    "recipe=digits": "fcc59dd1d9", "recipe=digits train.seed=3 optim.lr=0.01": "e15cc02982",
+    "recipe=gpt": "7056a659f8", "recipe=gpt dist.strategy=fsdp": "277538090a",
+    "recipe=lenet sched.name=cosine train.epochs=40": "89bfec7d50", "recipe=resnet18 train.amp=bf16": "0caae13f29",
+    "recipe=mlp wandb.mode=offline ckpt.keep=9": "fd33c410ec", "recipe=features": "cc70affd06",
+    "recipe=linreg train.grad_accum=2": "88c9c090ae",
+}
+
+
+@pytest.mark.parametrize("command", sorted(EARLIER_RUN_NAMES))
+def test_a_run_started_by_an_earlier_version_keeps_its_derived_name(command):
+    _, recipe, cfg = load(command.split())
+    assert derived_name(cfg, recipe) == EARLIER_RUN_NAMES[command]

@@ -63,8 +63,8 @@ def test_folder_checkpoints_are_kept_pruned_verified_and_a_broken_one_skipped(gr
     data[len(data) // 2] ^= 0x01  # one bit
     shard.write_bytes(bytes(data))
     (folder / "step_000000040" / "launcher.pt").unlink()  # as a writer killed before it finished leaves it
-    path, payload = newest_good(folder, None)
-    assert path.name == "step_000000030" and payload["global_step"] == 30
+    path, saved = newest_good(folder, None)
+    assert path.name == "step_000000030" and saved["global_step"] == 30
     assert "step_000000044 is unreadable (its file __0_0.distcp does not match its checksum)" in caplog.text
     assert "step_000000040 is unreadable (it has no launcher.pt: its writer did not finish)" in caplog.text
 

@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 
 import launcher.run.lock as run_lock
 from launcher.checkpoint.files import BadCheckpoint, load_checkpoint, save_atomic
-from launcher.checkpoint.resume import _refuse_changes, config_changes
 from launcher.config.build import build_config, parse_overrides
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
 from launcher.run.directory import derived_name
 from launcher.run.lock import Holder, RunLock, check_shared
+from launcher.run.start import _refuse_changes, config_changes
 
 
 def write_holder(path, **fields):
@@ -227,15 +227,15 @@ def test_the_derived_run_name_follows_what_defines_the_run():
 
 def test_config_changes_are_sorted_into_free_applied_and_refused():
     _, saved = config("train.epochs=3")
-    payload = {"samples_in_epoch": 64}
+    mid_epoch = {"samples_in_epoch": 64}
     _, now = config("train.epochs=5", "optim.lr=0.01", "log.level=warning")
     changes = config_changes(OmegaConf.to_container(saved), now)
     assert changes == {"train.epochs": (3, 5), "optim.lr": (0.05, 0.01), "log.level": ("info", "warning")}
-    _refuse_changes(changes, payload, "x")  # nothing refused
+    _refuse_changes(changes, mid_epoch, "x")  # nothing refused
     _, bigger = config("model.channels=16", "train.batch_size=32")
     changes = config_changes(OmegaConf.to_container(saved), bigger)
     with pytest.raises(UserError, match=r"model\.channels 32 -> 16, train\.batch_size 64 -> 32 \(mid-epoch"):
-        _refuse_changes(changes, payload, "x")
+        _refuse_changes(changes, mid_epoch, "x")
     _refuse_changes({"train.batch_size": (64, 32)}, {"samples_in_epoch": 0}, "x")  # at an epoch boundary: fine
     unknown_to_old = OmegaConf.to_container(saved)
     del unknown_to_old["run"]["name"]  # a key the engine added since: its default is no change
