@@ -11,6 +11,8 @@ import contextlib
 import logging
 import mmap
 import os
+import pickle
+import re
 import shutil
 import struct
 import tempfile
@@ -25,7 +27,17 @@ from launcher.errors import LauncherError, UserError
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
+_STEP_NAME = re.compile(rf"{STEP_PREFIX}\d+(\.pt)?")
 SHARDED_META = "launcher.pt"  # in a folder checkpoint: everything but the shards, and every file's size and CRC-32
+DCP_METADATA = ".metadata"  # in a folder checkpoint: torch.distributed.checkpoint's index of the shards, a pickle
+# What a training checkpoint holds besides its weights (a file's "model", a folder's "files").
+TRAINING_KEYS = ("global_step", "epoch", "samples_in_epoch", "scheduler", "rank_states", "world_size", "config")
+# The globals a DCP .metadata names, besides the classes of DCP's metadata module and torch's dtypes.
+_DCP_TYPES = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                     ("torch.distributed.checkpoint.filesystem", "_StoragePrefix")}
 
 
 class BadCheckpoint(Exception):
@@ -119,6 +131,8 @@ def _load_sharded_meta(folder: Path, check_shards: bool) -> dict:
     if not (folder / SHARDED_META).is_file():
         raise BadCheckpoint(f"it has no {SHARDED_META}: its writer did not finish")
     meta = load_checkpoint(folder / SHARDED_META)
+    if not isinstance(meta.get("files"), dict) or DCP_METADATA not in meta["files"]:
+        raise BadCheckpoint(f"its {SHARDED_META} lists no {DCP_METADATA}: not a checkpoint this launcher wrote")
     for name, (size, crc) in meta["files"].items():
         shard = folder / name
         if not shard.is_file():
@@ -127,7 +141,33 @@ def _load_sharded_meta(folder: Path, check_shards: bool) -> dict:
             raise BadCheckpoint(f"its file {name} has {shard.stat().st_size} bytes, not the {size} written")
         if check_shards and file_crc32(shard) != crc:
             raise BadCheckpoint(f"its file {name} does not match its checksum")
+    with open(folder / DCP_METADATA, "rb") as file:  # a checksum proves nothing of a file its writer forged
+        read_dcp_metadata(file)
     return meta
+
+
+class _MetadataOnly(pickle.Unpickler):
+    """Unpickles DCP's metadata and nothing else: a global that is not one of its types is refused, unrun."""
+
+    def find_class(self, module: str, name: str):
+        listed = (module, name) in _METADATA_GLOBALS
+        if listed or module in ("torch", _DCP_TYPES):
+            found = super().find_class(module, name)
+            if listed or isinstance(found, torch.dtype) or (isinstance(found, type) and found.__module__ == _DCP_TYPES):
+                return found
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which no checkpoint's metadata holds")
+
+
+def read_dcp_metadata(file):
+    """A folder checkpoint's DCP metadata, unpickled from ``file`` with nothing but its own types allowed.
+
+    DCP unpickles it with no limit at all: a forged one would run any code it names. Raises ``BadCheckpoint``.
+    """
+    try:
+        return _MetadataOnly(file).load()
+    except Exception as error:
+        problem = f"{type(error).__name__}: {_first_line(error)}"
+        raise BadCheckpoint(f"its {DCP_METADATA} does not load ({problem})") from None
 
 
 def file_crc32(path: Path) -> int:
@@ -181,8 +221,9 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def step_files(folder: Path) -> list[Path]:
-    """Step checkpoints (files, and folders of shards), newest first."""
-    found = [path for path in folder.glob(f"{STEP_PREFIX}*") if path.suffix == ".pt" or path.is_dir()]
+    """Step checkpoints (files, and folders of shards: ``step_<N>``), newest first."""
+    found = [path for path in folder.glob(f"{STEP_PREFIX}*")
+             if _STEP_NAME.fullmatch(path.name) and (path.suffix == ".pt" or path.is_dir())]
     return sorted(found, key=lambda path: path.name.removesuffix(".pt"), reverse=True)
 
 
@@ -251,6 +292,11 @@ def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
         except BadCheckpoint as error:
             log.warning("checkpoint %s is unreadable (%s); trying the one before", path, error)
             continue
+        missing = missing_parts(saved)
+        if missing:
+            log.warning("checkpoint %s is not a training checkpoint (it lacks %s); trying the one before", path,
+                        ", ".join(missing))
+            continue
         if run_id is not None and saved.get("run_id", run_id) != run_id:
             log.warning("checkpoint %s belongs to another run (%s), not this directory's (%s); skipped", path,
                         saved["run_id"], run_id)
@@ -278,6 +324,12 @@ def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:
     extra = [name for name in saved if name not in current]
     if extra:
         raise UserError(f"checkpoint {path} does not fit the model: the model has no '{extra[0]}'; {hint}")
+
+
+def missing_parts(saved: dict) -> list[str]:
+    """What a loaded file lacks of a training checkpoint (none: it is one)."""
+    weights = [] if "model" in saved or "files" in saved else ["model"]
+    return weights + [key for key in TRAINING_KEYS if key not in saved]
 
 
 def is_checkpoint(saved: dict) -> bool:

@@ -10,6 +10,8 @@ never needs it, and every process would pay for the import at startup (BENCHMARK
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint.files import _first_line, file_crc32
+from launcher.checkpoint.files import DCP_METADATA, _first_line, file_crc32, read_dcp_metadata
 from launcher.errors import LauncherError
 
 
@@ -71,21 +73,20 @@ def load_shards(model: nn.Module, optimizer, folder: Path) -> None:
     to be created: momentum turned on since the checkpoint starts from a zero buffer, which SGD's first step then
     sets to the gradient either way. (The model's entries were checked against the checkpoint before.)
     """
-    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards: what DCP fills in
     state = {"model": model_state, "optimizer": optimizer_state}
-    _load(state, folder, planner=DefaultLoadPlanner(allow_partial_load=True))
+    _load(state, folder, allow_partial_load=True)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def _model_entries(folder: Path) -> dict:
     """The model's tensors in ``folder``: name -> DCP's metadata (global size, dtype), read from .metadata alone."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    with open(folder / DCP_METADATA, "rb") as file:
+        metadata = read_dcp_metadata(file).state_dict_metadata
     return {key.removeprefix("model."): entry for key, entry in metadata.items()
             if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
 
@@ -109,7 +110,7 @@ def model_weights(checkpoint: Path, saved: dict) -> dict:
     return weights
 
 
-def _load(state: dict, folder: Path, alone: bool = False, planner=None) -> None:
+def _load(state: dict, folder: Path, alone: bool = False, allow_partial_load: bool = False) -> None:
     """``dcp.load``: collective, or in this one process.
 
     It runs in this one process when ``alone`` or without a process group, and then quietly (DCP warns that it assumes
@@ -119,7 +120,39 @@ def _load(state: dict, folder: Path, alone: bool = False, planner=None) -> None:
 
     with warnings.catch_warnings(), _one_line_failures():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder, no_dist=alone or not dist.is_initialized(), planner=planner)
+        dcp.load(state, storage_reader=_safe_types()[0](folder), no_dist=alone or not dist.is_initialized(),
+                 planner=_safe_types()[1](allow_partial_load=allow_partial_load))
+
+
+@functools.cache
+def _safe_types() -> tuple[type, type]:
+    """DCP's FileSystemReader and DefaultLoadPlanner, unpickling only what a checkpoint may hold.
+
+    torch's own unpickle a folder's ``.metadata`` and a shard's non-tensor entries (the optimizer's hyperparameters)
+    with no limit at all: a forged file would run any code it names. The reader reads the metadata with
+    ``read_dcp_metadata``; the planner loads the entries with ``weights_only=True`` (and hands torch's code the
+    same values, saved again, to set where they belong).
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            plain = io.BytesIO()
+            torch.save(torch.load(value, weights_only=True), plain)
+            plain.seek(0)
+            super().load_bytes(read_item, plain)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with the unpickler swapped
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as file:
+                metadata = read_dcp_metadata(file)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader, SafePlanner
 
 
 def load_model_weights(model: nn.Module, path: Path, weights: dict | None) -> None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.checkpoint.files import check_model_fits, is_checkpoint, load_named, newest_good, shapes
-from launcher.checkpoint.sharded import load_model_weights, saved_shapes
+from launcher.checkpoint.sharded import ShardsFailed, load_model_weights, saved_shapes
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import is_sharded, shard_model
 from launcher.distributed.group import on_main, run_agreed
@@ -131,18 +131,24 @@ def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) 
     path, saved = checkpoint_to_evaluate(cfg, run_dir_for(cfg, recipe), dist_env)
 
     def check_fit() -> dict | None:
-        """The weights of a file (None for a folder of shards), checked against the model."""
+        """The weights of a file (None for a folder of shards), verified and checked against the model.
+
+        Rank 0 checks every shard's checksum, the others that each is there, as a resume does.
+        """
+        loaded = saved or load_named(path, check_shards=dist_env.is_main)
         if path.is_dir():
             check_model_fits(model, saved_shapes(path), path)
             return None
-        loaded = saved or load_named(path)
         weights = loaded["model"] if is_checkpoint(loaded) else loaded
         check_model_fits(model, shapes(weights), path)
         return weights
 
     weights = run_agreed(dist_env, check_fit)
     if sharded or weights is None:
-        load_model_weights(model, path, weights)  # collective
+        try:
+            load_model_weights(model, path, weights)  # collective
+        except ShardsFailed as error:
+            raise UserError(f"ckpt.resume={path} does not load ({error})", same_on_all_ranks=True) from None
     else:
         model.load_state_dict(weights)
     if on_every_rank(cfg) or dist_env.is_main:

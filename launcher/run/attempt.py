@@ -76,6 +76,8 @@ class Attempt:
         records and the wandb run.
         """
         self.started = start
+        for stale in self.run_dir.glob(".*.tmp"):  # a killed attempt's half-written model.pt or ledger; ours now
+            stale.unlink(missing_ok=True)
         if start.new_run:
             self.ledger.create(start.run_id, self.cfg, start.started_from)
         resumed_from = {"checkpoint": start.checkpoint, "step": start.step} if start.checkpoint else None

@@ -6,9 +6,12 @@ opened after another client closed it shows that client's writes and times (NFS 
 does not rely on flock or fcntl locks, which some cluster mounts (Lustre without ``-o flock``) do not share
 between nodes or do not offer at all.
 
-A holder is a process (host, pid and the process's start time), not a job: two starts in one Slurm allocation share
-a job id, and the second must not take the first's directory. A holder is judged gone, and its lock taken over, when
-- it ran on this host and its process is gone (a live one refuses the start, whatever its job);
+A holder is a process (host, PID namespace, pid and the process's start time), not a job: two starts in one Slurm
+allocation share a job id, and the second must not take the first's directory. A holder is judged gone, and its lock
+taken over, when
+- it ran on this host, in this PID namespace, and its process is gone (a live one refuses the start, whatever its
+  job); a holder in another container of this host, which may share its name but not its pids, counts as another
+  host's;
 - it was an earlier attempt of the same job (a lower Slurm requeue or torchrun restart count): the scheduler ends
   every process of an attempt before it starts the next, so a requeued or restarted job continues at once on any
   host;
@@ -58,11 +61,19 @@ class Holder:
     attempt: tuple[int, int]  # of the job, when it took the lock (DistEnv.attempt)
     token: str
     since: str
+    pid_namespace: str = ""  # whose pids ``pid`` counts in: containers on one host may share its name, not its pids
 
     @classmethod
     def this_process(cls, job: str | None, attempt: tuple[int, int] = (0, 0)) -> "Holder":
         return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()) or "", job, tuple(attempt),
-                   secrets.token_hex(8), time.strftime("%Y-%m-%d %H:%M:%S"))
+                   secrets.token_hex(8), time.strftime("%Y-%m-%d %H:%M:%S"), _pid_namespace())
+
+    def seen_from(self, other: "Holder") -> bool:
+        """Whether ``other`` can tell by the pid alone if this holder lives.
+
+        It can on the same host, in the same PID namespace (an earlier version's lock names none: its host's own).
+        """
+        return self.host == other.host and (not self.pid_namespace or self.pid_namespace == other.pid_namespace)
 
     @classmethod
     def parse(cls, raw: bytes | None) -> "Holder | None":
@@ -74,7 +85,8 @@ class Holder:
         try:
             fields = json.loads(raw)
             return cls(str(fields["host"]), int(fields["pid"]), str(fields["started"]), fields["job"],
-                       tuple(int(n) for n in fields.get("attempt", (0, 0))), str(fields["token"]), str(fields["since"]))
+                       tuple(int(n) for n in fields.get("attempt", (0, 0))), str(fields["token"]), str(fields["since"]),
+                       str(fields.get("pid_namespace", "")))
         except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
             return None
 
@@ -91,6 +103,14 @@ def _read(path: Path) -> bytes | None:
         return None
     except OSError as error:
         raise UserError(f"run.dir={path.parent}: cannot read its lock file {path} ({error.strerror})") from None
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace ("pid:[4026531836]"), or "" where there is no procfs to say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _process_start(pid: int) -> str | None:
@@ -208,7 +228,7 @@ class RunLock:
         """
         check_writable(self.run_dir)
         holder = Holder.parse(_read(self.path))
-        if holder and holder.host == self.me.host and _alive_here(holder):
+        if holder and holder.seen_from(self.me) and _alive_here(holder):
             raise self._busy(holder)
 
     def release(self, keep_dirs: bool = True) -> None:
@@ -271,7 +291,7 @@ class RunLock:
 
     def _dead(self, holder: Holder, check_stop: Callable[[str], None]) -> str | None:
         """Why ``holder`` is gone; raises while it lives; None when the lock changed while it was watched."""
-        if holder.host == self.me.host:
+        if holder.seen_from(self.me):
             if _alive_here(holder):
                 raise self._busy(holder)
             return "its process is gone"

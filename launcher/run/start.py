@@ -11,8 +11,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher.checkpoint.files import is_checkpoint, load_named, newest_good, run_id_of, step_files, step_of
-from launcher.config.keys import APPLIED, DEFAULTS, FREE, leaves, resume_policy
+from launcher.checkpoint.files import (
+    is_checkpoint,
+    load_named,
+    missing_parts,
+    newest_good,
+    run_id_of,
+    step_files,
+    step_of,
+)
+from launcher.config.keys import APPLIED, DEFAULTS, FREE, KEYS, leaves, resume_policy
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main
 from launcher.errors import UserError
@@ -40,6 +48,7 @@ class Start:
         """One line per changed key, saying what happens to it."""
         return [f"changed since the checkpoint: {key} {old} -> {new}"
                 + (", applied to the restored optimizer and schedule" if resume_policy(key) == APPLIED else "")
+                + (f": {KEYS[key].on_change}" if key in KEYS and KEYS[key].on_change else "")
                 for key, (old, new) in self.changes.items()]
 
 
@@ -119,6 +128,9 @@ def _decide(cfg, run_dir: Path) -> tuple[Start, dict | None]:
         if not is_checkpoint(saved):
             raise UserError(f"ckpt.resume={path} is a model state_dict, not a checkpoint: evaluate it with "
                             "eval.only=true, or load it in the recipe's build_model to start from its weights")
+        if missing_parts(saved):
+            raise UserError(f"ckpt.resume={path} is not a complete training checkpoint (it lacks "
+                            f"{', '.join(missing_parts(saved))}): name a step_<N> checkpoint a run wrote")
         run_id, started_from = _continue_named(path, saved, ledger, folder)
     changes = config_changes(saved["config"], cfg)
     _refuse_changes(changes, saved, run_dir)

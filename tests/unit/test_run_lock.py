@@ -62,6 +62,21 @@ def test_the_lock_of_a_dead_process_is_taken_over_and_a_live_one_of_the_same_job
         RunLock(tmp_path, job="job-7").acquire()
 
 
+def test_a_holder_in_another_pid_namespace_of_this_host_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    """Two containers of one host can share its name, not its pids: the holder's pid 6 means nothing here."""
+    monkeypatch.setattr(run_lock, "STALE_S", 0.3)
+    write_holder(tmp_path / ".lock", pid=dead_pid(), pid_namespace="pid:[1]")
+    beating, stop = tmp_path / ".lock", threading.Event()
+    thread = threading.Thread(target=lambda: [beating.touch() for _ in iter(lambda: stop.wait(0.05), True)])
+    thread.start()
+    try:
+        with pytest.raises(UserError, match="in use by another job"):  # alive by its heartbeat, whatever its pid
+            RunLock(tmp_path, job="new").acquire()
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_an_earlier_attempt_of_the_job_on_another_host_is_taken_over_at_once(tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO")
     monkeypatch.setattr(run_lock, "STALE_S", 30)  # a heartbeat watch would time the test out
