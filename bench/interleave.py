@@ -84,7 +84,7 @@ def main() -> None:
     counter = workload.SyncCounter()
     trainer = Trainer.build(cfg, recipe, dist_env, device, StopSignals(dist_env))
     loader = trainer.train_loader
-    start_epoch(loader, 1, 0)
+    start_epoch(loader, 1, 0, cfg.train.batch_size)
 
     def launcher_on(batches):
         """The launcher's loop on ``batches``: ``run(steps)``."""

@@ -49,7 +49,7 @@ def measure(strategy: str, overrides: list[str], dist_env: DistEnv) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer.build(cfg, recipe, dist_env, device, StopSignals(dist_env))
-    start_epoch(trainer.train_loader, 1, 0)
+    start_epoch(trainer.train_loader, 1, 0, cfg.train.batch_size)
     batches = iter(trainer.train_loader)
     trainer.train_steps(batches, until_step=STEPS)  # the optimizer state exists from the first step on
     params = list(trainer.model.parameters())

@@ -11,8 +11,10 @@ clipping. ``model.layers``, ``model.heads``, ``model.width`` and ``model.context
 The corpus: every ``.py`` file under the standard library (``sysconfig``'s ``stdlib`` path, without site-packages
 and the test suites), in sorted order; every 10th file is validation, the rest training, so no file is in both.
 The first ``data.train_bytes`` and ``data.eval_bytes`` of each side are cut into windows of ``model.context + 1``
-bytes. A sample is a dict (``input_ids``, ``targets``: the same window shifted by one byte), and this recipe shows
-every optional hook: ``step`` (the language-model loss), ``metrics`` (perplexity and next-byte accuracy, as sums and
+bytes. Or any corpus, however large: ``data.tokens=DIR``, a folder written by ``python -m launcher.tokens --out DIR
+FILES`` (memory-mapped token shards, launcher/data/tokens.py). A sample is a dict (``input_ids``, ``targets``: the
+same window shifted by one byte); a batch of them is cut at once (``ByteWindows.take``). This recipe shows every
+optional hook: ``step`` (the language-model loss), ``metrics`` (perplexity and next-byte accuracy, as sums and
 counts), ``tokens_per_sample`` (throughput in tokens/s), ``param_groups`` and ``fsdp_blocks``.
 """
 
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
+
+from launcher.data.tokens import TokenWindows
 
 VOCAB = 256  # bytes
 
@@ -87,10 +91,15 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class ByteWindows(Dataset):
-    """Non-overlapping windows of ``length + 1`` bytes, as {input_ids, targets} shifted by one."""
+    """Non-overlapping windows of ``length + 1`` bytes, as {input_ids, targets} shifted by one.
 
-    def __init__(self, data: bytes, length: int):
-        self.data, self.length = torch.frombuffer(bytearray(data), dtype=torch.uint8), length
+    ``take`` cuts a whole batch of windows at once (with ``to``, ``nbytes`` and ``device``, the engine then reads
+    batches without a sample's ``__getitem__`` and a collation each, on the GPU where they fit).
+    """
+
+    def __init__(self, data: bytes | torch.Tensor, length: int):
+        self.length = length
+        self.data = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def __len__(self) -> int:
         return (len(self.data) - 1) // self.length
@@ -98,6 +107,22 @@ class ByteWindows(Dataset):
     def __getitem__(self, index: int) -> dict:
         window = self.data[index * self.length : (index + 1) * self.length + 1].long()
         return {"input_ids": window[:-1], "targets": window[1:]}
+
+    def take(self, indices: torch.Tensor) -> dict:
+        windows = self.data[(indices * self.length)[:, None] + torch.arange(self.length + 1, device=indices.device)]
+        windows = windows.long()
+        return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+
+    def to(self, device: torch.device) -> "ByteWindows":
+        return ByteWindows(self.data.to(device), self.length)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
 
 
 def stdlib_sources() -> list[Path]:
@@ -125,12 +150,24 @@ def build_model(cfg) -> nn.Module:
 
 
 def build_datasets(cfg):
+    if cfg.data.tokens:
+        return token_windows(Path(cfg.data.tokens), cfg.model.context)
     files = stdlib_sources()
     train_files = [path for i, path in enumerate(files) if i % 10]
     eval_files = [path for i, path in enumerate(files) if i % 10 == 0]
     context = cfg.model.context
     return (ByteWindows(corpus(train_files, cfg.data.train_bytes), context),
             ByteWindows(corpus(eval_files, cfg.data.eval_bytes), context))
+
+
+def token_windows(folder: Path, context: int):
+    """(train, eval) windows of a corpus of byte tokens (``data.tokens``): memory-mapped, any size."""
+    train, evaluation = TokenWindows(folder / "train", context), None
+    if (folder / "eval").is_dir():
+        evaluation = TokenWindows(folder / "eval", context)
+    if train.vocab > VOCAB:
+        raise ValueError(f"data.tokens={folder} has a vocabulary of {train.vocab}; this model reads bytes ({VOCAB})")
+    return train, evaluation
 
 
 def param_groups(model: nn.Module, cfg):

@@ -22,7 +22,8 @@ class Key:
     """One key's declaration.
 
     It has ``default`` (its type is the key's), ``meaning`` (one line), ``choices`` or ``valid`` (a test and what it
-    wants), the resume policy, and ``details`` for the documentation's table.
+    wants), the resume policy, ``details`` for the documentation's table, and ``on_change``: what a resume with
+    another value says.
     """
 
     default: Any
@@ -31,6 +32,7 @@ class Key:
     valid: tuple[Callable[[Any], bool], str] | None = None
     resume: str = DEFINES
     details: str = ""
+    on_change: str = ""
 
     @property
     def type_name(self) -> str:
@@ -111,10 +113,14 @@ KEYS: dict[str, Key] = {
     "data.num_workers": Key(-1, "DataLoader worker processes per rank; -1 chooses for the device",
                             valid=at_least(-1),
                             resume=FREE,
+                            on_change="training continues exactly: each sample's random numbers are seeded by its "
+                                      "place in the epoch, whichever process reads it",
                             details="-1: none on a CPU (the training needs the cores, and in-memory data is fastest "
                                     "read in the process); on a GPU 4, or fewer when the cores this process may "
                                     "use, shared by the node's processes, are fewer (one kept for the process)."),
     "data.download": Key(False, "let recipes download missing data", resume=FREE),
+    "data.tokens": Key("", "a token corpus folder (python -m launcher.tokens) for a recipe that reads one",
+                       details="recipe=gpt trains from its train/ and eval/ instead of its own bytes ('')."),
     "data.resident": Key("auto", "keep an in-memory data set on the device and index batches there",
                          choices=("auto", "always", "never"), resume=FREE,  # not on/off: YAML reads them as bools
                          details="In exactly the DataLoader path's order (same weights, resumes, 1 vs N processes): "
@@ -124,6 +130,11 @@ KEYS: dict[str, Key] = {
                                valid=((lambda value: 0 < value <= 1), "in (0, 1]"), resume=FREE),
     # eval: evaluation after each epoch
     "eval.batch_size": Key(512, "evaluation batch", valid=at_least(1), resume=FREE),
+    "eval.every_steps": Key(0, "also evaluate every N optimizer steps, inside epochs (0: at epochs' ends only)",
+                            valid=at_least(0), resume=FREE,
+                            details="A stream, which has no epochs, is evaluated this way (and at train.max_steps). "
+                                    "Evaluation never moves training's random streams: how often it runs changes "
+                                    "nothing of the training."),
     "eval.sharded": Key(False, "every rank evaluates a share and the sums are all-reduced (the same numbers)",
                         resume=FREE, details="false: rank 0 evaluates the whole set. Under dist.strategy=fsdp every "
                                              "rank always evaluates (a sharded model cannot run on one)."),
@@ -148,7 +159,9 @@ KEYS: dict[str, Key] = {
     "dist.backend": Key("auto", "the process group's backend; auto: nccl with CUDA, gloo otherwise",
                         choices=("auto", "gloo", "nccl"), resume=FREE),
     "dist.nproc_per_node": Key(1, "processes python -m launcher starts through torchrun", valid=at_least(1),
-                               resume=FREE, details="Under torchrun, torchrun's --nproc_per_node counts."),
+                               resume=FREE, details="Under torchrun, torchrun's --nproc_per_node counts.",
+                               on_change="the data order and each sample's random numbers continue exactly; each "
+                                         "rank's own streams (dropout) start afresh"),
     "dist.timeout_s": Key(1800, "a rank waiting longer than this in a collective ends the job instead of hanging",
                           valid=at_least(1), resume=FREE,
                           details="Long enough for rank 0 to evaluate while the others wait."),

@@ -9,38 +9,13 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from launcher.data.indexed import IndexedLoader, indexed_source
+from launcher.data.sampler import ResumableDistributedSampler, SeededSamples
+from launcher.data.streams import StreamLoader, check_stream, is_stream
 from launcher.distributed.env import DistEnv
-from launcher.engine.resident import ResidentLoader, resident_tensors
 from launcher.errors import UserError
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """Shuffles like DistributedSampler (a permutation seeded by seed + epoch) and keeps whole global batches only.
-
-    Rank r takes every world-size-th index of the epoch's order, so a global batch is the same set of samples on
-    any number of processes. ``set_epoch(epoch, consumed)`` leaves out the first ``consumed`` samples of that
-    order: a resumed epoch continues with exactly the samples not yet seen, in the same order.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, global_batch: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.usable_samples = len(dataset) // global_batch * global_batch  # in the epoch's full global batches
-        self.consumed = 0
-
-    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.consumed = consumed
-
-    def __iter__(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator)[: self.usable_samples]
-        return iter(order[self.consumed + self.rank :: self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return (self.usable_samples - self.consumed) // self.num_replicas
 
 
 def loader_workers(cfg, dist_env: DistEnv, device: torch.device) -> int:
@@ -77,14 +52,16 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     with the same seed everywhere, rank r takes every world-size-th index, and incomplete batches are dropped.
     """
     per_rank_batch = cfg.train.batch_size // (dist_env.world_size * cfg.train.grad_accum)  # one micro-batch
-    sampler = ResumableDistributedSampler(
-        dataset, dist_env.world_size, dist_env.rank, seed=cfg.train.seed, global_batch=cfg.train.batch_size
-    )
-    tensors = resident_tensors(dataset, cfg, device, "training")
-    if tensors is not None:
-        loader = ResidentLoader(dataset, tensors, batch_size=per_rank_batch, sampler=sampler)
+    if is_stream(dataset):
+        return _stream_loader(dataset, cfg, dist_env, device, collate, per_rank_batch)
+    source = indexed_source(dataset, cfg, device, "training", collate)
+    # Read sample by sample, each sample's random numbers are seeded by its place in the epoch (data/sampler.py).
+    sampler = ResumableDistributedSampler(dataset, dist_env.world_size, dist_env.rank, seed=cfg.train.seed,
+                                          global_batch=cfg.train.batch_size, seeded=source is None)
+    if source is not None:
+        loader = IndexedLoader(source, batch_size=per_rank_batch, sampler=sampler)
     else:
-        loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
+        loader = DataLoader(SeededSamples(dataset), batch_size=per_rank_batch, sampler=sampler, drop_last=True,
                             **_loader_options(loader_workers(cfg, dist_env, device), device, collate))
     if len(loader) == 0:
         raise UserError(
@@ -94,18 +71,37 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     return loader
 
 
-def steps_per_epoch(loader: DataLoader, global_batch: int) -> int:
-    """Optimizer steps in a whole epoch."""
-    return loader.sampler.usable_samples // global_batch
+def _stream_loader(stream, cfg, dist_env: DistEnv, device: torch.device, collate, per_rank_batch: int):
+    """A stream's loader: its shards split over the job's processes and their workers (data/streams.py)."""
+    workers = loader_workers(cfg, dist_env, device)
+    check_stream(stream, dist_env.world_size * max(1, workers))
+    if not cfg.train.max_steps:
+        raise UserError("the recipe's training set is a stream, which has no length: set train.max_steps (and "
+                        "eval.every_steps and ckpt.every_steps for evaluations and checkpoints along the way)",
+                        same_on_all_ranks=True)
+    options = {key: value for key, value in _loader_options(workers, device, collate).items()
+               if key in ("pin_memory", "generator")}
+    return StreamLoader(stream, dist_env.rank, dist_env.world_size, workers, per_rank_batch, cfg.train.grad_accum,
+                        collate, cfg.train.seed, options)
 
 
-def start_epoch(loader: DataLoader, epoch: int, consumed: int) -> None:
-    """Position ``loader`` ``consumed`` samples into ``epoch``.
+def steps_per_epoch(loader, cfg) -> int:
+    """Optimizer steps in a whole epoch; a stream's run is one epoch of ``train.max_steps``."""
+    if isinstance(loader, StreamLoader):
+        return cfg.train.max_steps
+    return loader.sampler.usable_samples // cfg.train.batch_size
 
-    Worker seeds depend only on (seed, epoch, rank), so a resumed epoch's workers start as the original's did.
+
+def start_epoch(loader, epoch: int, steps_done: int, global_batch: int) -> None:
+    """Position ``loader`` ``steps_done`` optimizer steps into ``epoch``.
+
+    Its workers' own seeds depend only on (seed, epoch, rank); what a sample draws is seeded by the sample itself.
     """
+    if isinstance(loader, StreamLoader):
+        loader.start(steps_done)
+        return
     sampler = loader.sampler
-    sampler.set_epoch(epoch, consumed)
+    sampler.set_epoch(epoch, steps_done * global_batch)
     loader.generator.manual_seed((sampler.seed * 1_000_003 + epoch) * 1_009 + sampler.rank)
 
 
@@ -115,16 +111,21 @@ def eval_batches(num_samples: int, batch_size: int) -> list[list[int]]:
 
 
 def build_eval_loader(dataset: Dataset, batches: list[list[int]], cfg, device: torch.device, collate=None):
-    """A loader over the given batches, in order: on the device (``data.resident``) or a DataLoader."""
-    tensors = resident_tensors(dataset, cfg, device, "eval")
-    if tensors is not None:
-        return ResidentLoader(dataset, tensors, batches=batches)
+    """A loader over the given batches, in order.
+
+    They are cut at once where the data set can (``data.resident``), else read by a DataLoader.
+    """
+    source = indexed_source(dataset, cfg, device, "eval", collate)
+    if source is not None:
+        return IndexedLoader(source, batches=batches)
     workers = 0 if cfg.data.num_workers < 0 else cfg.data.num_workers  # evaluation: no workers kept alive all run
     return DataLoader(dataset, batch_sampler=batches, **_loader_options(workers, device, collate))
 
 
 def data_path(loader) -> str:
     """How batches reach the device, for the header."""
-    if isinstance(loader, ResidentLoader):
-        return f"on the device ({sum(tensor.nbytes for tensor in loader.tensors) / 2**20:,.1f} MB)"
+    if isinstance(loader, IndexedLoader):
+        return f"on the device ({loader.source.nbytes / 2**20:,.1f} MB), batches cut at once"
+    if isinstance(loader, StreamLoader):
+        return f"a stream in {loader.parts} parts ({loader.num_workers} workers a process)"
     return f"through a DataLoader ({loader.num_workers} workers)"

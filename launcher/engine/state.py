@@ -6,6 +6,7 @@ streams. A checkpoint holds ``state_dict()`` and every rank's ``rank_state_dict(
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -34,12 +35,13 @@ class Position:
 class TrainingState:
     """What continues training exactly, besides the model's and optimizer's state, with its checkpoint form."""
 
-    def __init__(self, scheduler, scaler, batch_size: int, device: torch.device):
+    def __init__(self, scheduler, scaler, batch_size: int, device: torch.device, data=None):
         self.position = Position()
         # This rank's summed step losses in the epoch, on the device: progress windows are differences of it.
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.scheduler, self.scaler = scheduler, scaler
         self.batch_size, self.device = batch_size, device
+        self.data = data  # a loader with a place of its own to save (a stream's); the position places the others
 
     def state_dict(self) -> dict:
         """The part every rank holds alike (in a checkpoint's top level)."""
@@ -55,7 +57,10 @@ class TrainingState:
 
     def rank_state_dict(self) -> dict:
         """This rank's own part (a checkpoint holds every rank's, in ``rank_states``)."""
-        return {"rng": _capture_rng(self.device), "loss_sum": self.loss_sum.item()}
+        state = {"rng": _capture_rng(self.device), "loss_sum": self.loss_sum.item()}
+        if self.data is not None:
+            state["data"] = self.data.state_dict(self.position.step_in_epoch)
+        return state
 
     def load_state_dict(self, saved: dict, rank: int, world_size: int, same_best_metric: bool = True) -> None:
         """Put back what a checkpoint ``saved``.
@@ -74,6 +79,10 @@ class TrainingState:
                                  global_step=saved["global_step"], best=saved["best"] if same_best_metric else None,
                                  saved_step=saved["global_step"])
         rank_states = saved["rank_states"]
+        if self.data is not None:
+            note = self.data.load_state_dict([state.get("data") for state in rank_states], rank)
+            if note and rank == 0:
+                log.warning("%s", note)
         if saved["world_size"] == world_size:
             _restore_rng(rank_states[rank]["rng"], self.device)
             self.loss_sum.fill_(rank_states[rank]["loss_sum"])
@@ -82,8 +91,23 @@ class TrainingState:
         # count as their mean over the old ranks, which every new rank carries, so the new world's sum holds it once.
         self.loss_sum.fill_(sum(state["loss_sum"] for state in rank_states) / len(rank_states))
         if rank == 0:
-            log.warning("resuming on %d processes from a checkpoint of %d: the data order continues exactly, the "
-                        "per-rank random streams start afresh", world_size, saved["world_size"])
+            log.warning("resuming on %d processes from a checkpoint of %d: the data order and each sample's random "
+                        "numbers continue exactly; each rank's own streams (dropout) start afresh", world_size,
+                        saved["world_size"])
+
+
+@contextlib.contextmanager
+def random_streams_kept(device: torch.device):
+    """Run the block on this process's random streams, then put them back as they were.
+
+    Evaluation runs in it: a run that evaluates more often, or stops and evaluates at ``train.max_steps``, trains
+    exactly as one that does not.
+    """
+    saved = _capture_rng(device)
+    try:
+        yield
+    finally:
+        _restore_rng(saved, device)
 
 
 def _capture_rng(device: torch.device) -> dict:

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint.checkpointer import Checkpointer, TrainingDiverged
 from launcher.checkpoint.files import load_named, save_model
+from launcher.data.streams import StreamLoader, first_sample
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import full_model_state, is_sharded, refuse_rank_local_batchnorm, shard_model
 from launcher.distributed.group import on_main, run_agreed
@@ -32,7 +33,7 @@ from launcher.engine.evaluate import evaluate, on_every_rank
 from launcher.engine.host_memory import keep_freed_memory
 from launcher.engine.optim import build_optimizer, build_scheduler
 from launcher.engine.precision import Precision
-from launcher.engine.state import Position, TrainingState
+from launcher.engine.state import Position, TrainingState, random_streams_kept
 from launcher.errors import UserError
 from launcher.recipe import Recipe
 from launcher.run.attempt import Attempt
@@ -59,7 +60,7 @@ class Trainer:
         built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
         self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
-        summary = summarize(self.model, train_set, built_on) if dist_env.is_main else ""
+        summary = summarize(self.model, first_sample(train_set), built_on) if dist_env.is_main else ""
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             refuse_rank_local_batchnorm(self.model, cfg, dist_env)
             self.model = shard_model(self.model, cfg, recipe, dist_env, device)
@@ -68,14 +69,16 @@ class Trainer:
                             "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
         self.train_loader = run_agreed(
             dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device, recipe.collate))
-        self.steps_per_epoch = steps_per_epoch(self.train_loader, cfg.train.batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.train_loader, cfg)
+        self.streamed = isinstance(self.train_loader, StreamLoader)  # a stream: one epoch of train.max_steps
         groups = lambda: recipe.param_groups(self.model, cfg)  # noqa: E731
         self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
         seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
         # Under fsdp, its MixedPrecisionPolicy casts (distributed/fsdp.py), not autocast.
         self.precision = Precision("none" if self.sharded else cfg.train.amp, cfg.train.channels_last, device)
         scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
-        self.state = TrainingState(scheduler, self.precision.scaler, cfg.train.batch_size, device)
+        self.state = TrainingState(scheduler, self.precision.scaler, cfg.train.batch_size, device,
+                                   self.train_loader if self.streamed else None)
         self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock)
         if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
             self._restore(Path(start.checkpoint), saved)
@@ -208,7 +211,7 @@ class Trainer:
         """Train the rest of the current epoch; True if a stop was agreed on (after writing a checkpoint)."""
         where = self.position
         self.wrapped_model.train()
-        start_epoch(self.train_loader, where.epoch, where.step_in_epoch * self.cfg.train.batch_size)
+        start_epoch(self.train_loader, where.epoch, where.step_in_epoch, self.cfg.train.batch_size)
         bar = None
         if self.shows_progress_bar:
             bar = terminal.progress_bar(where.epoch, self.cfg.train.epochs, where.step_in_epoch, self.steps_per_epoch)
@@ -228,7 +231,7 @@ class Trainer:
         """
         # Config values read once: an OmegaConf lookup costs microseconds, and this loop runs every step.
         accum, clip, log_every = self.cfg.train.grad_accum, self.cfg.train.clip_grad_norm, self.cfg.train.log_every
-        save_every, where = self.cfg.ckpt.every_steps, self.position
+        save_every, eval_every, where = self.cfg.ckpt.every_steps, self.cfg.eval.every_steps, self.position
         window, scheduler = _Window(self.state.loss_sum), self.state.scheduler
         micro_in_epoch = where.step_in_epoch * accum
         memory_format = self.precision.to_memory_format
@@ -251,8 +254,10 @@ class Trainer:
                 bar.update()
             if where.global_step % log_every == 0 and self.dist_env.is_main:
                 self._report(window.take(self.cfg.train.batch_size, self.tokens_per_sample), bar)
-            if save_every and where.global_step % save_every == 0 and where.step_in_epoch < self.steps_per_epoch:
-                self.save_checkpoint()  # the epoch's last step is saved after its evaluation
+            inside_epoch = where.step_in_epoch < self.steps_per_epoch  # its last step is evaluated and saved after it
+            improved = eval_every and where.global_step % eval_every == 0 and inside_epoch and self.evaluate_now()
+            if (improved or save_every and where.global_step % save_every == 0) and inside_epoch:
+                self.save_checkpoint(best=bool(improved))
             if self.stop.should_stop(where.global_step):
                 if self.stop.diverged_at is not None:
                     message = self.checkpointer.diverged_message(self.stop.diverged_at)
@@ -312,21 +317,44 @@ class Trainer:
         seconds = time.perf_counter() - began
         record = {"step": where.global_step, "epoch": where.epoch, "train/loss": train_loss, "time/epoch_s": seconds,
                   **_throughput(steps_run * cfg.train.batch_size / seconds, self.tokens_per_sample)}
-        if self.eval_set is not None and (on_every_rank(cfg) or self.dist_env.is_main):
-            record.update(evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env))
-        improved = self._new_best(record) if cfg.ckpt.best_metric else None
-        if improved is not None:
-            where.best = improved
-        if where.step_in_epoch >= self.steps_per_epoch:  # else train.max_steps ended it part-way: a longer
-            where.epoch, where.step_in_epoch = where.epoch + 1, 0  # max_steps continues it from there
+        metrics, improved = self._evaluate()
+        record.update(metrics)
+        # Else train.max_steps ended it part-way (a longer max_steps continues it from there); a stream's never ends.
+        if where.step_in_epoch >= self.steps_per_epoch and not self.streamed:
+            where.epoch, where.step_in_epoch = where.epoch + 1, 0
             self.state.loss_sum.zero_()
         every, last = cfg.ckpt.every_epochs, record["epoch"] == cfg.train.epochs or self._reached_max_steps()
-        if improved is not None or (every and record["epoch"] % every == 0) or last:
-            self.save_checkpoint(best=improved is not None)
+        if improved or (every and record["epoch"] % every == 0) or last:
+            self.save_checkpoint(best=improved)
         if self.dist_env.is_main:
             self.attempt.records.write(record)
-            log.info(terminal.format_epoch(record, cfg.train.epochs))
+            log.info(terminal.format_epoch(record, None if self.streamed else cfg.train.epochs))
         return record
+
+    def evaluate_now(self) -> bool:
+        """Evaluate inside an epoch (``eval.every_steps``) and record it; True if the best metric improved."""
+        metrics, improved = self._evaluate()
+        if self.dist_env.is_main and metrics:
+            where = self.position
+            self.attempt.records.write({"step": where.global_step, "epoch": where.epoch, **metrics})
+            log.info("step %d | %s", where.global_step,
+                     " | ".join(f"{key.replace('/', ' ')} {value:.4f}" for key, value in metrics.items()))
+        return improved
+
+    def _evaluate(self) -> tuple[dict, bool]:
+        """Collective: the eval metrics (on the ranks that evaluate), and whether the best metric improved.
+
+        Evaluation runs on the random streams it finds and puts them back (``random_streams_kept``): how often it
+        runs changes nothing of the training.
+        """
+        cfg, metrics = self.cfg, {}
+        if self.eval_set is not None and (on_every_rank(cfg) or self.dist_env.is_main):
+            with random_streams_kept(self.device):
+                metrics = evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env)
+        improved = self._new_best(metrics) if cfg.ckpt.best_metric else None
+        if improved is not None:
+            self.position.best = improved
+        return metrics, improved is not None
 
     def _new_best(self, record: dict) -> float | None:
         """Rank 0 judges the new eval metric against the best so far.

@@ -59,9 +59,8 @@ def model_summary(model: nn.Module, sample_input: torch.Tensor, device: torch.de
     return text.getvalue(), ""
 
 
-def summarize(model: nn.Module, train_set, device: torch.device) -> str:
-    """The summary: torchsummary's table on the training set's first sample, else the parameter table."""
-    sample = train_set[0]
+def summarize(model: nn.Module, sample, device: torch.device) -> str:
+    """The summary: torchsummary's table on the training set's first ``sample``, else the parameter table."""
     sample = sample[0] if isinstance(sample, (tuple, list)) else sample  # an (input, target) pair's input
     if isinstance(sample, torch.Tensor):
         text, problem = model_summary(model, sample, device)

@@ -86,11 +86,15 @@ def report_steps(report: dict, epoch: int, step_in_epoch: int, steps_per_epoch: 
         log.info("epoch %d step %d/%d | loss %.4f | %s", epoch, step_in_epoch, steps_per_epoch, loss, speed)
 
 
-def format_epoch(record: dict, epochs: int) -> str:
-    """The per-epoch line: train loss, eval metrics, seconds per epoch, samples per second."""
-    parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train/loss']:.4f}"]
+def format_epoch(record: dict, epochs: int | None) -> str:
+    """The per-epoch line: train loss, eval metrics, seconds per epoch, samples per second.
+
+    ``epochs`` None: a stream's run, which has no epochs; its line says the step.
+    """
+    where = f"epoch {record['epoch']}/{epochs}" if epochs else f"step {record['step']}"
+    parts = [where, f"train loss {record['train/loss']:.4f}"]
     parts += [f"{key.replace('/', ' ')} {value:.4f}" for key, value in record.items() if key.startswith("eval/")]
-    parts.append(f"{record['time/epoch_s']:.2f} s/epoch")
+    parts.append(f"{record['time/epoch_s']:.2f} s" + ("/epoch" if epochs else ""))
     parts.append(f"{record['throughput/samples_per_s']:,.0f} samples/s")
     if "throughput/tokens_per_s" in record:
         parts.append(f"{record['throughput/tokens_per_s']:,.0f} tokens/s")

@@ -60,6 +60,15 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     schedule = json.loads(run_bench([str(BENCH / "schedule.py"), "--steps", "200", "--rounds", "2"], tmp_path))
     assert set(schedule["schedule_us"]) == {"plain", "plain_again", "lr_scheduler", "lambda_lr"}
 
+    paths = [json.loads(line) for line in run_bench([str(BENCH / "data.py"), "paths", "--seconds", "0.2",
+                                                     "--corpus-gb", "0.002"], tmp_path).splitlines()]
+    assert [(line["data"], line["path"].split(",")[0]) for line in paths] == [
+        ("gpt windows", "dataloader"), ("gpt windows", "take"), ("mlp TensorDataset", "dataloader"),
+        ("mlp TensorDataset", "indexed"), ("token shards (memory maps)", "take")]
+    memory = [json.loads(line) for line in run_bench([str(BENCH / "data.py"), "memory", "--sizes", "0.002", "0.004",
+                                                      "--batches", "5", "--context", "64"], tmp_path).splitlines()]
+    assert [line["corpus_gb"] for line in memory] == [0.002, 0.004] and all(line["batches"] == 5 for line in memory)
+
     outputs = {"overhead.jsonl": overhead, "startup.jsonl": startup, "checkpoint.json": checkpoint,
                "wandb_log.jsonl": wandb_log}
     for name, output in outputs.items():

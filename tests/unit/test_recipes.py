@@ -13,7 +13,7 @@ def config_for(recipe, overrides=()):
 
 
 def test_shipped_recipes():
-    assert available_recipes() == ["digits", "features", "gpt", "lenet", "linreg", "mlp", "resnet18"]
+    assert available_recipes() == ["digits", "features", "gpt", "lenet", "linreg", "mlp", "resnet18", "stream"]
 
 
 @pytest.mark.parametrize(

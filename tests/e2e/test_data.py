@@ -1,0 +1,188 @@
+"""Data that resumes exactly on every path, in real processes: DataLoader workers with per-sample random transforms,
+evaluation that never moves training's random streams, a stream split over ranks and workers, token shards."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from helpers import GPT_RECIPE, INTERRUPT_ON_CALL, assert_identical, check_ok, launch, load_weights
+
+JITTERED = textwrap.dedent(INTERRUPT_ON_CALL + """
+    import random
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from launcher.recipes.digits import build_datasets as digits
+
+    DEFAULTS = {"train": {"epochs": 3, "batch_size": 64, "log_every": 10}, "optim": {"lr": 0.05, "momentum": 0.9},
+                "data": {"eval_fraction": 0.2, "num_workers": 2}}
+
+    class Jittered(torch.utils.data.Dataset):
+        \"\"\"Digits with per-sample noise from torch's, Python's and NumPy's generators (as transforms draw).\"\"\"
+
+        def __init__(self, tensors):
+            self.images, self.labels = tensors
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, index):
+            image = self.images[index] + 0.1 * torch.randn_like(self.images[index])
+            return image * (1 + 0.05 * random.random()) + 0.05 * float(np.random.rand()), self.labels[index]
+
+    def build_datasets(cfg):
+        train, evaluation = digits(cfg)
+        return Jittered(train.tensors), evaluation
+
+    def build_model(cfg):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
+
+    def loss(outputs, targets):
+        interrupt_on_call()
+        return F.cross_entropy(outputs, targets)
+""")
+
+JITTERED_ARGS = ["recipe=jittered.py", "wandb.mode=disabled", "ckpt.every_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def jittered(tmp_path_factory):
+    """A folder with the recipe, and its uninterrupted runs on 1 and 2 processes (the references)."""
+    folder = tmp_path_factory.mktemp("jittered")
+    (folder / "jittered.py").write_text(JITTERED)
+    for nproc in (1, 2):
+        check_ok(launch([*JITTERED_ARGS, f"run.dir=reference{nproc}", f"dist.nproc_per_node={nproc}"], folder))
+    return folder
+
+
+@pytest.mark.parametrize("nproc, workers_after", [(1, 2), (2, 0)])
+def test_workers_with_per_sample_random_transforms_resume_bitwise_after_a_stop(jittered, nproc, workers_after):
+    """A stop mid-epoch (step 30 of 66): the resumed epoch's samples are read by other workers, in other turns, or
+    (``data.num_workers`` changed) by the training process itself."""
+    args = [*JITTERED_ARGS, f"run.dir=stopped{nproc}", f"dist.nproc_per_node={nproc}"]
+    (jittered / "interrupted.marker").unlink(missing_ok=True)
+    stopped = launch(args, jittered, env={"INTERRUPT": "0:30:SIGTERM"})
+    assert stopped.returncode == 75, stopped.stderr
+    resumed = check_ok(launch([*args, f"data.num_workers={workers_after}"], jittered))
+    assert f"data through a DataLoader ({workers_after} workers)" in resumed.stdout
+    if workers_after != 2:
+        assert "changed since the checkpoint: data.num_workers 2 -> 0: training continues exactly" in resumed.stdout
+    assert_identical(load_weights(jittered / f"stopped{nproc}"), load_weights(jittered / f"reference{nproc}"))
+
+
+def test_workers_with_per_sample_random_transforms_resume_bitwise_after_a_sigkill(jittered):
+    (jittered / "interrupted.marker").unlink(missing_ok=True)
+    result = check_ok(launch([*JITTERED_ARGS, "run.dir=killed"], jittered, nproc=2, env={"INTERRUPT": "1:30:SIGKILL"},
+                             torchrun_args=["--max-restarts=1"]))
+    assert "resumed from killed/checkpoints/step_000000025.pt" in result.stdout
+    assert_identical(load_weights(jittered / "killed"), load_weights(jittered / "reference2"))
+
+
+EVALUATION_DRAWS = textwrap.dedent("""
+    import random
+    import torch
+    from torch import nn
+    from launcher.recipes.digits import DEFAULTS, build_datasets
+
+    def build_model(cfg):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
+
+    def metrics(outputs, batch):
+        # An evaluation that draws random numbers, as a sampled metric or a test-time augmentation would.
+        noise = torch.rand(len(outputs)) + random.random()
+        return {"accuracy": ((outputs.argmax(1) == batch[1]).sum(), len(outputs)), "noise": (noise.sum(), len(noise))}
+""")
+
+
+def test_evaluation_never_moves_the_training_streams(tmp_path):
+    """Evaluating every 5 steps, or stopping (and evaluating) at train.max_steps and going on, trains exactly as
+    evaluating at epochs' ends does."""
+    (tmp_path / "draws.py").write_text(EVALUATION_DRAWS)
+    args = ["recipe=draws.py", "wandb.mode=disabled", "train.epochs=2", "dist.nproc_per_node=2"]
+    check_ok(launch([*args, "run.dir=plain"], tmp_path))
+    check_ok(launch([*args, "run.dir=often", "eval.every_steps=5"], tmp_path))
+    check_ok(launch([*args, "run.dir=stopped", "train.max_steps=30"], tmp_path))
+    check_ok(launch([*args, "run.dir=stopped"], tmp_path))
+    plain = load_weights(tmp_path / "plain")
+    assert_identical(load_weights(tmp_path / "often"), plain)
+    assert_identical(load_weights(tmp_path / "stopped"), plain)
+
+
+COUNTED_STREAM = textwrap.dedent(INTERRUPT_ON_CALL + """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from launcher.data.streams import Stream
+
+    DEFAULTS = {"train": {"batch_size": 8, "max_steps": 24, "log_every": 4},
+                "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                "data": {"num_workers": 2}, "ckpt": {"every_steps": 4}}
+    SHARDS, PER_SHARD = 8, 24
+
+    class Counted(Stream):
+        \"\"\"8 shards of 24 numbered samples, the shards' order shuffled by the epoch, a noisy feature each.\"\"\"
+
+        def shards(self, epoch):
+            return torch.randperm(SHARDS, generator=torch.Generator().manual_seed(epoch)).tolist()
+
+        def read(self, shard, start):
+            for offset in range(start, PER_SHARD):
+                number = shard * PER_SHARD + offset
+                features = torch.full((4,), float(number % 7)) + torch.randn(4)  # a random transform
+                yield {"features": features, "label": number % 2, "number": number}
+
+    def build_model(cfg):
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+
+    def build_datasets(cfg):
+        return Counted(), None
+
+    def step(model, batch):
+        interrupt_on_call()
+        with open(f"read-{os.environ.get('RANK', '0')}.txt", "a") as file:
+            file.write(" ".join(map(str, batch["number"].tolist())) + "\\n")
+        return F.cross_entropy(model(batch["features"]), batch["label"])
+""")
+
+
+def numbers_read(folder) -> list[int]:
+    return sorted(int(number) for rank in (0, 1) for number in (folder / f"read-{rank}.txt").read_text().split())
+
+
+def test_a_stream_over_two_ranks_and_two_workers_reads_every_sample_once_an_epoch_and_resumes_bitwise(tmp_path):
+    """24 steps of 8 samples are one epoch of the stream's 192: each read exactly once; then two epochs, stopped at
+    step 10 and continued, end as two uninterrupted epochs do."""
+    (tmp_path / "counted.py").write_text(COUNTED_STREAM)
+    args = ["recipe=counted.py", "wandb.mode=disabled"]
+    one_epoch = check_ok(launch([*args, "run.dir=once"], tmp_path, nproc=2))
+    assert "data a stream in 4 parts (2 workers a process)" in one_epoch.stdout
+    assert numbers_read(tmp_path) == list(range(192))
+    check_ok(launch([*args, "run.dir=reference", "train.max_steps=48"], tmp_path, nproc=2))
+    stopped = launch([*args, "run.dir=stopped", "train.max_steps=48"], tmp_path, nproc=2,
+                     env={"INTERRUPT": "1:10:SIGTERM"})
+    assert "stopped after step" in stopped.stderr
+    resumed = check_ok(launch([*args, "run.dir=stopped", "train.max_steps=48"], tmp_path, nproc=2))
+    assert "resumed from stopped/checkpoints/step_" in resumed.stdout
+    assert_identical(load_weights(tmp_path / "stopped"), load_weights(tmp_path / "reference"))
+
+
+def test_gpt_trains_from_token_shards_and_resumes_bitwise(tmp_path):
+    (tmp_path / "small_gpt.py").write_text(GPT_RECIPE)
+    stdlib = os.path.dirname(os.__file__)
+    check_ok(launch_tokens(["--out", "corpus", "--glob", "*.py", "--shard-tokens", "20000", "--eval-every", "3",
+                            f"{stdlib}/json", f"{stdlib}/urllib"], tmp_path))
+    args = ["recipe=small_gpt.py", "wandb.mode=disabled", "data.tokens=corpus", "ckpt.every_steps=10",
+            "train.max_steps=40"]
+    reference = check_ok(launch([*args, "run.dir=reference"], tmp_path, nproc=2))
+    assert "batches cut at once" in reference.stdout
+    stopped = launch([*args, "run.dir=stopped"], tmp_path, nproc=2, env={"INTERRUPT": "0:25:SIGTERM"})
+    assert "stopped after step" in stopped.stderr
+    check_ok(launch([*args, "run.dir=stopped"], tmp_path, nproc=2))
+    assert_identical(load_weights(tmp_path / "stopped"), load_weights(tmp_path / "reference"))
+
+
+def launch_tokens(args: list[str], cwd):
+    return subprocess.run([sys.executable, "-m", "launcher.tokens", *args], cwd=cwd, capture_output=True, text=True)
