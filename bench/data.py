@@ -70,7 +70,7 @@ def paths(corpus_gb: float) -> None:
     train, _ = gpt.build_datasets(cfg)
     batch = cfg.train.batch_size
     loader = torch.utils.data.DataLoader(train, batch_size=batch, sampler=sampler(len(train), batch))
-    indexed = IndexedLoader(train, batch_size=batch, sampler=sampler(len(train), batch))
+    indexed = IndexedLoader(train, train, batch_size=batch, sampler=sampler(len(train), batch))
     model = gpt.build_model(cfg)
     step = step_seconds(model, next(iter(indexed)), lambda m, b: gpt.step(m, b)[0])
     for path, batches in (("dataloader, a sample at a time", loader), ("take, a batch at once", indexed)):
@@ -83,14 +83,15 @@ def paths(corpus_gb: float) -> None:
     step = step_seconds(model, (images[:batch], labels[:batch]),
                         lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))
     loader = torch.utils.data.DataLoader(tensors, batch_size=batch, sampler=sampler(len(tensors), batch))
-    indexed = IndexedLoader(IndexedTensors(tensors.tensors), batch_size=batch, sampler=sampler(len(tensors), batch))
+    indexed = IndexedLoader(tensors, IndexedTensors(tensors.tensors), batch_size=batch,
+                            sampler=sampler(len(tensors), batch))
     for path, batches in (("dataloader, a sample at a time", loader), ("indexed, a batch at once", indexed)):
         _emit(data="mlp TensorDataset", path=path, samples_per_s=samples_per_s(batches), batch=batch,
               step_s=step, step_samples_per_s=batch / step)
     with tempfile.TemporaryDirectory() as folder:
         _write_corpus(Path(folder), gigabytes=corpus_gb, shard_gb=corpus_gb / 2)
         windows = TokenWindows(Path(folder), context=64)
-        indexed = IndexedLoader(windows, batch_size=32, sampler=sampler(len(windows), 32))
+        indexed = IndexedLoader(windows, windows, batch_size=32, sampler=sampler(len(windows), 32))
         _emit(data="token shards (memory maps)", path="take, a batch at once", samples_per_s=samples_per_s(indexed),
               batch=32)
 
@@ -108,7 +109,7 @@ def _read(folder: str, batches: int, context: int) -> None:
     """In a fresh process: windows of an epoch's order, batch by batch; resident memory before and after."""
     before = _memory()
     windows = TokenWindows(Path(folder), context)
-    loader = IndexedLoader(windows, batch_size=64, sampler=sampler(len(windows), 64))
+    loader = IndexedLoader(windows, windows, batch_size=64, sampler=sampler(len(windows), 64))
     began = time.perf_counter()
     for number, _ in enumerate(loader, 1):
         if number == batches:

@@ -59,7 +59,7 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     sampler = ResumableDistributedSampler(dataset, dist_env.world_size, dist_env.rank, seed=cfg.train.seed,
                                           global_batch=cfg.train.batch_size, seeded=source is None)
     if source is not None:
-        loader = IndexedLoader(source, batch_size=per_rank_batch, sampler=sampler)
+        loader = IndexedLoader(dataset, source, batch_size=per_rank_batch, sampler=sampler)
     else:
         loader = DataLoader(SeededSamples(dataset), batch_size=per_rank_batch, sampler=sampler, drop_last=True,
                             **_loader_options(loader_workers(cfg, dist_env, device), device, collate))
@@ -117,7 +117,7 @@ def build_eval_loader(dataset: Dataset, batches: list[list[int]], cfg, device: t
     """
     source = indexed_source(dataset, cfg, device, "eval", collate)
     if source is not None:
-        return IndexedLoader(source, batches=batches)
+        return IndexedLoader(dataset, source, batches=batches)
     workers = 0 if cfg.data.num_workers < 0 else cfg.data.num_workers  # evaluation: no workers kept alive all run
     return DataLoader(dataset, batch_sampler=batches, **_loader_options(workers, device, collate))
 
