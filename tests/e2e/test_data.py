@@ -17,7 +17,7 @@ JITTERED = textwrap.dedent(INTERRUPT_ON_CALL + """
     from torch import nn
     from launcher.recipes.digits import build_datasets as digits
 
-    DEFAULTS = {"train": {"epochs": 3, "batch_size": 64, "log_every": 10}, "optim": {"lr": 0.05, "momentum": 0.9},
+    DEFAULTS = {"train": {"epochs": 2, "batch_size": 64, "log_every": 10}, "optim": {"lr": 0.05, "momentum": 0.9},
                 "data": {"eval_fraction": 0.2, "num_workers": 2}}
 
     class Jittered(torch.utils.data.Dataset):
@@ -60,7 +60,7 @@ def jittered(tmp_path_factory):
 
 @pytest.mark.parametrize("nproc, workers_after", [(1, 2), (2, 0)])
 def test_workers_with_per_sample_random_transforms_resume_bitwise_after_a_stop(jittered, nproc, workers_after):
-    """A stop mid-epoch (step 30 of 66): the resumed epoch's samples are read by other workers, in other turns, or
+    """A stop mid-epoch (step 30 of 44): the resumed epoch's samples are read by other workers, in other turns, or
     (``data.num_workers`` changed) by the training process itself."""
     args = [*JITTERED_ARGS, f"run.dir=stopped{nproc}", f"dist.nproc_per_node={nproc}"]
     (jittered / "interrupted.marker").unlink(missing_ok=True)
@@ -101,7 +101,7 @@ def test_evaluation_never_moves_the_training_streams(tmp_path):
     """Evaluating every 5 steps, or stopping (and evaluating) at train.max_steps and going on, trains exactly as
     evaluating at epochs' ends does."""
     (tmp_path / "draws.py").write_text(EVALUATION_DRAWS)
-    args = ["recipe=draws.py", "wandb.mode=disabled", "train.epochs=2", "dist.nproc_per_node=2"]
+    args = ["recipe=draws.py", "wandb.mode=disabled", "train.epochs=2"]
     check_ok(launch([*args, "run.dir=plain"], tmp_path))
     check_ok(launch([*args, "run.dir=often", "eval.every_steps=5"], tmp_path))
     check_ok(launch([*args, "run.dir=stopped", "train.max_steps=30"], tmp_path))
