@@ -54,9 +54,10 @@ def indexed(dataset: Dataset):
 def indexed_source(dataset: Dataset, cfg, device: torch.device, which: str, collate):
     """Where ``dataset``'s batches are cut (``data.resident``): an indexed source on ``device``, or None.
 
-    None means a DataLoader reads them sample by sample. ``auto`` cuts batches at once wherever the data set can (and the recipe has no ``collate`` of its own): on a
-    GPU when the data take at most ``data.resident_share`` of its memory (else a DataLoader), on a CPU always (its
-    memory is the host's: cutting is faster than reading and collating sample by sample, BENCHMARKS.md).
+    None means a DataLoader reads them sample by sample. ``auto`` cuts batches at once wherever the data set can
+    (and the recipe has no ``collate`` of its own): on a GPU when the data take at most ``data.resident_share`` of
+    its memory (else a DataLoader), on a CPU always (its memory is the host's: cutting is faster than reading and
+    collating sample by sample, BENCHMARKS.md).
     """
     mode = cfg.data.resident
     if mode == "never":

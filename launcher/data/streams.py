@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
