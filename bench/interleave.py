@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100, help="untimed steps per side first")
     parser.add_argument("--data-wait", action="store_true",
                         help="also time the launcher's loop on one batch kept on the device: the data wait fraction")
+    parser.add_argument("--unobserved", action="store_true",
+                        help="also time the launcher's loop with its observability stubbed out: what it costs")
     parser.add_argument("--limit", action="store_true",
                         help="also time the limit: a plain loop on data resident on the device, compiled on a GPU")
     args, overrides = parser.parse_known_args()
@@ -76,8 +78,9 @@ def main() -> None:
     run_dir = Path(tempfile.gettempdir()) / f"launcher-bench-{dist_env.job_id}"  # a fresh run: nothing to resume
     _, recipe, cfg = load_validated([f"recipe={Path(__file__).parent / 'workload.py'}", f"model.arch={args.arch}",
                                      f"run.dir={run_dir}", "log.level=warning", *overrides], dist_env)
-    if args.warmup + args.chunks * args.chunk_steps > workload.TRAIN_SAMPLES // cfg.train.batch_size:
-        raise SystemExit(f"warmup + chunks * chunk-steps must fit in one epoch "
+    readers = 2 if args.unobserved else 1  # the launcher sides read one epoch's batches in turn
+    if readers * (args.warmup + args.chunks * args.chunk_steps) > workload.TRAIN_SAMPLES // cfg.train.batch_size:
+        raise SystemExit(f"{'2 x ' if args.unobserved else ''}(warmup + chunks * chunk-steps) must fit in one epoch "
                          f"({workload.TRAIN_SAMPLES // cfg.train.batch_size} steps)")
     device = device_for(dist_env, cfg.dist.backend)
     init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s)
@@ -88,10 +91,15 @@ def main() -> None:
 
     def launcher_on(batches):
         """The launcher's loop on ``batches``: ``run(steps)``."""
-        return lambda steps: trainer.train_steps(batches, until_step=trainer.position.global_step + steps)
+        def run(steps):
+            return trainer.train_steps(batches, until_step=trainer.position.global_step + steps)
+        run.batches = batches
+        return run
 
     sides = {"launcher": launcher_on(iter(loader)), "plain": plain_side(loader.dataset, cfg, device),
              "plain_again": plain_side(loader.dataset, cfg, device)}
+    if args.unobserved:
+        sides["launcher_unobserved"] = unobserved(trainer, launcher_on(sides["launcher"].batches))
     if args.limit:
         sides["limit"] = limit_side(loader.dataset, cfg, device)
     if args.data_wait:
@@ -114,6 +122,35 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+class _Nothing:
+    """Takes any call and does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def unobserved(trainer: Trainer, run):
+    """``run`` with what the Trainer does to be seen stubbed out: the whereabouts a hang's report reads, each rank's own
+    time and memory peaks (and their ride on the stop agreement), FLOPs, memory and straggler metrics in the reports.
+    The launcher side's time over this side's is what they cost."""
+    from launcher.engine.flops import Throughput
+
+    quiet_report = _Nothing()
+    quiet_report.take, quiet_report.memory = (lambda samples: ({}, None)), (lambda samples: {})
+
+    def side(steps):
+        kept = trainer.where, trainer.rank_stats, trainer.stop._measure, trainer.throughput, trainer.rank_report
+        # The agreement keeps its size (a chunk's last one is read in the next chunk): only the sampling is left out.
+        trainer.where, trainer.rank_stats, trainer.stop._measure = _Nothing(), _Nothing(), lambda: [0.0] * 5
+        trainer.throughput = Throughput(trainer.throughput.tokens_per_sample, None, None, 1)
+        trainer.rank_report = quiet_report
+        try:
+            run(steps)
+        finally:
+            trainer.where, trainer.rank_stats, trainer.stop._measure, trainer.throughput, trainer.rank_report = kept
+    return side
+
+
 def plain_side(train_set, cfg, device: torch.device):
     """A plain loop of its own (model, optimizer, loader) over ``train_set``, set up as ``cfg`` asks the launcher
     to: ``run(steps)``."""
@@ -130,6 +167,14 @@ def limit_side(train_set, cfg, device: torch.device):
     limit = build_plain(train_set, limit_cfg, device)
     batches = resident_batches(train_set, limit_cfg, device)
     return lambda steps: plain_steps(limit, batches, steps)
+
+
+def observability(times: dict, wall: dict) -> dict:
+    """What the launcher's observability costs: its time over the unobserved side's, overall and chunk by chunk."""
+    ratios = [seen[0] / unseen[0] for seen, unseen in zip(times["launcher"], times["launcher_unobserved"])]
+    return {"observability_cost": wall["launcher"] / wall["launcher_unobserved"] - 1,
+            "observability_chunk_ratio": {"median": statistics.median(ratios), "min": min(ratios),
+                                          "max": max(ratios)}}
 
 
 def rotation(sides: list[str], chunk: int) -> list[str]:
@@ -160,6 +205,7 @@ def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batc
         **({"data_wait_fraction": 1 - wall["launcher_resident"] / wall["launcher"]} if "launcher_resident" in wall
            else {}),
         **({"ratio_to_limit": wall["limit"] / wall["launcher"]} if "limit" in wall else {}),
+        **(observability(times, wall) if "launcher_unobserved" in wall else {}),
         **{f"{side}_cpu_ms_per_step": 1000 * sum(c for _, c in chunks) / steps for side, chunks in times.items()},
         **{f"{side}_{kind}_per_step": counter.counts.get(side, {}).get(kind, 0) / steps for side in times
            for kind in ("host_reads", "collectives")},

@@ -63,7 +63,7 @@ def build_datasets(cfg):
 # Tensor -> Python reads: on a GPU each one waits for the device (a host sync).
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
 COLLECTIVES = ("all_reduce", "broadcast", "barrier", "all_gather", "broadcast_object_list", "all_gather_object",
-               "all_gather_into_tensor", "reduce_scatter_tensor")
+               "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor")
 
 
 class SyncCounter:
@@ -81,7 +81,9 @@ class SyncCounter:
 
     def _wrap(self, owner, names, kind: str) -> None:
         for name in names:
-            original = getattr(owner, name)
+            original = getattr(owner, name, None)
+            if original is None:  # a name this torch does not have
+                continue
 
             def counted(*args, _original=original, **kwargs):
                 if self.side is not None:

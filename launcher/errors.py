@@ -54,10 +54,14 @@ def _users(filename: str) -> bool:
     return not path.is_relative_to(_ENGINE) and not any(path.is_relative_to(library) for library in _LIBRARIES)
 
 
+def user_frames(frames: traceback.StackSummary) -> list[traceback.FrameSummary]:
+    """The frames of the user's code among ``frames`` (no frame of the engine, the standard library or torch)."""
+    return [frame for frame in frames if _users(frame.filename)]
+
+
 def describe(error: BaseException) -> str:
     """The exception in one line, then where it was raised in the user's code (no frame of the engine or torch)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    mine = [frame for frame in frames if _users(frame.filename)]
+    mine = user_frames(traceback.extract_tb(error.__traceback__))
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     if mine:
         text += "\nraised at (most recent call last):\n" + "".join(traceback.format_list(mine)).rstrip()

@@ -3,7 +3,8 @@
 A recipe is a plain module. It must define ``build_model(cfg)`` and ``build_datasets(cfg)``; it may define
 ``DEFAULTS`` (a nested dict: engine keys it changes and keys of its own, typed by their default values),
 ``param_groups(model, cfg)``, ``loss(outputs, targets)`` and ``predictions(outputs)`` (multi-output models), and the
-hooks below (``collate``, ``step``, ``metrics``, ``augment``, ``tokens_per_sample``, ``fsdp_blocks``).
+hooks below (``collate``, ``step``, ``metrics``, ``augment``, ``tokens_per_sample``, ``flops_per_sample``,
+``fsdp_blocks``).
 It never touches ranks, devices, samplers or process groups: the engine owns those.
 """
 
@@ -129,6 +130,13 @@ class Recipe:
     def tokens_per_sample(self, cfg) -> int | None:
         """The recipe's ``tokens_per_sample(cfg)``: with it, throughput is also counted in tokens per second."""
         return self.module.tokens_per_sample(cfg) if hasattr(self.module, "tokens_per_sample") else None
+
+    def flops_per_sample(self, cfg) -> float | None:
+        """The recipe's ``flops_per_sample(cfg)``: forward and backward FLOPs of one training sample.
+
+        For a model the engine cannot count on the meta device (engine/flops.py); else None.
+        """
+        return self.module.flops_per_sample(cfg) if hasattr(self.module, "flops_per_sample") else None
 
 
 def available_recipes() -> list[str]:

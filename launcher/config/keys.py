@@ -167,8 +167,9 @@ KEYS: dict[str, Key] = {
                           details="Long enough for rank 0 to evaluate while the others wait."),
     "dist.bucket_cap_mb": Key(25.0, "DDP's gradient bucket size", valid=above(0), resume=FREE),
     "dist.stop_check_every": Key(10, "steps between the ranks' agreements on a stop signal", valid=at_least(1),
-                                 resume=FREE, details="A tiny asynchronous all-reduce; a stop comes within twice "
-                                                      "this many steps."),
+                                 resume=FREE, details="A tiny asynchronous all-gather, which also carries each "
+                                                      "rank's own time and memory to rank 0's reports; a stop comes "
+                                                      "within twice this many steps."),
     "dist.sync_batchnorm": Key(False, "BatchNorm statistics over the global batch instead of each rank's share",
                                resume=FREE,
                                details="torch's SyncBatchNorm on GPUs, the same statistics from all-reduced sums "
@@ -185,6 +186,17 @@ KEYS: dict[str, Key] = {
     # log and wandb: what the run tells
     "log.level": Key("info", "rank 0's log level (--quiet: warning); other ranks print only errors",
                      choices=("debug", "info", "warning", "error"), resume=FREE),
+    "log.straggler_share": Key(0.2, "warn when a rank's own time exceeds the median rank's by this share of the "
+                                    "step time, in two progress reports in a row (0: never)",
+                               valid=((lambda value: 0 <= value <= 1), "in [0, 1]"), resume=FREE,
+                               details="A rank's own time: waiting for its data and the host's part of its forward. "
+                                       "perf/slowest_rank and perf/slowest_vs_median are logged at every report."),
+    "profile.steps": Key("", "FIRST-LAST: a torch.profiler trace of those optimizer steps, per rank, in <run "
+                             "dir>/profile ('': off)",
+                         valid=((lambda value: value == "" or step_span(value) is not None), "'' or FIRST-LAST, e.g. "
+                                                                                             "20-24, or one step"),
+                         resume=FREE, details="Chrome/Perfetto JSON, and on CUDA a memory snapshot (README, "
+                                              "\"Seeing inside a run\"). Nothing is paid when it is ''."),
     "wandb.mode": Key("auto", "auto: online with W&B credentials, else offline (wandb sync uploads later)",
                       choices=("auto", "online", "offline", "disabled"), resume=FREE),
     "wandb.project": Key("launcher", "W&B project", resume=FREE),
@@ -198,7 +210,17 @@ KEYS: dict[str, Key] = {
 RECIPE_SECTIONS = ("model",)
 # A recipe's own key defines the run, unless it sits in a section all about how the run is watched and kept, or in
 # the schedule's.
-_RECIPE_KEY_RESUME = {"run": FREE, "eval": FREE, "ckpt": FREE, "log": FREE, "wandb": FREE, "sched": APPLIED}
+_RECIPE_KEY_RESUME = {"run": FREE, "eval": FREE, "ckpt": FREE, "log": FREE, "profile": FREE, "wandb": FREE,
+                      "sched": APPLIED}
+
+
+def step_span(value: str) -> tuple[int, int] | None:
+    """(first, last) of a span of steps written FIRST-LAST or N (not FIRST:LAST, which YAML reads as a number)."""
+    first, _, last = value.partition("-")
+    last = last or first
+    if not (first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+        return None
+    return int(first), int(last)
 
 
 def leaves(tree: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -95,6 +95,8 @@ def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, ti
                                     store=dist.HashStore(), rank=0, world_size=1,
                                     device_id=device if device.type == "cuda" else None)
         return None
+    if backend == "nccl":
+        record_nccl_collectives()
     timeout = datetime.timedelta(seconds=timeout_s)
     client = _store_client(dist_env, timeout) if _agent_store_per_attempt(dist_env) else None
     dist.init_process_group(
@@ -107,6 +109,16 @@ def init_process_group(dist_env: DistEnv, backend: str, device: torch.device, ti
         device_id=device if device.type == "cuda" else None,
     )
     return JobStore(client or _store_client(dist_env, timeout), dist_env.restart_count)
+
+
+def record_nccl_collectives() -> None:
+    """Keep NCCL's flight recorder on: the last collectives of each rank, dumped when one times out.
+
+    The dump goes where ``StackWatch.start`` points it (the run directory's stacks/). The user's own settings win.
+    """
+    for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE"):  # the second is torch 2.7's and later's
+        os.environ.setdefault(name, "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
 
 
 def _agent_store_per_attempt(dist_env: DistEnv) -> bool:
@@ -161,17 +173,26 @@ def on_main(dist_env: DistEnv, decide: Callable):
     return result[0]
 
 
-def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | None) -> PeerFailed | None:
+def timed_out_waiting(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that timed out (gloo says so in a plain RuntimeError's text)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "Timed out" in text or isinstance(error, dist.DistError) and "timeout" in text.lower())
+
+
+def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | None,
+                 diagnose: Callable[[int], str | None] = lambda timeout_s: None) -> PeerFailed | None:
     """The one line to say when a collective failed because of another rank, else None.
 
-    Either the collective timed out, or the rank's process ended. A lost connection raises ``DistNetworkError`` where
+    Either the collective timed out (``diagnose`` then names the ranks that did not arrive, and where each was), or
+    the rank's process ended. A lost connection raises ``DistNetworkError`` where
     torch wraps it; gloo (torch 2.14) raises both its timeouts and lost connections as plain RuntimeErrors, which only
     their text tells apart.
     """
     if not isinstance(error, RuntimeError):  # DistError and its subclasses are RuntimeErrors
         return None
     text = str(error)
-    timed_out = "Timed out" in text or isinstance(error, dist.DistError) and "timeout" in text.lower()
+    timed_out = timed_out_waiting(error)
     closed = isinstance(error, dist.DistNetworkError) or any(
         sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
     if not (timed_out or closed):
@@ -179,6 +200,9 @@ def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | Non
     failed = (job_store.failure() if job_store else None) or "another rank"
     failed = "another rank" if failed == f"rank {dist.get_rank()}" else failed  # this rank said it first
     if timed_out:
+        named = diagnose(timeout_s)
+        if named:
+            return PeerFailed(named)
         return PeerFailed(
             f"a collective operation did not finish within dist.timeout_s={timeout_s} s: {failed} is stuck or has "
             f"died (see its output); the backend said: {text.splitlines()[0]}")

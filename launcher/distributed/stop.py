@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -88,17 +89,22 @@ class StopSignals:
 class GracefulStop:
     """Lets all ranks agree, step by step, on whether to stop: on a signal (``StopSignals``) or a diverged loss.
 
-    The agreement is an all-reduce of two CPU numbers (gloo), issued asynchronously every ``every`` steps and read
-    ``every`` steps later, so it never stalls the training loop and costs a small model nothing measurable (one
-    per step did: BENCHMARKS.md); a stop happens within ``2 * every`` steps of
-    the signal, at the same step on every rank. One process needs no agreement: it stops after the current step.
+    The agreement is an all-gather of a few CPU numbers per rank (gloo): the stop flags, then whatever ``measure``
+    returns (each rank's own time and memory peaks, engine/rank_stats.py), so rank 0's progress reports learn them
+    with no collective of their own. It is issued asynchronously every ``every`` steps and read ``every`` steps
+    later, so it never stalls the training loop and costs a small model nothing measurable (one per step did:
+    BENCHMARKS.md); a stop happens within ``2 * every`` steps of the signal, at the same step on every rank. One
+    process needs no agreement: it stops after the current step.
     """
 
-    def __init__(self, dist_env: DistEnv, signals: StopSignals, every: int = 1):
+    def __init__(self, dist_env: DistEnv, signals: StopSignals, every: int = 1,
+                 measure: Callable[[], list[float]] = list):
         self.signals = signals
         self.diverged_at: int | None = None  # agreed: the step at which rank 0 read a non-finite loss
+        self.measured: list[list[float]] | None = None  # every rank's ``measure()`` at the last agreement read
         self._diverged_seen: int | None = None  # this rank's own reading, until agreed
-        self._distributed, self._every = dist_env.is_distributed, every
+        self._distributed, self._world_size, self._every = dist_env.is_distributed, dist_env.world_size, every
+        self._measure = measure
         self._pending = None
 
     @property
@@ -122,13 +128,16 @@ class GracefulStop:
             return False
         agreed = False
         if self._pending is not None:
-            work, flags = self._pending
+            work, gathered = self._pending
             work.wait()
-            signalled, diverged_at = flags.tolist()
-            self.diverged_at = int(diverged_at) or None
-            agreed = bool(signalled) or self.diverged_at is not None
-        flags = torch.tensor([1.0 if self.signal_name else 0.0, float(self._diverged_seen or 0)], dtype=torch.float64)
-        self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), flags)
+            rows = gathered.view(self._world_size, -1).tolist()  # the agreement's one host read
+            self.diverged_at = int(max(row[1] for row in rows)) or None
+            self.measured = [row[2:] for row in rows]
+            agreed = any(row[0] for row in rows) or self.diverged_at is not None
+        mine = torch.tensor([1.0 if self.signal_name else 0.0, float(self._diverged_seen or 0), *self._measure()],
+                            dtype=torch.float64)
+        gathered = torch.empty(self._world_size * len(mine), dtype=torch.float64)
+        self._pending = (_all_gather(gathered, mine), gathered)
         return agreed
 
     def close(self) -> None:
@@ -136,3 +145,12 @@ class GracefulStop:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+
+
+def _all_gather(gathered: torch.Tensor, mine: torch.Tensor):
+    """Start gathering every rank's ``mine`` into ``gathered``.
+
+    all_gather_single is torch 2.14's name for what earlier versions call all_gather_into_tensor.
+    """
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(gathered, mine, async_op=True)

@@ -25,14 +25,18 @@ from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import full_model_state, is_sharded, refuse_rank_local_batchnorm, shard_model
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.parallel import wrap_model
+from launcher.distributed.stacks import StackWatch
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
 from launcher.engine.batches import prefetched, to_device
 from launcher.engine.build import build_model_and_data, seed_everything
 from launcher.engine.data import build_train_loader, data_path, start_epoch, steps_per_epoch
 from launcher.engine.evaluate import evaluate, on_every_rank
+from launcher.engine.flops import Throughput, flops_per_sample, matmul_precision, peak_tflops
 from launcher.engine.host_memory import keep_freed_memory
 from launcher.engine.optim import build_optimizer, build_scheduler
 from launcher.engine.precision import Precision
+from launcher.engine.profile import StepProfiler
+from launcher.engine.rank_stats import RankReport, RankStats, state_bytes
 from launcher.engine.state import Position, TrainingState, random_streams_kept
 from launcher.errors import UserError
 from launcher.recipe import Recipe
@@ -48,7 +52,7 @@ class Trainer:
     """One rank's run. ``Trainer.build`` makes it (or says there is nothing to train), ``run`` trains to the end."""
 
     def __init__(self, attempt: Attempt, recipe: Recipe, dist_env: DistEnv, device: torch.device,
-                 signals: StopSignals, start: Start, saved: dict | None):
+                 signals: StopSignals, start: Start, saved: dict | None, watch: StackWatch):
         """Everything the run needs, built alike on every rank.
 
         What ``start``'s checkpoint holds, if there is one, is put back. Rank 0 records the start (ledger, config.yaml,
@@ -56,22 +60,26 @@ class Trainer:
         """
         cfg = self.cfg = attempt.cfg
         self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
+        self.watch, self.where = watch, watch.where  # what this rank is doing, for a hang's report
         self.sharded = is_sharded(cfg)
         built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
+        self.where.at(0, "model and data")
         self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
-        summary = summarize(self.model, first_sample(train_set), built_on) if dist_env.is_main else ""
+        summary, flops = self._describe_model(first_sample(train_set), built_on) if dist_env.is_main else ("", None)
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             refuse_rank_local_batchnorm(self.model, cfg, dist_env)
             self.model = shard_model(self.model, cfg, recipe, dist_env, device)
         if self.eval_set is None and cfg.ckpt.best_metric:
             raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
                             "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
+        self.where.at(0, "data loader agreement")
         self.train_loader = run_agreed(
             dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device, recipe.collate))
         self.steps_per_epoch = steps_per_epoch(self.train_loader, cfg)
         self.streamed = isinstance(self.train_loader, StreamLoader)  # a stream: one epoch of train.max_steps
         groups = lambda: recipe.param_groups(self.model, cfg)  # noqa: E731
+        self.where.at(0, "optimizer agreement")
         self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
         seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
         # Under fsdp, its MixedPrecisionPolicy casts (distributed/fsdp.py), not autocast.
@@ -81,38 +89,61 @@ class Trainer:
                                    self.train_loader if self.streamed else None)
         self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock)
         if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
+            self.where.at(0, "checkpoint load")
             self._restore(Path(start.checkpoint), saved)
         if dist_env.is_main:
             self._record_start(start, summary)
         # What trains; ``model`` is evaluated and saved (the same module under fsdp).
         self.wrapped_model = self.model if self.sharded else wrap_model(self.model, cfg, dist_env, device)
-        self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every)
-        self.shows_progress_bar = terminal.wants_progress_bar(dist_env)
-        self.tokens_per_sample = recipe.tokens_per_sample(cfg)
+        self._watch(signals, flops)
         self.augment_rng = torch.Generator(device) if recipe.augment else None
         # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
         # collection no longer walks it, so it pauses the loop for far less.
         gc.freeze()
 
+    def _describe_model(self, sample, built_on: torch.device) -> tuple[str, float | None]:
+        """Rank 0: the model's summary (torchsummary) and its FLOPs per training sample (None: not countable)."""
+        return summarize(self.model, sample, built_on), flops_per_sample(self.recipe, self.cfg, sample)
+
+    def _watch(self, signals: StopSignals, flops: float | None) -> None:
+        """What the run is seen by: the stop agreement (which carries each rank's own time and memory to rank 0),
+        throughput and MFU, the progress bar, and the profiler ``profile.steps`` asks for (else None)."""
+        cfg, dist_env, device = self.cfg, self.dist_env, self.device
+        self.rank_stats = RankStats(device)
+        self.rank_report = RankReport(device.type == "cuda", cfg.log.straggler_share)
+        self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every, self.rank_stats.sample)
+        self.throughput = Throughput(self.recipe.tokens_per_sample(cfg), flops,
+                                     peak_tflops(device, matmul_precision(cfg.train.amp)), dist_env.world_size)
+        # Where a synchronizing micro-step's backward waits for the other ranks.
+        self.sync_phase = ("gradient reduce-scatter" if self.sharded else
+                           "gradient all-reduce" if dist_env.is_distributed else "backward")
+        self.shows_progress_bar = terminal.wants_progress_bar(dist_env)
+        self.profiler = StepProfiler.of(cfg, self.attempt.run_dir, dist_env.rank, device)
+
     @classmethod
-    def build(cls, cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device,
-              signals: StopSignals) -> Trainer | None:
+    def build(cls, cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device, signals: StopSignals,
+              watch: StackWatch | None = None) -> Trainer | None:
         """Collective: open the run directory, decide how this attempt starts, build.
 
         Returns None when the run is already complete (said so, nothing written). A start that fails leaves the
-        directory as it was.
+        directory as it was. ``watch`` answers requests for this rank's stacks through the run directory.
         """
         if cfg.train.keep_host_memory:
             keep_freed_memory()  # before anything is built: every allocation after it is served this way
         attempt = Attempt.open(cfg, recipe, dist_env, signals)
+        watch = watch or StackWatch(dist_env.rank, dist_env.world_size)
+        watch.start(attempt.run_dir)
         try:
             start, saved = plan_start(attempt.cfg, attempt.run_dir, dist_env)
             if start.complete:
                 attempt.complete(start, saved)
+                watch.stop()
                 return None
-            return cls(attempt, recipe, dist_env, device, signals, start, saved)
-        except BaseException:
+            return cls(attempt, recipe, dist_env, device, signals, start, saved, watch)
+        except BaseException as error:
             signals.failing = True
+            watch.on_failure(error, cfg.dist.timeout_s)
+            watch.stop()
             attempt.abandon()
             raise
 
@@ -133,8 +164,9 @@ class Trainer:
 
     def _record_start(self, start: Start, summary: str) -> None:
         """Rank 0: the header, what the resume found, the attempt's records and the model summary."""
+        optim = self.cfg.optim
         terminal.log_header(self.cfg, self.recipe.name, self.dist_env, self.device, self.model, self.attempt.run_dir,
-                            data_path(self.train_loader))
+                            data_path(self.train_loader), state_bytes(self.model, optim.name, optim.momentum))
         if start.checkpoint:
             where = self.position
             log.info("resumed from %s: epoch %d, step %d of it, global step %d", start.checkpoint, where.epoch,
@@ -171,6 +203,7 @@ class Trainer:
         except BaseException as error:
             detail = f"{type(error).__name__}: {error}".splitlines()[0]
             self.stop.signals.failing = True
+            self.watch.on_failure(error, self.cfg.dist.timeout_s)
             raise
         finally:
             self.close(outcome, detail)
@@ -187,6 +220,9 @@ class Trainer:
         """
         if outcome != "failed":
             self.stop.close()
+        if self.profiler is not None:
+            self.profiler.close()
+        self.watch.stop()
         self.attempt.end(outcome, self.position.global_step, detail, self.checkpointer.last_good is not None)
 
     def fit(self) -> dict:
@@ -232,9 +268,12 @@ class Trainer:
         # Config values read once: an OmegaConf lookup costs microseconds, and this loop runs every step.
         accum, clip, log_every = self.cfg.train.grad_accum, self.cfg.train.clip_grad_norm, self.cfg.train.log_every
         save_every, eval_every, where = self.cfg.ckpt.every_steps, self.cfg.eval.every_steps, self.position
-        window, scheduler = _Window(self.state.loss_sum), self.state.scheduler
+        window, scheduler, profiler = _Window(self.state.loss_sum), self.state.scheduler, self.profiler
         micro_in_epoch = where.step_in_epoch * accum
         memory_format = self.precision.to_memory_format
+        self.rank_stats.resumed()
+        if profiler is not None:
+            profiler.at(where.global_step)
         for micro, batch in enumerate(prefetched(batches, self.device, memory_format), 1):
             if self.augment_rng is not None:  # then channels_last again: an augmentation may make a new tensor
                 batch = to_device(self._augmented(batch, micro_in_epoch + micro), self.device, memory_format)
@@ -250,14 +289,17 @@ class Trainer:
             where.step_in_epoch += 1
             where.global_step += 1
             window.steps += 1
+            if profiler is not None:
+                profiler.at(where.global_step)
             if bar is not None:
                 bar.update()
             if where.global_step % log_every == 0 and self.dist_env.is_main:
-                self._report(window.take(self.cfg.train.batch_size, self.tokens_per_sample), bar)
+                self._report(window.take(self.cfg.train.batch_size, self.throughput), bar)
             inside_epoch = where.step_in_epoch < self.steps_per_epoch  # its last step is evaluated and saved after it
             improved = eval_every and where.global_step % eval_every == 0 and inside_epoch and self.evaluate_now()
             if (improved or save_every and where.global_step % save_every == 0) and inside_epoch:
                 self.save_checkpoint(best=bool(improved))
+            self.where.at(where.global_step, "stop agreement")
             if self.stop.should_stop(where.global_step):
                 if self.stop.diverged_at is not None:
                     message = self.checkpointer.diverged_message(self.stop.diverged_at)
@@ -287,10 +329,15 @@ class Trainer:
         if self.sharded and accum > 1:
             self.model.set_requires_gradient_sync(sync)
         skip_sync = not sync and isinstance(self.wrapped_model, DistributedDataParallel)
+        step = self.position.global_step + 1
         with self.wrapped_model.no_sync() if skip_sync else contextlib.nullcontext():
+            self.where.at(step, "forward")
             with self.precision.autocast():
                 loss, _ = self.recipe.step(self.wrapped_model, batch)
-            self.precision.backward(loss / accum if accum > 1 else loss)  # the step's gradient: the batch mean
+            self.where.at(step, self.sync_phase if sync else "backward")
+            self.rank_stats.waited()
+            self.precision.backward(loss / accum if accum > 1 else loss)
+            self.rank_stats.resumed()  # the step's gradient: the batch mean
         self.state.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
 
     def _report(self, report: dict, bar) -> None:
@@ -300,15 +347,23 @@ class Trainer:
         """
         where = self.position
         lrs = {f"lr/group{i}": group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
-        self.attempt.records.write({"step": where.global_step, "epoch": where.epoch, **report, **lrs})
+        ranks, straggler = self.rank_report.take(self._rank_samples())
+        if straggler:
+            log.warning("%s", straggler)
+        self.attempt.records.write({"step": where.global_step, "epoch": where.epoch, **report, **ranks, **lrs})
         terminal.report_steps(report, where.epoch, where.step_in_epoch, self.steps_per_epoch, bar)
         if not math.isfinite(report["train/loss"]):
             self.stop.diverged(where.global_step)
+
+    def _rank_samples(self) -> list[list[float]] | None:
+        """Every rank's ``RankStats.sample()``, as of the last stop agreement read (None before the first)."""
+        return self.stop.measured if self.dist_env.is_distributed else [self.rank_stats.sample()]
 
     def finish_epoch(self, began: float, steps_run: int) -> dict:
         """Average the epoch's loss over ranks, evaluate, checkpoint, and write the epoch's record."""
         cfg, where = self.cfg, self.position
         loss_sum = self.state.loss_sum.clone()
+        self.where.at(where.global_step, "epoch's loss average")
         if self.dist_env.is_distributed:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / (max(1, where.step_in_epoch) * self.dist_env.world_size)  # waits for the device
@@ -316,7 +371,8 @@ class Trainer:
             raise TrainingDiverged(self.checkpointer.diverged_message(where.global_step), same_on_all_ranks=True)
         seconds = time.perf_counter() - began
         record = {"step": where.global_step, "epoch": where.epoch, "train/loss": train_loss, "time/epoch_s": seconds,
-                  **_throughput(steps_run * cfg.train.batch_size / seconds, self.tokens_per_sample)}
+                  **self.throughput.of(steps_run * cfg.train.batch_size / seconds),
+                  **self.rank_report.memory(self._rank_samples())}
         metrics, improved = self._evaluate()
         record.update(metrics)
         # Else train.max_steps ended it part-way (a longer max_steps continues it from there); a stream's never ends.
@@ -348,6 +404,7 @@ class Trainer:
         runs changes nothing of the training.
         """
         cfg, metrics = self.cfg, {}
+        self.where.at(self.position.global_step, "evaluation")
         if self.eval_set is not None and (on_every_rank(cfg) or self.dist_env.is_main):
             with random_streams_kept(self.device):
                 metrics = evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env)
@@ -376,6 +433,7 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """Collective: every rank calls it at the same step."""
+        self.where.at(self.position.global_step, "checkpoint")
         path = self.checkpointer.save(self.model, self.optimizer, self.state, best)
         self.position.saved_step = self.position.global_step
         return path
@@ -393,11 +451,11 @@ class _Window:
         self.steps, self.start = 0, time.perf_counter()
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping
 
-    def take(self, batch_size: int, tokens_per_sample: int | None) -> dict:
-        """Mean loss and samples (and tokens) per second over the window, then start a new one."""
+    def take(self, batch_size: int, throughput: Throughput) -> dict:
+        """Mean loss and the throughput over the window, then start a new one."""
         now = time.perf_counter()
         report = {"train/loss": (self.loss_sum - self.sum_before).item() / self.steps,
-                  **_throughput(self.steps * batch_size / (now - self.start), tokens_per_sample)}
+                  **throughput.of(self.steps * batch_size / (now - self.start))}
         if self.grad_norm is not None:  # a DTensor under fsdp, replicated: its local value is the whole norm
             norm = self.grad_norm
             report["grad_norm"] = (norm.to_local() if hasattr(norm, "to_local") else norm).item()
@@ -405,8 +463,3 @@ class _Window:
         self.steps, self.start = 0, now
         return report
 
-
-def _throughput(samples_per_s: float, tokens_per_sample: int | None) -> dict:
-    if tokens_per_sample is None:
-        return {"throughput/samples_per_s": samples_per_s}
-    return {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": samples_per_s * tokens_per_sample}

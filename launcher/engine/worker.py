@@ -7,6 +7,7 @@ import torch.distributed as dist
 from launcher.distributed.env import DistEnv, device_for
 from launcher.distributed.fsdp import is_sharded
 from launcher.distributed.group import destroy_process_group, init_process_group, peer_failure
+from launcher.distributed.stacks import StackWatch
 from launcher.distributed.stop import StopRequested, StopSignals
 from launcher.engine.evaluate import evaluate_only
 from launcher.engine.trainer import Trainer
@@ -20,17 +21,20 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
     job_store = init_process_group(dist_env, cfg.dist.backend, device, cfg.dist.timeout_s,
                                    even_alone=is_sharded(cfg))
     signals.job_store = job_store
+    watch = StackWatch(dist_env.rank, dist_env.world_size)
     try:
-        _work(cfg, recipe, dist_env, device, signals)
+        _work(cfg, recipe, dist_env, device, signals, watch)
     except StopRequested:
         raise
     except BaseException as error:
         plain = isinstance(error, Exception) and not isinstance(error, LauncherError)
         failure = as_launcher_error(error) if plain else error
+        # Asked before this rank's failure is reported: the report makes torchrun end the others, whose stacks the
+        # diagnosis needs.
+        waited = peer_failure(error, cfg.dist.timeout_s, job_store, watch.diagnose)
         repeats = None
         if job_store:  # the others stop at once when torchrun ends them
             repeats = job_store.report_failure(f"rank {dist_env.rank}", failure_kind(error))
-        waited = peer_failure(error, cfg.dist.timeout_s, job_store)
         if waited:
             raise waited from None
         if isinstance(failure, LauncherError) and not failure.same_on_all_ranks:
@@ -39,14 +43,15 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
             raise
         raise failure from None
     finally:
+        watch.stop()
         destroy_process_group()
 
 
-def _work(cfg, recipe: Recipe, dist_env: DistEnv, device, signals: StopSignals) -> None:
+def _work(cfg, recipe: Recipe, dist_env: DistEnv, device, signals: StopSignals, watch: StackWatch) -> None:
     if cfg.eval.only:
         evaluate_only(cfg, recipe, dist_env, device)
         return
-    trainer = Trainer.build(cfg, recipe, dist_env, device, signals)
+    trainer = Trainer.build(cfg, recipe, dist_env, device, signals, watch)
     if trainer is None:
         return
     trainer.run()

@@ -47,7 +47,12 @@ class _AroundProgressBar(logging.StreamHandler):
             self.handleError(record)
 
 
-def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir, data_path: str) -> None:
+def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir, data_path: str,
+               state_bytes: tuple[int, int, int]) -> None:
+    """Rank 0's first line: the recipe, the processes, the batch, the data path, the model and its memory per rank.
+
+    ``state_bytes``: what each rank holds of the weights, gradients and optimizer state.
+    """
     from launcher.config.machine import resolve_backend
     from launcher.tracking.summary import parameter_counts
 
@@ -57,10 +62,19 @@ def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir,
     split = f"{per_rank} per rank" if accum == 1 else f"{per_rank // accum} per rank x {accum} accumulated"
     log.info(
         "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %s | data %s | "
-        "%s parameters (%s trainable) | run dir %s",
+        "%s parameters (%s trainable) | per rank: weights %s, gradients %s, optimizer state %s | run dir %s",
         recipe_name, dist_env.world_size, resolve_backend(cfg.dist.backend) if dist_env.is_distributed else "none",
-        devices, cfg.train.batch_size, split, data_path, f"{total:,}", f"{trainable:,}", run_dir,
+        devices, cfg.train.batch_size, split, data_path, f"{total:,}", f"{trainable:,}", *map(size, state_bytes),
+        run_dir,
     )
+
+
+def size(count: float) -> str:
+    """A number of bytes for people: 14.7 MB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
 
 
 def wants_progress_bar(dist_env: DistEnv) -> bool:
@@ -77,9 +91,7 @@ def progress_bar(epoch: int, epochs: int, steps_done: int, steps_per_epoch: int)
 
 def report_steps(report: dict, epoch: int, step_in_epoch: int, steps_per_epoch: int, bar) -> None:
     """A progress report on the bar, or as a line."""
-    loss, speed = report["train/loss"], f"{report['throughput/samples_per_s']:,.0f} samples/s"
-    if "throughput/tokens_per_s" in report:
-        speed += f", {report['throughput/tokens_per_s']:,.0f} tokens/s"
+    loss, speed = report["train/loss"], ", ".join(_speed(report))
     if bar is not None:
         bar.set_postfix_str(f"loss {loss:.4f}, {speed}")
     else:
@@ -95,7 +107,20 @@ def format_epoch(record: dict, epochs: int | None) -> str:
     parts = [where, f"train loss {record['train/loss']:.4f}"]
     parts += [f"{key.replace('/', ' ')} {value:.4f}" for key, value in record.items() if key.startswith("eval/")]
     parts.append(f"{record['time/epoch_s']:.2f} s" + ("/epoch" if epochs else ""))
-    parts.append(f"{record['throughput/samples_per_s']:,.0f} samples/s")
-    if "throughput/tokens_per_s" in record:
-        parts.append(f"{record['throughput/tokens_per_s']:,.0f} tokens/s")
+    parts += _speed(record)
+    if "memory/peak_rank" in record:
+        peak = record.get("memory/peak_allocated_gib", record["memory/peak_rss_gib"])
+        parts.append(f"peak memory {peak:.2f} GiB (rank {record['memory/peak_rank']})")
     return " | ".join(parts)
+
+
+def _speed(record: dict) -> list[str]:
+    """Samples (and tokens) per second, TFLOP/s per device and MFU, where the record has them."""
+    speed = [f"{record['throughput/samples_per_s']:,.0f} samples/s"]
+    if "throughput/tokens_per_s" in record:
+        speed.append(f"{record['throughput/tokens_per_s']:,.0f} tokens/s")
+    if "perf/tflops" in record:
+        speed.append(f"{record['perf/tflops']:.3g} TFLOP/s per device")
+    if "perf/mfu" in record:
+        speed.append(f"MFU {record['perf/mfu']:.1%}")
+    return speed

@@ -23,6 +23,7 @@ from helpers import (
     error_lines,
     history,
     launch,
+    launcher_environ,
     offline_runs,
     read_metrics,
     start,
@@ -68,11 +69,13 @@ def test_two_process_starts_end_without_an_abort(tmp_path):
 
 
 # 2. Signals.
-def run_then_signal(workdir, args, signum, run="run", then=None):
-    """Start a slow run in ``run``, send ``signum`` to its first process once a checkpoint exists; returns (process,
-    the file of its output)."""
+def run_then_signal(workdir, args, signum, run="run", then=None, first=None):
+    """Start a slow run in ``run``, send ``signum`` to its first process once a checkpoint exists (after ``first``, if
+    given); returns (process, the file of its output)."""
     job = start([*ARGS, f"run.dir={run}", "wandb.mode=disabled", *args], workdir, env={"STEP_SLEEP": "0.02"})
     wait_for(lambda: list((workdir / run / "checkpoints").glob("step_*.pt")), "a first checkpoint")
+    if first:
+        first(job)
     workers = descendants(job.pid)
     os.kill(job.pid, signum)
     if then:
@@ -86,14 +89,35 @@ def ended(run_dir: Path) -> dict:
     return json.loads((run_dir / "history.jsonl").read_text().splitlines()[-1])
 
 
+def stacks(workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.stacks", "run"], cwd=workdir, env=launcher_environ(None),
+                          capture_output=True, text=True, timeout=60)
+
+
+def show_live_stacks(job) -> None:
+    """A live run's stacks, shown without disturbing it (the signal test then stops it as ever)."""
+    shown = stacks(job.output.parent)
+    assert shown.returncode == 0, shown.stderr
+    for rank in (0, 1):
+        assert f"== rank {rank} (" in shown.stdout
+    assert shown.stdout.count("Thread MainThread:") == 2 and "in train_steps" in shown.stdout
+    assert "2 rank(s) answered; their stacks are in run/stacks" in shown.stdout
+    assert job.poll() is None  # still training
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
 def test_a_stop_signal_to_the_parent_stops_every_worker_with_a_checkpoint(workdir, signum):
-    job, output = run_then_signal(workdir, ["dist.nproc_per_node=2"], signum)
+    live = show_live_stacks if signum == signal.SIGTERM else None
+    longer = ["train.epochs=50"] if live else []  # still training after the stacks are shown
+    job, output = run_then_signal(workdir, ["dist.nproc_per_node=2", *longer], signum, first=live)
     text = output.read_text()
     assert job.returncode == 75, text
     assert "launcher: stopped after step" in text and f"({signal.Signals(signum).name})" in text
     assert "Traceback" not in text and "SignalException" not in text
     assert ended(workdir / "run")["outcome"] == "stopped"
+    if live:  # no run is training there any more: said in one line
+        idle = stacks(workdir)
+        assert idle.returncode == 1 and "no rank answered within 2 s: is a run training in run?" in idle.stderr
 
 
 def test_ctrl_c_on_one_process_stops_with_a_checkpoint_and_a_second_one_aborts(workdir):
@@ -135,25 +159,42 @@ STUCK = textwrap.dedent("""
     from launcher.recipes.digits import build_model, DEFAULTS, build_datasets
 
     steps = 0
+    def stuck_here():
+        time.sleep(300)  # a stuck rank: a deadlock, a dead file system
+
     def loss(outputs, targets):
         global steps
         steps += 1
-        if os.environ["RANK"] == "1" and steps == 3:
-            time.sleep(300)  # a stuck rank, in the middle of training
+        if os.environ["RANK"] == "1" and steps == 6:
+            stuck_here()
         return F.cross_entropy(outputs, targets)
 """)
 
 
-def test_a_stuck_rank_is_ended_when_the_other_times_out_not_30_seconds_later(tmp_path):
+def test_a_stuck_rank_is_named_with_its_line_and_the_job_ends_soon_after_the_timeout(tmp_path):
     (tmp_path / "stuck.py").write_text(STUCK)
+    began = time.monotonic()
     result = launch(["recipe=stuck.py", "run.dir=x", "dist.timeout_s=4", "wandb.mode=disabled"], tmp_path, nproc=2,
                     timeout=200)
+    elapsed = time.monotonic() - began
     assert result.returncode != 0
-    assert "[rank 0] launcher: error: a collective operation did not finish within dist.timeout_s=4 s" in result.stderr
+    line = ("rank 1 did not reach the step-6 gradient all-reduce within dist.timeout_s=4 s; it was in stuck_here "
+            "(stuck.py:8), in the step-6 forward (every rank's stacks: x/stacks)")
+    assert f"[rank 0] launcher: error: {line}" in result.stderr
     assert "[rank 1] launcher: SIGTERM: stopping at once, as rank 0 failed" in result.stderr
     assert "forcefully exiting via 9" not in result.stderr  # torchrun did not have to SIGKILL it after 30 s
     # torchrun's report names our line as the root cause, read from the error file we wrote.
-    assert "traceback : launcher: error: a collective operation did not finish" in result.stderr
+    assert f"traceback : launcher: error: {line}" in result.stderr
+    # Starting (about 8 s here), the timeout, the stacks (up to 2 s) and torchrun's teardown: well under a minute.
+    assert elapsed < 4 + 50
+    # Both ranks' stacks stay (the run, which never checkpointed, is taken away; the evidence is not).
+    stuck = (tmp_path / "x" / "stacks" / "rank_1.txt").read_text()
+    header = json.loads(stuck.partition("\n")[0])
+    assert (header["rank"], header["step"], header["phase"]) == (1, 6, "forward")
+    assert "Thread MainThread:" in stuck and "in stuck_here" in stuck and "launcher-stacks" in stuck
+    waiting = json.loads((tmp_path / "x" / "stacks" / "rank_0.txt").read_text().partition("\n")[0])
+    assert (waiting["step"], waiting["phase"]) == (6, "gradient all-reduce")
+    assert not (tmp_path / "x" / "history.jsonl").exists()
 
 
 DYING = textwrap.dedent("""

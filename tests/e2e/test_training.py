@@ -102,7 +102,8 @@ def test_a_stuck_rank_ends_the_job_after_the_timeout(tmp_path):
     (tmp_path / "failing.py").write_text(FAILING_RECIPE)
     result = launch(["recipe=failing.py", "dist.timeout_s=3"], tmp_path, nproc=2, env={"STUCK_RANK": "1"}, timeout=90)
     assert result.returncode != 0
-    assert "a collective operation did not finish within dist.timeout_s=3 s" in result.stderr
+    assert ("rank 1 did not reach the collective in the setup's model and data within dist.timeout_s=3 s; it was in "
+            "build_datasets (failing.py:9)") in result.stderr
 
 
 def test_a_model_torchsummary_cannot_handle_gets_a_parameter_table_as_its_summary(tmp_path):

@@ -1,0 +1,106 @@
+"""Model FLOPs per training sample, counted once, and the achieved TFLOP/s and MFU they give.
+
+Counted by torch's ``FlopCounterMode`` on one forward and backward of the recipe's own step, on a copy of the model
+built on the meta device (no memory, no compute): the FLOPs of the matrix products and convolutions that run,
+which is what MFU is measured in. A recipe whose model or step cannot run on meta tensors gives its own count
+(``flops_per_sample(cfg)``), else there is none.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils._pytree import tree_map
+from torch.utils.data import default_collate
+from torch.utils.flop_counter import FlopCounterMode
+
+from launcher.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# Dense peak TFLOP/s per device from the vendors' datasheets (without sparsity), per precision: a device is
+# matched by the first name fragment its name contains, so a longer name comes before the fragment it holds.
+# A device not listed gets no MFU: an invented peak gives numbers like 152% (torchtitan #2307).
+_HOPPER_SXM = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    ("H100", _HOPPER_SXM),
+    ("H200", _HOPPER_SXM),
+    ("H800", _HOPPER_SXM),
+    ("H20", {"bf16": 148.0, "fp16": 148.0, "tf32": 74.0, "fp32": 44.0}),
+    ("B200", {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1100.0, "fp32": 80.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("A800", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    ("L40", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
+    ("L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    ("RTX 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6}),
+    ("MI300X", {"bf16": 1307.4, "fp16": 1307.4, "tf32": 653.7, "fp32": 163.4}),
+)
+
+
+def matmul_precision(amp: str) -> str:
+    """What the model's matrix products run in: the autocast dtype, else TF32 where torch allows it, else fp32."""
+    if amp != "none":
+        return amp
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "fp32"
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak in ``precision``, or None (the CPU, a device or precision not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peaks in PEAK_TFLOPS:
+        if fragment in name:
+            return peaks.get(precision)
+    return None
+
+
+def flops_per_sample(recipe: Recipe, cfg, sample) -> float | None:
+    """Forward and backward FLOPs of one training sample (the recipe's hook, else counted); None if not countable."""
+    given = recipe.flops_per_sample(cfg)
+    if given is not None:
+        return float(given)
+    try:
+        with torch.device("meta"):
+            model = recipe.build_model(cfg)
+        # Two samples, not one: BatchNorm refuses a batch of one.
+        batch = tree_map(lambda value: value.to("meta") if isinstance(value, torch.Tensor) else value,
+                         (recipe.collate or default_collate)([sample, sample]))
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = recipe.step(model.train(), batch)
+            loss.backward()
+    except Exception as error:  # a model or step that needs real values: no count, and training goes on
+        log.info("model FLOPs not counted (%s: %s): a recipe can give them as flops_per_sample(cfg)",
+                 type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return None
+    return counter.get_total_flops() / 2
+
+
+class Throughput:
+    """A rate of samples as the throughput/* and perf/* metrics.
+
+    perf/tflops is per device (the job's rate over its ``world_size`` devices), and perf/mfu its share of the device's
+    peak, only where the peak is known.
+    """
+
+    def __init__(self, tokens_per_sample: int | None, flops_per_sample: float | None, peak: float | None,
+                 world_size: int):
+        self.tokens_per_sample, self.flops_per_sample = tokens_per_sample, flops_per_sample
+        self.peak, self.world_size = peak, world_size
+
+    def of(self, samples_per_s: float) -> dict:
+        metrics = {"throughput/samples_per_s": samples_per_s}
+        if self.tokens_per_sample is not None:
+            metrics["throughput/tokens_per_s"] = samples_per_s * self.tokens_per_sample
+        if self.flops_per_sample:
+            tflops = samples_per_s * self.flops_per_sample / self.world_size / 1e12
+            metrics["perf/tflops"] = tflops
+            if self.peak:
+                metrics["perf/mfu"] = tflops / self.peak
+        return metrics

@@ -1,0 +1,84 @@
+"""``profile.steps=FIRST-LAST``: a torch.profiler trace of those optimizer steps, per rank, into the run directory.
+
+Each rank writes ``profile/rank_<r>.json`` (Chrome trace format: open it in https://ui.perfetto.dev or
+chrome://tracing), each step marked ``step <N>``; on CUDA also ``profile/memory_rank_<r>.pickle``, the allocator's
+history over those steps (open it in https://pytorch.org/memory_viz). The trainer holds no profiler when the key
+is '', so an unprofiled run pays nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from launcher.config.keys import step_span
+
+log = logging.getLogger(__name__)
+
+FOLDER = "profile"  # in the run directory
+
+
+class StepProfiler:
+    """Profiles optimizer steps ``first`` to ``last`` of one rank; ``at(step)`` after each step drives it."""
+
+    def __init__(self, first: int, last: int, run_dir: Path, rank: int, device: torch.device):
+        self.first, self.last = first, last
+        self.folder, self.rank, self.cuda = run_dir / FOLDER, rank, device.type == "cuda"
+        self._profile = self._step_range = None
+
+    @classmethod
+    def of(cls, cfg, run_dir: Path, rank: int, device: torch.device) -> StepProfiler | None:
+        """The profiler ``profile.steps`` asks for, or None."""
+        if not cfg.profile.steps:
+            return None
+        return cls(*step_span(cfg.profile.steps), run_dir, rank, device)
+
+    def at(self, step: int) -> None:
+        """Training has done ``step`` optimizer steps (called again with the same step, it does nothing new)."""
+        if self._profile is None:
+            if step != self.first - 1:
+                return
+            self._begin()
+        if self._step_range is not None and self._step_range[0] == step + 1:
+            return
+        self._end_step_range()
+        if step >= self.last:
+            self.close()
+            return
+        marker = record_function(f"step {step + 1}")
+        marker.__enter__()
+        self._step_range = (step + 1, marker)
+
+    def _end_step_range(self) -> None:
+        if self._step_range is not None:
+            self._step_range[1].__exit__(None, None, None)
+            self._step_range = None
+
+    def _begin(self) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet: no stage lines at each start and stop
+        self._profile = profile(activities=activities, record_shapes=True)
+        self._profile.__enter__()
+        if self.cuda:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+
+    def close(self) -> None:
+        """Write what was recorded (all the steps, or those before training ended) and stop recording."""
+        if self._profile is None:
+            return
+        self._end_step_range()
+        profiled, self._profile = self._profile, None
+        profiled.__exit__(None, None, None)
+        self.folder.mkdir(exist_ok=True)
+        trace = self.folder / f"rank_{self.rank}.json"
+        profiled.export_chrome_trace(str(trace))
+        if self.cuda:
+            torch.cuda.memory._dump_snapshot(str(self.folder / f"memory_rank_{self.rank}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        if self.rank == 0:
+            log.info("profile of steps %d-%d: %s (one file per rank; open in https://ui.perfetto.dev)", self.first,
+                     self.last, trace.parent)
