@@ -111,7 +111,7 @@ def test_a_hang_names_the_rank_that_did_not_reach_the_collective_and_its_line(tm
     stuck.stop()
     line = waiting.diagnose(20)
     assert line.startswith("rank 1 did not reach the step-6 gradient all-reduce within dist.timeout_s=20 s; it was "
-                           "in stuck_in_the_recipe (test_observability.py:")
+                           "in stuck_in_the_recipe (test_run_insight.py:")
     assert "in the step-6 forward; rank 2 did not answer within 2 s (ended, or stuck outside Python)" in line
     assert line.endswith(f"(every rank's stacks: {tmp_path / 'stacks'})")
     assert "stuck_in_the_recipe" in (tmp_path / "stacks" / "rank_1.txt").read_text()
