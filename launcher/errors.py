@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 import traceback
 from pathlib import Path
@@ -78,6 +79,35 @@ def as_launcher_error(error: Exception) -> LauncherError:
     from_recipe = any(_users(frame.filename) or Path(frame.filename).resolve() == _RECIPE_HOOKS for frame in frames)
     out_of_memory = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
     return (UserError if from_recipe and not out_of_memory else LauncherError)(describe(error))
+
+
+_LOADER_WORKER = re.compile(r"Caught \S+ in DataLoader worker process \d+\.\n"
+                            r"Original Traceback \(most recent call last\):\n")
+_TEXT_FRAME = re.compile(r'^  File "(.+?)", line (\d+), in (.+)\n(?:    .*\n)?(?:\s*[~^]+\n)?', re.M)
+
+
+def from_loader_worker(error: BaseException) -> BaseException:
+    """An error a DataLoader worker raised, as the process would have raised it: its own line and the user's frames.
+
+    The DataLoader re-raises a worker's exception in the process with torch's wrapper line and the worker's whole
+    traceback as its message (every frame of torch's); a launcher error gets its own message back (and exit code),
+    any other the user's frames, as ``describe`` gives them. Any other error is returned unchanged.
+    """
+    text = str(error)
+    wrapped = _LOADER_WORKER.match(text)
+    if not wrapped:
+        return error
+    original = text[wrapped.end():]
+    frames = list(_TEXT_FRAME.finditer(original))
+    said = original[frames[-1].end():] if frames else original
+    line = said.strip().splitlines()[0] if said.strip() else type(error).__name__
+    if isinstance(error, LauncherError):
+        return type(error)(line.partition(": ")[2] or line, same_on_all_ranks=error.same_on_all_ranks)
+    mine = [traceback.FrameSummary(frame[1], int(frame[2]), frame[3]) for frame in frames if _users(frame[1])]
+    if mine:
+        line += "\nraised at (most recent call last), in a DataLoader worker:\n" + "".join(
+            traceback.format_list(mine)).rstrip()
+    return (UserError if mine else LauncherError)(line)
 
 
 def failure_kind(error: BaseException) -> str:

@@ -167,6 +167,9 @@ def token_windows(folder: Path, context: int):
         evaluation = TokenWindows(folder / "eval", context)
     if train.vocab > VOCAB:
         raise ValueError(f"data.tokens={folder} has a vocabulary of {train.vocab}; this model reads bytes ({VOCAB})")
+    if len(train) == 0:
+        raise ValueError(f"data.tokens={folder}: its training corpus is shorter than one window of model.context + 1 "
+                         f"= {context + 1} tokens")
     return train, evaluation
 
 

@@ -1,7 +1,7 @@
 """The gpt recipe's model trained on a stream: text files read one after another, window by window, never indexed.
 
     torchrun --standalone --nproc_per_node 2 -m launcher recipe=stream
-    torchrun --standalone --nproc_per_node 2 -m launcher recipe=stream data.folder=~/corpus data.glob='*.txt'
+    torchrun --standalone --nproc_per_node 2 -m launcher recipe=stream data.folder=~/corpus 'data.glob="*.txt"'
 
 A stream (README, "Streams") is how data that is not a list of samples reaches the engine: files of any number and
 size, a generator over a database, a reader of remote shards. This one's shards are the files (by default the

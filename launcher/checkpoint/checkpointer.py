@@ -6,6 +6,7 @@ shards and rank 0 the rest), and checkpoints are kept newest first within the ru
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import platform
@@ -179,11 +180,12 @@ class Checkpointer:
 
     def _write_failed(self, path: Path, needed: int, error: BaseException) -> str:
         free = shutil.disk_usage(self.folder).free
+        full = free < needed or getattr(error, "errno", None) == errno.ENOSPC
         reason = (f"no space left: {free / 2**20:.1f} MB free on its device, the checkpoint needs about "
-                  f"{needed / 2**20:.1f} MB" if free < needed else f"{type(error).__name__}: {_first_line(error)}")
+                  f"{needed / 2**20:.1f} MB" if full else f"{type(error).__name__}: {_first_line(error)}")
         kept = f"the previous checkpoint {self.last_good} is intact" if self.last_good else "no checkpoint was lost"
-        return (f"writing checkpoint {path} failed ({reason}); {kept}. Free space (or lower ckpt.keep), then run the "
-                "same command to continue")
+        then = "Free space (or lower ckpt.keep), then run" if full else "Run"
+        return f"writing checkpoint {path} failed ({reason}); {kept}. {then} the same command to continue"
 
     def diverged_message(self, step: int) -> str:
         last = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"

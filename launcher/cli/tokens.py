@@ -1,8 +1,8 @@
 """`python -m launcher.tokens --out DIR PATHS...`: a token corpus (launcher/data/tokens.py) from text files.
 
-Directories are read for the files matching ``--glob``, in sorted order. With ``--eval-every N`` (default 10) every
-N-th file goes to ``DIR/eval`` and the rest to ``DIR/train`` (no file in both), as `recipe=gpt data.tokens=DIR`
-reads them; ``--eval-every 0`` writes one corpus into ``DIR``.
+Directories are read for the files matching ``--glob``, in sorted order (never those under ``--out``). With
+``--eval-every N`` (default 10) every N-th file goes to ``DIR/eval`` and the rest to ``DIR/train`` (no file in both),
+as `recipe=gpt data.tokens=DIR` reads them; ``--eval-every 0`` writes one corpus into ``DIR``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from launcher.data.tokens import write_shards
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, UserError
 
 
 def text_files(paths: list[Path], pattern: str) -> list[Path]:
@@ -24,9 +24,9 @@ def text_files(paths: list[Path], pattern: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise LauncherError(f"{path}: no such file or folder")
+            raise UserError(f"{path}: no such file or folder")
     if not files:
-        raise LauncherError(f"no files matching {pattern} in {', '.join(map(str, paths))}")
+        raise UserError(f"no files matching {pattern} in {', '.join(map(str, paths))}")
     return files
 
 
@@ -41,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="bytes", help="bytes (each byte a token, a vocabulary of 256)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        files = text_files(args.paths, args.glob)
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"--out {args.out} is a file: name a folder to write the corpus into")
+        out = args.out.resolve()
+        files = [file for file in text_files(args.paths, args.glob) if not file.resolve().is_relative_to(out)]
         n = args.eval_every
+        if n > 0 and len(files) < 2:
+            raise UserError(f"{len(files)} file(s) cannot be split into train/ and eval/: give more files, or write "
+                            "one corpus with --eval-every 0 (into --out itself, e.g. --out DIR/train)")
         splits = {args.out: files} if n <= 0 else {
             args.out / "train": [file for i, file in enumerate(files) if i % n],
             args.out / "eval": [file for i, file in enumerate(files) if i % n == 0]}

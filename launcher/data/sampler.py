@@ -139,6 +139,7 @@ class SeededSamples(Dataset):
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
+        self.batch_seed = 0  # the last batch's: what its collation draws from (SeededCollate)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -149,5 +150,22 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        self.batch_seed = sample_seed(keys[0][1], 0, len(keys)) if keys else 0  # another stream than its samples'
         with globals_kept():
             return [self[key] for key in keys]
+
+
+class SeededCollate:
+    """A recipe's ``collate``, run with the global generators seeded by the batch it collates (MixUp, CutMix).
+
+    The batch is the one ``samples`` (a ``SeededSamples``) read last: the DataLoader collates each batch right after
+    reading it, in the same process.
+    """
+
+    def __init__(self, collate, samples: SeededSamples):
+        self.collate, self.samples = collate, samples
+
+    def __call__(self, batch: list):
+        with globals_kept():
+            seed_globals(self.samples.batch_seed)
+            return self.collate(batch)

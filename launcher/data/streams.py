@@ -43,10 +43,17 @@ def is_stream(dataset) -> bool:
 
 
 def first_sample(dataset):
-    """A data set's first sample (a stream's: its first shard's), for the model summary."""
-    if is_stream(dataset):
-        return next(iter(dataset.read(dataset.shards(1)[0], 0)))
-    return dataset[0]
+    """A data set's first sample (a stream's: the first of its epoch-1 shards that holds one), for the model summary.
+
+    Call ``check_stream`` first.
+    """
+    if not is_stream(dataset):
+        return dataset[0]
+    for shard in dataset.shards(1):
+        for sample in dataset.read(shard, 0):
+            return sample
+    raise UserError("the recipe's stream holds no sample: none of its epoch-1 shards gives one (is data.root right?)",
+                    same_on_all_ranks=True)
 
 
 def check_stream(dataset, parts: int) -> None:
@@ -57,6 +64,9 @@ def check_stream(dataset, parts: int) -> None:
                         "needs shards(epoch) and read(shard, start) so that ranks and workers can split it and a "
                         "resume can continue it (README, Streams)", same_on_all_ranks=True)
     count = len(dataset.shards(1))
+    if count == 0:
+        raise UserError("the recipe's stream has no shards: shards(1) is empty (is data.root right?)",
+                        same_on_all_ranks=True)
     if count < parts:
         raise UserError(f"the stream has {count} shards for {parts} parts (processes x data.num_workers, at least 1 "
                         "each): give it at least as many shards, or use fewer workers", same_on_all_ranks=True)
@@ -74,14 +84,15 @@ class _Part(IterableDataset):
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.per_rank = max(1, workers)
         self.batch_size, self.collate, self.seed = batch_size, collate or default_collate, seed
-        self.places: dict[int, tuple[int, int, int]] = {}  # rank's part -> (epoch, shard in the part's list, sample)
+        # The job's part -> (epoch, shard in the part's list, sample): the places a checkpoint keeps.
+        self.places: dict[int, tuple[int, int, int]] = {}
         self.rotation = 0
 
     def __iter__(self):
         info = get_worker_info()
         mine = ((info.id if info else 0) + self.rotation) % self.per_rank  # which of the rank's parts
         parts, part = self.world_size * self.per_rank, self.rank * self.per_rank + mine
-        epoch, shard_number, start = self.places.get(mine, (1, 0, 0))
+        epoch, shard_number, start = self.places.get(part, (1, 0, 0))
         samples = iter(self._samples(part, parts, epoch, shard_number, start))
         while True:
             with globals_kept():  # in the training process the generators are the model's
@@ -91,18 +102,32 @@ class _Part(IterableDataset):
                     if len(batch) == self.batch_size:
                         break
                 collated = self.collate(batch)
-            yield collated, mine, place
+            yield collated, part, place
 
     def _samples(self, part: int, parts: int, epoch: int, shard_number: int, start: int):
-        """(sample, its place after it) for ever: this part's shards of each epoch, from the given place on."""
+        """(sample, its place after it) for ever: this part's shards of each epoch, from the given place on.
+
+        Each sample is read with the generators seeded by its place (before ``read`` makes it: a transform inside
+        ``read`` draws its own numbers, wherever the part is read and whatever was read before).
+        """
         while True:
-            shards = self.stream.shards(epoch)
+            shards, found = self.stream.shards(epoch), False
             for number in range(shard_number, len(shards[part::parts])):
                 place_in_epoch = part + number * parts  # the shard's place in the epoch's list, whatever the split
-                for offset, sample in enumerate(self.stream.read(shards[place_in_epoch], start), start):
+                samples, offset = iter(self.stream.read(shards[place_in_epoch], start)), start
+                while True:
                     seed_globals(sample_seed(self.seed, epoch, place_in_epoch * 2**32 + offset))
-                    yield sample, (epoch, number, offset + 1)
+                    try:
+                        sample = next(samples)
+                    except StopIteration:
+                        break
+                    found, offset = True, offset + 1
+                    yield sample, (epoch, number, offset)
                 start = 0
+            if not found and shard_number == 0:  # a whole epoch without a sample: every later one may be alike
+                raise UserError(f"part {part} of the stream's {parts} (processes x workers) found no sample in its "
+                                f"shards of epoch {epoch} (numbers {part}, {part + parts}, ... of shards(epoch)): give "
+                                "the stream more shards that hold samples, or use fewer workers or processes")
             epoch, shard_number = epoch + 1, 0
 
 
@@ -141,21 +166,38 @@ class StreamLoader:
         while self.read_ahead and self.read_ahead[0][0] < trained:
             _, part, place = self.read_ahead.popleft()
             self.part.places[part] = place
-        return {"parts": self.parts, "places": dict(self.part.places)}
+        mine = range(self.part.rank * self.part.per_rank, (self.part.rank + 1) * self.part.per_rank)
+        return {"parts": self.parts, "per_rank": self.part.per_rank,
+                "places": {part: place for part, place in self.part.places.items() if part in mine}}
 
     def load_state_dict(self, rank_states: list[dict | None], rank: int) -> str | None:
-        """Read on from where the checkpoint's parts stopped.
+        """Read on from where the checkpoint's parts stopped; what to say about it, for rank 0 to log, or None.
 
-        On another number of parts (processes x workers) every part starts again at the earliest epoch any part was
-        in; what to say about it is returned, for rank 0 to log.
+        With as many parts as before, each part reads on from its place, however the parts are now split over
+        processes and workers (then the steps group the parts' batches otherwise). On another number of parts every
+        part starts again at the earliest epoch any part was in.
         """
         states = [state for state in rank_states if state]
-        mine = rank_states[rank] if rank < len(rank_states) else None
-        if mine and mine["parts"] == self.parts:
-            self.part.places = {int(part): tuple(place) for part, place in mine["places"].items()}
-            return None
-        epoch = min((place[0] for state in states for place in state["places"].values()), default=1)
-        self.part.places = {part: (epoch, 0, 0) for part in range(self.part.per_rank)}
         saved_parts = states[0]["parts"] if states else 0
+        if saved_parts == self.parts:
+            self.part.places = {part: tuple(place) for number, state in enumerate(rank_states) if state
+                                for part, place in _job_places(state, number, len(rank_states)).items()}
+            split = [(state.get("per_rank"), len(rank_states)) for state in states][:1]
+            if split == [(self.part.per_rank, self.part.world_size)]:
+                return None
+            return (f"the stream's {self.parts} parts read on from their places, now split over "
+                    f"{self.part.world_size} process(es) x {self.part.per_rank} part(s) each: no sample is read twice "
+                    "or skipped, but the steps group the parts' batches otherwise than an uninterrupted run")
+        epoch = min((place[0] for state in states for place in state["places"].values()), default=1)
+        self.part.places = {part: (epoch, 0, 0) for part in range(self.parts)}
         return (f"the stream was read in {saved_parts} parts and is now read in {self.parts} (processes x workers): "
                 f"its place cannot be carried over, so every part starts epoch {epoch} of the stream again")
+
+
+def _job_places(state: dict, rank: int, ranks: int) -> dict[int, list]:
+    """A rank's saved places by the job's part number (a checkpoint without ``per_rank`` numbered the rank's own)."""
+    places = {int(part): place for part, place in state["places"].items()}
+    if "per_rank" in state:
+        return places
+    per_rank = state["parts"] // ranks
+    return {rank * per_rank + part: place for part, place in places.items()}

@@ -24,6 +24,7 @@ from launcher.errors import UserError
 
 META = "tokens.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_SIGNED = {"uint16": np.int16, "uint32": np.int32}
 
 
 def byte_tokens(text: bytes) -> np.ndarray:
@@ -39,6 +40,8 @@ def write_shards(files: Iterable[Path], out: Path, shard_tokens: int, tokenizer:
     """
     if tokenizer != "bytes":
         raise UserError(f"tokenizer {tokenizer}: only 'bytes' is built in")
+    if shard_tokens < 1:
+        raise UserError(f"{shard_tokens} tokens a shard: give 1 or more")
     vocab, dtype = 256, "uint16"
     out.mkdir(parents=True, exist_ok=True)
     shards, buffer, filled = [], np.empty(shard_tokens, dtype=DTYPES[dtype]), 0
@@ -73,15 +76,25 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads((folder / META).read_text())
     except OSError:
         raise UserError(f"{folder} holds no token corpus ({META} is missing): write one with python -m launcher.tokens "
-                        f"--out {folder} FILES") from None
+                        "--out DIR FILES (DIR/train and DIR/eval, as data.tokens=DIR reads them)") from None
     except ValueError as error:
         raise UserError(f"{folder / META} is not valid JSON ({error})") from None
+    if not _well_formed(meta):
+        raise UserError(f"{folder / META} is not a token corpus's description (a dtype of {', '.join(DTYPES)}, a "
+                        "vocab, and shards of file and tokens each): write the corpus with python -m launcher.tokens")
     for shard in meta["shards"]:
         path = folder / shard["file"]
         expected = shard["tokens"] * np.dtype(DTYPES[meta["dtype"]]).itemsize
         if not path.is_file() or path.stat().st_size != expected:
             raise UserError(f"{path} is missing or not {expected} bytes as {META} says: write the corpus again")
     return meta
+
+
+def _well_formed(meta) -> bool:
+    shards = meta.get("shards") if isinstance(meta, dict) else None
+    return (meta.get("dtype") in DTYPES and isinstance(meta.get("vocab"), int) and isinstance(shards, list)
+            and all(isinstance(shard, dict) and isinstance(shard.get("file"), str) and
+                    isinstance(shard.get("tokens"), int) and shard["tokens"] >= 0 for shard in shards))
 
 
 class TokenWindows(Dataset):
@@ -121,8 +134,13 @@ class TokenWindows(Dataset):
             return self
         moved = TokenWindows.__new__(TokenWindows)
         moved.__dict__.update(self.__dict__)
-        parts = [torch.from_numpy(self._shard(i)[:].astype(np.int64)) for i in range(len(self.meta["shards"]))]
-        moved.on_device = torch.cat(parts).to(device)
+        # At the corpus's own width (what data.resident judged it by), its unsigned tokens seen as signed ones of the
+        # same width: torch indexes those on any device. ``take`` reads them back as unsigned.
+        whole = np.empty(int(self.shard_starts[-1]), dtype=_SIGNED[self.meta["dtype"]])  # one copy in host memory
+        for number, start in enumerate(self.shard_starts[:-1].tolist()):
+            shard = self._shard(number)
+            whole[start:start + len(shard)] = shard.view(whole.dtype)
+        moved.on_device = torch.from_numpy(whole).to(device)
         moved.first_window, moved.shard_starts = self.first_window.to(device), self.shard_starts.to(device)
         return moved
 
@@ -132,7 +150,8 @@ class TokenWindows(Dataset):
         offsets = (indices - self.first_window[shard]) * self.context  # in the shard
         span = torch.arange(self.context + 1, device=indices.device)
         if self.on_device is not None:
-            windows = self.on_device[(self.shard_starts[shard] + offsets)[:, None] + span]
+            width = np.dtype(DTYPES[self.meta["dtype"]]).itemsize * 8
+            windows = self.on_device[(self.shard_starts[shard] + offsets)[:, None] + span].long() & (2**width - 1)
         else:
             windows = torch.empty(len(indices), self.context + 1, dtype=torch.int64)
             for number in shard.unique().tolist():  # one memory map a shard, for this batch alone

@@ -89,8 +89,10 @@ class StackWatch:
         _write(self.folder / f"rank_{self.rank}.txt", "\n".join(text))
 
     def on_failure(self, error: BaseException, timeout_s: int) -> None:
-        """A collective's timeout is diagnosed at once, while the run directory is there to ask through (a new run
-        that fails is taken away)."""
+        """Diagnose a collective's timeout at once, while the run directory is there to ask through.
+
+        (A new run that fails is taken away.)
+        """
         if timed_out_waiting(error):
             self.diagnose(timeout_s)
 

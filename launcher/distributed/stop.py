@@ -23,6 +23,20 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, checkpoint written, run the same command to continue
 
 
+def shield_loader_worker(worker_id: int = 0) -> None:
+    """In a DataLoader worker: the stop signals are its rank's to act on, never a reason for the worker to end.
+
+    A signal to a whole process group (torchrun passes SIGTERM on with killpg, ``kill -TERM -PGID``, Ctrl-C in a
+    terminal) would reach the workers too, and one that ended would fail the rank ("DataLoader worker ... killed by
+    signal") instead of letting it stop with a checkpoint: the worker leaves the group. It still ends with its rank
+    (the DataLoader stops it, or it sees its parent gone), and keeps SIGTERM's default, which the DataLoader and
+    multiprocessing use to end a worker that did not stop on request.
+    """
+    os.setpgid(0, 0)
+    for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StopRequested(LauncherError):
     """Training stopped on a signal after writing a checkpoint; not a failure."""
 

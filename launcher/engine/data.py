@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from launcher.data.indexed import IndexedLoader, indexed_source
-from launcher.data.sampler import ResumableDistributedSampler, SeededSamples
-from launcher.data.streams import StreamLoader, check_stream, is_stream
+from launcher.data.sampler import ResumableDistributedSampler, SeededCollate, SeededSamples
+from launcher.data.streams import StreamLoader, is_stream
 from launcher.distributed.env import DistEnv
+from launcher.distributed.stop import shield_loader_worker
 from launcher.errors import UserError
 
 
@@ -37,6 +38,7 @@ def _loader_options(num_workers: int, device: torch.device, collate) -> dict:
     return dict(
         collate_fn=collate,  # None: the DataLoader's default (tensors, tuples, lists, dicts, nested)
         num_workers=num_workers,
+        worker_init_fn=shield_loader_worker,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         # Its own generator: creating an iterator then draws worker seeds from it, not from the global RNG,
@@ -61,8 +63,10 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
     if source is not None:
         loader = IndexedLoader(dataset, source, batch_size=per_rank_batch, sampler=sampler)
     else:
-        loader = DataLoader(SeededSamples(dataset), batch_size=per_rank_batch, sampler=sampler, drop_last=True,
-                            **_loader_options(loader_workers(cfg, dist_env, device), device, collate))
+        samples = SeededSamples(dataset)
+        loader = DataLoader(samples, batch_size=per_rank_batch, sampler=sampler, drop_last=True,
+                            **_loader_options(loader_workers(cfg, dist_env, device), device,
+                                              collate and SeededCollate(collate, samples)))
     if len(loader) == 0:
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} is larger than the training set ({len(dataset)} samples): "
@@ -73,14 +77,9 @@ def build_train_loader(dataset: Dataset, cfg, dist_env: DistEnv, device: torch.d
 
 def _stream_loader(stream, cfg, dist_env: DistEnv, device: torch.device, collate, per_rank_batch: int):
     """A stream's loader: its shards split over the job's processes and their workers (data/streams.py)."""
-    workers = loader_workers(cfg, dist_env, device)
-    check_stream(stream, dist_env.world_size * max(1, workers))
-    if not cfg.train.max_steps:
-        raise UserError("the recipe's training set is a stream, which has no length: set train.max_steps (and "
-                        "eval.every_steps and ckpt.every_steps for evaluations and checkpoints along the way)",
-                        same_on_all_ranks=True)
+    workers = loader_workers(cfg, dist_env, device)  # engine/build.py checked the stream for these parts
     options = {key: value for key, value in _loader_options(workers, device, collate).items()
-               if key in ("pin_memory", "generator")}
+               if key in ("pin_memory", "generator", "worker_init_fn")}
     return StreamLoader(stream, dist_env.rank, dist_env.world_size, workers, per_rank_batch, cfg.train.grad_accum,
                         collate, cfg.train.seed, options)
 

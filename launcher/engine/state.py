@@ -91,9 +91,9 @@ class TrainingState:
         # count as their mean over the old ranks, which every new rank carries, so the new world's sum holds it once.
         self.loss_sum.fill_(sum(state["loss_sum"] for state in rank_states) / len(rank_states))
         if rank == 0:
-            log.warning("resuming on %d processes from a checkpoint of %d: the data order and each sample's random "
-                        "numbers continue exactly; each rank's own streams (dropout) start afresh", world_size,
-                        saved["world_size"])
+            data = "" if self.data is not None else "the data order and each sample's random numbers continue exactly; "
+            log.warning("resuming on %d processes from a checkpoint of %d: %seach rank's own random streams (dropout) "
+                        "start afresh", world_size, saved["world_size"], data)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ class Trainer:
         self.where.at(0, "model and data")
         self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
-        summary, flops = self._describe_model(first_sample(train_set), built_on) if dist_env.is_main else ("", None)
+        summary, flops = on_main(dist_env, lambda: self._describe_model(first_sample(train_set), built_on))
         if self.sharded:  # before the optimizer, which must hold the sharded parameters
             refuse_rank_local_batchnorm(self.model, cfg, dist_env)
             self.model = shard_model(self.model, cfg, recipe, dist_env, device)
@@ -106,8 +106,11 @@ class Trainer:
         return summarize(self.model, sample, built_on), flops_per_sample(self.recipe, self.cfg, sample)
 
     def _watch(self, signals: StopSignals, flops: float | None) -> None:
-        """What the run is seen by: the stop agreement (which carries each rank's own time and memory to rank 0),
-        throughput and MFU, the progress bar, and the profiler ``profile.steps`` asks for (else None)."""
+        """Set up what the run is seen by.
+
+        The stop agreement (which carries each rank's own time and memory to rank 0), throughput and MFU, the progress
+        bar, and the profiler ``profile.steps`` asks for (else None).
+        """
         cfg, dist_env, device = self.cfg, self.dist_env, self.device
         self.rank_stats = RankStats(device)
         self.rank_report = RankReport(device.type == "cuda", cfg.log.straggler_share)
@@ -171,7 +174,7 @@ class Trainer:
             where = self.position
             log.info("resumed from %s: epoch %d, step %d of it, global step %d", start.checkpoint, where.epoch,
                      where.step_in_epoch, where.global_step)
-            for line in start.describe_changes():
+            for line in start.describe_changes(self.streamed):
                 log.info("%s", line)
         self.attempt.begin(start)
         write_summary(summary, self.attempt.run_dir)

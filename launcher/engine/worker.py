@@ -11,7 +11,7 @@ from launcher.distributed.stacks import StackWatch
 from launcher.distributed.stop import StopRequested, StopSignals
 from launcher.engine.evaluate import evaluate_only
 from launcher.engine.trainer import Trainer
-from launcher.errors import LauncherError, as_launcher_error, failure_kind
+from launcher.errors import LauncherError, as_launcher_error, failure_kind, from_loader_worker
 from launcher.recipe import Recipe
 
 
@@ -26,7 +26,8 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
         _work(cfg, recipe, dist_env, device, signals, watch)
     except StopRequested:
         raise
-    except BaseException as error:
+    except BaseException as caught:
+        error = from_loader_worker(caught)
         plain = isinstance(error, Exception) and not isinstance(error, LauncherError)
         failure = as_launcher_error(error) if plain else error
         # Asked before this rank's failure is reported: the report makes torchrun end the others, whose stacks the
@@ -39,7 +40,7 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
             raise waited from None
         if isinstance(failure, LauncherError) and not failure.same_on_all_ranks:
             failure.repeats = repeats
-        if failure is error:
+        if failure is caught:
             raise
         raise failure from None
     finally:

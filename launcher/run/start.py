@@ -44,12 +44,22 @@ class Start:
     changes: dict = field(default_factory=dict)  # key -> (value in the checkpoint, value now)
     complete: bool = False  # the checkpoint already reached the end the config asks for
 
-    def describe_changes(self) -> list[str]:
-        """One line per changed key, saying what happens to it."""
+    def describe_changes(self, streamed: bool = False) -> list[str]:
+        """One line per changed key, saying what happens to it.
+
+        ``streamed``: the training set is a stream, whose own line says what a change of its parts does (a key's
+        ``on_change`` speaks of map-style data).
+        """
+        def consequence(key: str) -> str:
+            said = KEYS[key].on_change if key in KEYS else ""
+            return f": {said}" if said and not (streamed and key in _SPLITTING_KEYS) else ""
+
         return [f"changed since the checkpoint: {key} {old} -> {new}"
                 + (", applied to the restored optimizer and schedule" if resume_policy(key) == APPLIED else "")
-                + (f": {KEYS[key].on_change}" if key in KEYS and KEYS[key].on_change else "")
-                for key, (old, new) in self.changes.items()]
+                + consequence(key) for key, (old, new) in self.changes.items()]
+
+
+_SPLITTING_KEYS = ("data.num_workers", "dist.nproc_per_node")  # they split the data over other parts
 
 
 def config_changes(saved: dict, cfg) -> dict[str, tuple]:

@@ -2,12 +2,23 @@
 evaluation that never moves training's random streams, a stream split over ranks and workers, token shards."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from helpers import GPT_RECIPE, INTERRUPT_ON_CALL, assert_identical, check_ok, launch, load_weights
+from helpers import (
+    GPT_RECIPE,
+    INTERRUPT_ON_CALL,
+    assert_identical,
+    check_ok,
+    launch,
+    launcher_command,
+    launcher_environ,
+    load_weights,
+    wait_for,
+)
 
 JITTERED = textwrap.dedent(INTERRUPT_ON_CALL + """
     import random
@@ -36,6 +47,10 @@ JITTERED = textwrap.dedent(INTERRUPT_ON_CALL + """
     def build_datasets(cfg):
         train, evaluation = digits(cfg)
         return Jittered(train.tensors), evaluation
+
+    def collate(samples):  # a batch-level random transform, as MixUp draws
+        images, labels = torch.utils.data.default_collate(samples)
+        return images * (1 + 0.05 * torch.rand(())), labels
 
     def build_model(cfg):
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 10))
@@ -71,6 +86,19 @@ def test_workers_with_per_sample_random_transforms_resume_bitwise_after_a_stop(j
     if workers_after != 2:
         assert "changed since the checkpoint: data.num_workers 2 -> 0: training continues exactly" in resumed.stdout
     assert_identical(load_weights(jittered / f"stopped{nproc}"), load_weights(jittered / f"reference{nproc}"))
+
+
+def test_a_stop_signal_to_the_whole_process_group_stops_with_a_checkpoint_despite_workers(jittered):
+    """SIGTERM to the process group, as torchrun passes it on (killpg) and Ctrl-C sends it: the DataLoader workers are
+    not in it, so none dies and fails the rank."""
+    job = subprocess.Popen(launcher_command([*JITTERED_ARGS, "run.dir=grouped", "train.epochs=100"]), cwd=jittered,
+                           env=launcher_environ(None), start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list((jittered / "grouped" / "checkpoints").glob("step_*.pt")), "a first checkpoint")
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 75, err
+    assert "launcher: stopped after step" in err and "killed by signal" not in err
 
 
 def test_workers_with_per_sample_random_transforms_resume_bitwise_after_a_sigkill(jittered):
@@ -154,14 +182,15 @@ def numbers_read(folder) -> list[int]:
 
 def test_a_stream_over_two_ranks_and_two_workers_reads_every_sample_once_an_epoch_and_resumes_bitwise(tmp_path):
     """24 steps of 8 samples are one epoch of the stream's 192: each read exactly once; then two epochs, stopped at
-    step 10 and continued, end as two uninterrupted epochs do."""
+    step 11 and continued, end as two uninterrupted epochs do (the samples' noise drawn inside read included)."""
     (tmp_path / "counted.py").write_text(COUNTED_STREAM)
     args = ["recipe=counted.py", "wandb.mode=disabled"]
     one_epoch = check_ok(launch([*args, "run.dir=once"], tmp_path, nproc=2))
     assert "data a stream in 4 parts (2 workers a process)" in one_epoch.stdout
     assert numbers_read(tmp_path) == list(range(192))
     check_ok(launch([*args, "run.dir=reference", "train.max_steps=48"], tmp_path, nproc=2))
-    stopped = launch([*args, "run.dir=stopped", "train.max_steps=48"], tmp_path, nproc=2,
+    # Stopped at step 11 (an odd number of batches read: each rank's workers then read the other's part next).
+    stopped = launch([*args, "run.dir=stopped", "train.max_steps=48", "dist.stop_check_every=1"], tmp_path, nproc=2,
                      env={"INTERRUPT": "1:10:SIGTERM"})
     assert "stopped after step" in stopped.stderr
     resumed = check_ok(launch([*args, "run.dir=stopped", "train.max_steps=48"], tmp_path, nproc=2))
