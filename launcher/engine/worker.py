@@ -34,7 +34,11 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
         # diagnosis needs.
         waited = peer_failure(error, cfg.dist.timeout_s, job_store, watch.diagnose)
         repeats = None
-        if job_store:  # the others stop at once when torchrun ends them
+        # The others stop at once when torchrun ends them. Not said by a rank other than 0 of an error every rank
+        # raises, which rank 0 prints: rank 0 might then take torchrun's SIGTERM for the end of a failed job, and
+        # leave before printing it.
+        said_by_rank_0 = isinstance(failure, LauncherError) and failure.same_on_all_ranks and not dist_env.is_main
+        if job_store and not said_by_rank_0:
             repeats = job_store.report_failure(f"rank {dist_env.rank}", failure_kind(error))
         if waited:
             raise waited from None
