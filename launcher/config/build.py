@@ -87,6 +87,7 @@ class Override(NamedTuple):
     key: str
     value: Any
     origin: str  # where it was written, for error messages: "command line", "sweep.txt line 3"
+    text: str | None = None  # as written: what a text key takes, where YAML would read a number (3:4 as 184)
 
 
 def _parse_override(item: str, origin: str) -> Override:
@@ -101,7 +102,7 @@ def _parse_override(item: str, origin: str) -> Override:
         problem = str(error).splitlines()[0]
         raise UserError(f"{where}{key}={text} is not a value ({problem}): close its bracket or quote; a value with "
                         f"spaces goes in quotes, quoted again for the shell: '{key}=\"my run\"'") from None
-    return Override(key.strip(), OmegaConf.to_container(parsed)["value"], origin)
+    return Override(key.strip(), OmegaConf.to_container(parsed)["value"], origin, text.strip())
 
 
 def parse_overrides(items: Iterable[str], origin: str = "command line") -> list[Override]:
@@ -146,7 +147,9 @@ def build_config(
     OmegaConf.set_struct(cfg, True)
     for key, value in leaves(yaml_values):
         _set(cfg, types, key, value, "config file")
-    for key, value, origin in overrides:
+    for key, value, origin, text in overrides:
+        if text is not None and types.get(key, KeyType(None)).kind is str and not isinstance(value, str):
+            value = text
         _set(cfg, types, key, value, origin)
     return cfg
 
@@ -173,6 +176,9 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     """
     for key, declared in KEYS.items():
         value = OmegaConf.select(cfg, key)
+        if value is None:
+            raise UserError(f"{key}=null is not a value: give it one ({declared.type_name}, default "
+                            f"{declared.default!r})")
         if declared.choices and value not in declared.choices:
             raise UserError(f"{key}={value!r} is not {declared.wanted()}")
         if declared.valid and not declared.valid[0](value):

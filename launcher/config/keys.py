@@ -8,6 +8,7 @@ the launcher, so every layer may read it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -216,11 +217,10 @@ _RECIPE_KEY_RESUME = {"run": FREE, "eval": FREE, "ckpt": FREE, "log": FREE, "pro
 
 def step_span(value: str) -> tuple[int, int] | None:
     """(first, last) of a span of steps written FIRST-LAST or N (not FIRST:LAST, which YAML reads as a number)."""
-    first, _, last = value.partition("-")
-    last = last or first
-    if not (first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+    span = re.fullmatch(r"(\d+)(?:-(\d+))?", value, re.ASCII)
+    if not span or not 1 <= int(span[1]) <= int(span[2] or span[1]):
         return None
-    return int(first), int(last)
+    return int(span[1]), int(span[2] or span[1])
 
 
 def leaves(tree: Mapping, prefix: str = "") -> Iterable[tuple[str, Any]]:

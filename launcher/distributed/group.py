@@ -173,11 +173,18 @@ def on_main(dist_env: DistEnv, decide: Callable):
     return result[0]
 
 
-def timed_out_waiting(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that timed out (gloo says so in a plain RuntimeError's text)."""
-    text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "Timed out" in text or isinstance(error, dist.DistError) and "timeout" in text.lower())
+def timed_out_waiting(error: BaseException | None) -> bool:
+    """Whether ``error`` is a collective that timed out, or an error raised while handling one.
+
+    Gloo says so in a plain RuntimeError's text; a checkpoint's write that failed on it raises its own error.
+    """
+    while error is not None:
+        text = str(error)
+        if isinstance(error, RuntimeError) and (
+                "Timed out" in text or isinstance(error, dist.DistError) and "timeout" in text.lower()):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | None,
@@ -189,10 +196,10 @@ def peer_failure(error: BaseException, timeout_s: int, job_store: JobStore | Non
     torch wraps it; gloo (torch 2.14) raises both its timeouts and lost connections as plain RuntimeErrors, which only
     their text tells apart.
     """
-    if not isinstance(error, RuntimeError):  # DistError and its subclasses are RuntimeErrors
+    timed_out = timed_out_waiting(error)
+    if not isinstance(error, RuntimeError) and not timed_out:  # DistError and its subclasses are RuntimeErrors
         return None
     text = str(error)
-    timed_out = timed_out_waiting(error)
     closed = isinstance(error, dist.DistNetworkError) or any(
         sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
     if not (timed_out or closed):

@@ -1,20 +1,22 @@
 """Model FLOPs per training sample, counted once, and the achieved TFLOP/s and MFU they give.
 
-Counted by torch's ``FlopCounterMode`` on one forward and backward of the recipe's own step, on a copy of the model
-built on the meta device (no memory, no compute): the FLOPs of the matrix products and convolutions that run,
-which is what MFU is measured in. A recipe whose model or step cannot run on meta tensors gives its own count
+Counted by torch's ``FlopCounterMode`` on one forward and backward of the recipe's own step, the model's parameters
+and buffers swapped for meta tensors (no memory, no compute): the FLOPs of the matrix products and convolutions that
+run, which is what MFU is measured in. A recipe whose model or step cannot run on meta tensors gives its own count
 (``flops_per_sample(cfg)``), else there is none.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch.utils._pytree import tree_map
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
+from launcher.errors import UserError
 from launcher.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -61,25 +63,45 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def flops_per_sample(recipe: Recipe, cfg, sample) -> float | None:
-    """Forward and backward FLOPs of one training sample (the recipe's hook, else counted); None if not countable."""
+def flops_per_sample(recipe: Recipe, cfg, model: torch.nn.Module, sample) -> float | None:
+    """Forward and backward FLOPs of one training sample (the recipe's hook, else counted); None if not countable.
+
+    Counted through the recipe's own step on ``model`` with meta copies of its parameters and buffers: no memory, no
+    compute, no change to the model, and no second ``build_model`` (whose collectives, a download on rank 0 first,
+    would wait for ranks that are not building).
+    """
     given = recipe.flops_per_sample(cfg)
     if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given) or given <= 0:
+            raise UserError(f"recipe {recipe.name}: flops_per_sample(cfg) returned {given!r}: it must be a positive "
+                            "number, the forward and backward FLOPs of one training sample")
         return float(given)
     try:
-        with torch.device("meta"):
-            model = recipe.build_model(cfg)
+        on_meta = _OnMeta(model)
         # Two samples, not one: BatchNorm refuses a batch of one.
         batch = tree_map(lambda value: value.to("meta") if isinstance(value, torch.Tensor) else value,
                          (recipe.collate or default_collate)([sample, sample]))
         with FlopCounterMode(display=False) as counter:
-            loss, _ = recipe.step(model.train(), batch)
+            loss, _ = recipe.step(on_meta, batch)
             loss.backward()
     except Exception as error:  # a model or step that needs real values: no count, and training goes on
         log.info("model FLOPs not counted (%s: %s): a recipe can give them as flops_per_sample(cfg)",
                  type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return None
     return counter.get_total_flops() / 2
+
+
+class _OnMeta(torch.nn.Module):
+    """``model`` called with meta copies of its parameters and buffers (``torch.func.functional_call``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.wrapped = [model]  # in a list: not a submodule, so nothing here moves or changes it
+        self.state = {name: torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
+                      for name, value in [*model.named_parameters(), *model.named_buffers()]}
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.wrapped[0], self.state, args, kwargs, tie_weights=True)
 
 
 class Throughput:

@@ -23,12 +23,17 @@ FOLDER = "profile"  # in the run directory
 
 
 class StepProfiler:
-    """Profiles optimizer steps ``first`` to ``last`` of one rank; ``at(step)`` after each step drives it."""
+    """Profiles optimizer steps ``first`` to ``last`` of one rank; ``starting`` and ``done`` drive it.
+
+    A run resumed inside the span profiles the rest of it; a run that ends inside it writes the steps it ran.
+    """
 
     def __init__(self, first: int, last: int, run_dir: Path, rank: int, device: torch.device):
         self.first, self.last = first, last
         self.folder, self.rank, self.cuda = run_dir / FOLDER, rank, device.type == "cuda"
         self._profile = self._step_range = None
+        self._began_after: int | None = None  # the steps done when it began
+        self._done = 0  # steps done, as last told
 
     @classmethod
     def of(cls, cfg, run_dir: Path, rank: int, device: torch.device) -> StepProfiler | None:
@@ -37,38 +42,47 @@ class StepProfiler:
             return None
         return cls(*step_span(cfg.profile.steps), run_dir, rank, device)
 
-    def at(self, step: int) -> None:
-        """Training has done ``step`` optimizer steps (called again with the same step, it does nothing new)."""
+    def starting(self, step: int) -> None:
+        """Optimizer step ``step`` begins (called again within it: nothing new)."""
         if self._profile is None:
-            if step != self.first - 1:
+            if self._began_after is not None or not self.first <= step <= self.last:
                 return
-            self._begin()
-        if self._step_range is not None and self._step_range[0] == step + 1:
+            self._begin(step - 1)
+        if self._step_range is not None and self._step_range[0] == step:
+            return
+        self._end_step_range()
+        marker = record_function(f"step {step}")
+        marker.__enter__()
+        self._step_range = (step, marker)
+
+    def done(self, step: int) -> None:
+        """Step ``step`` and what follows it (a report, an evaluation, a checkpoint) are done."""
+        self._done = step
+        if self._profile is None:
             return
         self._end_step_range()
         if step >= self.last:
-            self.close()
-            return
-        marker = record_function(f"step {step + 1}")
-        marker.__enter__()
-        self._step_range = (step + 1, marker)
+            self.close(step)
+
+    def _begin(self, step: int) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet: no stage lines at each start and stop
+        self._profile = profile(activities=activities, record_shapes=True)
+        self._profile.__enter__()
+        self._began_after = step
+        if self.cuda:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
 
     def _end_step_range(self) -> None:
         if self._step_range is not None:
             self._step_range[1].__exit__(None, None, None)
             self._step_range = None
 
-    def _begin(self) -> None:
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet: no stage lines at each start and stop
-        self._profile = profile(activities=activities, record_shapes=True)
-        self._profile.__enter__()
-        if self.cuda:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
-
-    def close(self) -> None:
-        """Write what was recorded (all the steps, or those before training ended) and stop recording."""
+    def close(self, step: int) -> None:
+        """Write what was recorded (``step`` steps done) and stop recording; say so if the span was never reached."""
         if self._profile is None:
+            if self._began_after is None and self.rank == 0 and step < self.first:
+                log.warning("profile.steps=%d-%d: not profiled, the run ended at step %d", self.first, self.last, step)
             return
         self._end_step_range()
         profiled, self._profile = self._profile, None
@@ -80,5 +94,6 @@ class StepProfiler:
             torch.cuda.memory._dump_snapshot(str(self.folder / f"memory_rank_{self.rank}.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
         if self.rank == 0:
-            log.info("profile of steps %d-%d: %s (one file per rank; open in https://ui.perfetto.dev)", self.first,
-                     self.last, trace.parent)
+            first, last = self._began_after + 1, min(max(step, self._done), self.last)
+            log.info("profile of steps %d-%d: %s (one file per rank; open in https://ui.perfetto.dev)", first, last,
+                     trace.parent)

@@ -61,6 +61,7 @@ class Trainer:
         cfg = self.cfg = attempt.cfg
         self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
         self.watch, self.where = watch, watch.where  # what this rank is doing, for a hang's report
+        self.owns_watch = False  # Trainer.build's own (no worker's): stopped when the attempt ends
         self.sharded = is_sharded(cfg)
         built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
         self.where.at(0, "model and data")
@@ -103,7 +104,7 @@ class Trainer:
 
     def _describe_model(self, sample, built_on: torch.device) -> tuple[str, float | None]:
         """Rank 0: the model's summary (torchsummary) and its FLOPs per training sample (None: not countable)."""
-        return summarize(self.model, sample, built_on), flops_per_sample(self.recipe, self.cfg, sample)
+        return summarize(self.model, sample, built_on), flops_per_sample(self.recipe, self.cfg, self.model, sample)
 
     def _watch(self, signals: StopSignals, flops: float | None) -> None:
         """Set up what the run is seen by.
@@ -134,19 +135,24 @@ class Trainer:
         if cfg.train.keep_host_memory:
             keep_freed_memory()  # before anything is built: every allocation after it is served this way
         attempt = Attempt.open(cfg, recipe, dist_env, signals)
+        owned = watch is None  # else the worker's, which it stops when the process is done with the job
         watch = watch or StackWatch(dist_env.rank, dist_env.world_size)
         watch.start(attempt.run_dir)
         try:
             start, saved = plan_start(attempt.cfg, attempt.run_dir, dist_env)
             if start.complete:
                 attempt.complete(start, saved)
-                watch.stop()
+                if owned:
+                    watch.stop()
                 return None
-            return cls(attempt, recipe, dist_env, device, signals, start, saved, watch)
+            trainer = cls(attempt, recipe, dist_env, device, signals, start, saved, watch)
+            trainer.owns_watch = owned
+            return trainer
         except BaseException as error:
             signals.failing = True
             watch.on_failure(error, cfg.dist.timeout_s)
-            watch.stop()
+            if owned:
+                watch.stop()
             attempt.abandon()
             raise
 
@@ -196,6 +202,7 @@ class Trainer:
         outcome, detail = "failed", ""
         try:
             final = self.fit()
+            self.where.at(self.position.global_step, "model.pt")
             weights = full_model_state(self.model) if self.sharded else None  # collective
             if self.dist_env.is_main:
                 save_model(weights or self.model.state_dict(), self.model_file)
@@ -204,9 +211,9 @@ class Trainer:
             outcome, detail = "stopped", str(stopped)
             raise
         except BaseException as error:
-            detail = f"{type(error).__name__}: {error}".splitlines()[0]
             self.stop.signals.failing = True
             self.watch.on_failure(error, self.cfg.dist.timeout_s)
+            detail = self.watch.diagnosis or f"{type(error).__name__}: {error}".splitlines()[0]
             raise
         finally:
             self.close(outcome, detail)
@@ -224,8 +231,9 @@ class Trainer:
         if outcome != "failed":
             self.stop.close()
         if self.profiler is not None:
-            self.profiler.close()
-        self.watch.stop()
+            self.profiler.close(self.position.global_step)
+        if self.owns_watch:
+            self.watch.stop()
         self.attempt.end(outcome, self.position.global_step, detail, self.checkpointer.last_good is not None)
 
     def fit(self) -> dict:
@@ -274,29 +282,20 @@ class Trainer:
         window, scheduler, profiler = _Window(self.state.loss_sum), self.state.scheduler, self.profiler
         micro_in_epoch = where.step_in_epoch * accum
         memory_format = self.precision.to_memory_format
-        self.rank_stats.resumed()
-        if profiler is not None:
-            profiler.at(where.global_step)
+        self._fetching(where.global_step)
         for micro, batch in enumerate(prefetched(batches, self.device, memory_format), 1):
+            if profiler is not None:
+                profiler.starting(where.global_step + 1)
             if self.augment_rng is not None:  # then channels_last again: an augmentation may make a new tensor
                 batch = to_device(self._augmented(batch, micro_in_epoch + micro), self.device, memory_format)
             self._micro_step(batch, accum, sync=micro % accum == 0)
             if micro % accum:
                 continue
-            if clip:
-                self.precision.unscale(self.optimizer)
-                window.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.precision.step(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            where.step_in_epoch += 1
-            where.global_step += 1
-            window.steps += 1
-            if profiler is not None:
-                profiler.at(where.global_step)
+            self._optimizer_step(window, clip, scheduler)
             if bar is not None:
                 bar.update()
             if where.global_step % log_every == 0 and self.dist_env.is_main:
+                self.where.at(where.global_step, "progress report")
                 self._report(window.take(self.cfg.train.batch_size, self.throughput), bar)
             inside_epoch = where.step_in_epoch < self.steps_per_epoch  # its last step is evaluated and saved after it
             improved = eval_every and where.global_step % eval_every == 0 and inside_epoch and self.evaluate_now()
@@ -312,7 +311,33 @@ class Trainer:
                 return True
             if until_step and where.global_step >= until_step:
                 break
+            self._fetching(where.global_step)
         return False
+
+    def _fetching(self, step: int) -> None:
+        """The rank goes on to the next batch after ``step``: its whereabouts, own time and profile say so.
+
+        Called after what follows a step (report, evaluation, checkpoint, stop agreement), so those count in neither
+        the rank's own time nor another step's profile.
+        """
+        self.where.at(step + 1, "data loading")
+        self.rank_stats.resumed()
+        if self.profiler is not None:
+            self.profiler.done(step)
+
+    def _optimizer_step(self, window: _Window, clip: float, scheduler) -> None:
+        """Clip, step, clear the gradients, step the schedule, and count the step."""
+        where = self.position
+        self.where.at(where.global_step + 1, "optimizer step")
+        if clip:
+            self.precision.unscale(self.optimizer)
+            window.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        where.step_in_epoch += 1
+        where.global_step += 1
+        window.steps += 1
 
     def _augmented(self, batch, micro_in_epoch: int):
         """The recipe's augmentation of ``batch``.
@@ -340,6 +365,7 @@ class Trainer:
             self.where.at(step, self.sync_phase if sync else "backward")
             self.rank_stats.waited()
             self.precision.backward(loss / accum if accum > 1 else loss)
+            self.where.at(step, "data loading")  # the next micro-batch's, or (the last) the optimizer step's
             self.rank_stats.resumed()  # the step's gradient: the batch mean
         self.state.loss_sum.add_(loss.detach(), alpha=1 / accum)  # one op per micro-batch; read only when reporting
 

@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from launcher.distributed.env import DistEnv, device_for
 from launcher.distributed.fsdp import is_sharded
-from launcher.distributed.group import destroy_process_group, init_process_group, peer_failure
+from launcher.distributed.group import destroy_process_group, init_process_group, peer_failure, timed_out_waiting
 from launcher.distributed.stacks import StackWatch
 from launcher.distributed.stop import StopRequested, StopSignals
 from launcher.engine.evaluate import evaluate_only
@@ -36,9 +36,11 @@ def run_worker(cfg, recipe: Recipe, dist_env: DistEnv, signals: StopSignals) -> 
         repeats = None
         # The others stop at once when torchrun ends them. Not said by a rank other than 0 of an error every rank
         # raises, which rank 0 prints: rank 0 might then take torchrun's SIGTERM for the end of a failed job, and
-        # leave before printing it.
+        # leave before printing it. Nor by a rank that lost another (a closed connection): it did not fail, and the
+        # others would name it as the one that did.
         said_by_rank_0 = isinstance(failure, LauncherError) and failure.same_on_all_ranks and not dist_env.is_main
-        if job_store and not said_by_rank_0:
+        lost_another = waited is not None and not timed_out_waiting(error)
+        if job_store and not said_by_rank_0 and not lost_another:
             repeats = job_store.report_failure(f"rank {dist_env.rank}", failure_kind(error))
         if waited:
             raise waited from None

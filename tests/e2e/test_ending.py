@@ -101,7 +101,8 @@ def show_live_stacks(job) -> None:
     for rank in (0, 1):
         assert f"== rank {rank} (" in shown.stdout
     assert shown.stdout.count("Thread MainThread:") == 2 and "in train_steps" in shown.stdout
-    assert "2 rank(s) answered; their stacks are in run/stacks" in shown.stdout
+    assert shown.stdout.rstrip().endswith("2 rank(s) answered")
+    assert not list((job.output.parent / "run" / "stacks").iterdir())  # the request and answers, once shown
     assert job.poll() is None  # still training
 
 
@@ -179,8 +180,9 @@ def test_a_stuck_rank_is_named_with_its_line_and_the_job_ends_soon_after_the_tim
     elapsed = time.monotonic() - began
     assert result.returncode != 0
     line = ("rank 1 did not reach the step-6 gradient all-reduce within dist.timeout_s=4 s; it was in stuck_here "
-            "(stuck.py:8), in the step-6 forward (every rank's stacks: x/stacks)")
-    assert f"[rank 0] launcher: error: {line}" in result.stderr
+            "(stuck.py:8), in the step-6 forward (every rank's stacks: x/stacks/")
+    said = next(text for text in result.stderr.splitlines() if text.startswith("[rank 0] launcher: error: "))
+    assert said.startswith(f"[rank 0] launcher: error: {line}")
     assert "[rank 1] launcher: SIGTERM: stopping at once, as rank 0 failed" in result.stderr
     assert "forcefully exiting via 9" not in result.stderr  # torchrun did not have to SIGKILL it after 30 s
     # torchrun's report names our line as the root cause, read from the error file we wrote.
@@ -188,12 +190,15 @@ def test_a_stuck_rank_is_named_with_its_line_and_the_job_ends_soon_after_the_tim
     # Starting (about 8 s here), the timeout, the stacks (up to 2 s) and torchrun's teardown: well under a minute.
     assert elapsed < 4 + 50
     # Both ranks' stacks stay (the run, which never checkpointed, is taken away; the evidence is not).
-    stuck = (tmp_path / "x" / "stacks" / "rank_1.txt").read_text()
+    answers = tmp_path / said.rpartition("(every rank's stacks: ")[2].rstrip(")")
+    stuck = (answers / "rank_1.txt").read_text()
     header = json.loads(stuck.partition("\n")[0])
     assert (header["rank"], header["step"], header["phase"]) == (1, 6, "forward")
     assert "Thread MainThread:" in stuck and "in stuck_here" in stuck and "launcher-stacks" in stuck
-    waiting = json.loads((tmp_path / "x" / "stacks" / "rank_0.txt").read_text().partition("\n")[0])
-    assert (waiting["step"], waiting["phase"]) == (6, "gradient all-reduce")
+    waiting = (answers / "rank_0.txt").read_text()
+    header = json.loads(waiting.partition("\n")[0])
+    assert (header["step"], header["phase"]) == (6, "gradient all-reduce")
+    assert "Where its collective timed out" in waiting
     assert not (tmp_path / "x" / "history.jsonl").exists()
 
 

@@ -2,22 +2,29 @@
 reports, and a hang's diagnosis from the ranks' answers."""
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from launcher.cli.main import load_validated
 from launcher.distributed.env import DistEnv
-from launcher.distributed.stacks import StackWatch
+from launcher.distributed.stacks import StackWatch, ask, gather
 from launcher.engine.flops import Throughput, flops_per_sample, peak_tflops
 from launcher.engine.rank_stats import GIB, RankReport, state_bytes
+from launcher.errors import UserError
 
 ONE_PROCESS = DistEnv.from_environ({})
 
 
 def counted(recipe: str, sample, *overrides: str) -> tuple[float, object]:
     _, loaded, cfg = load_validated([f"recipe={recipe}", *overrides], ONE_PROCESS)
-    return flops_per_sample(loaded, cfg, sample), cfg
+    model = loaded.build_model(cfg)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    flops = flops_per_sample(loaded, cfg, model, sample)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # untouched
+    assert all(parameter.grad is None for parameter in model.parameters())
+    return flops, cfg
 
 
 def test_the_flops_of_an_mlp_are_those_its_matrix_products_execute():
@@ -40,6 +47,11 @@ def test_a_recipe_may_give_its_flops_and_a_model_that_cannot_be_counted_gets_non
     monkeypatch.chdir(tmp_path)
     (tmp_path / "given.py").write_text(
         "from launcher.recipes.digits import *\n\ndef flops_per_sample(cfg):\n    return 1234\n")
+    for garbage in ("'abc'", "-1e9", "float('nan')", "True"):
+        (tmp_path / "garbage.py").write_text(
+            f"from launcher.recipes.digits import *\n\ndef flops_per_sample(cfg):\n    return {garbage}\n")
+        with pytest.raises(UserError, match="flops_per_sample.cfg. returned .*: it must be a positive number"):
+            counted("garbage.py", (torch.rand(1, 8, 8), 3))
     (tmp_path / "opaque.py").write_text(
         "from launcher.recipes.digits import *\nimport torch\n\ndef step(model, batch):\n"
         "    return model(batch[0]).sum() * float(batch[0].sum().item())\n")  # a value read: not on meta tensors
@@ -113,5 +125,18 @@ def test_a_hang_names_the_rank_that_did_not_reach_the_collective_and_its_line(tm
     assert line.startswith("rank 1 did not reach the step-6 gradient all-reduce within dist.timeout_s=20 s; it was "
                            "in stuck_in_the_recipe (test_run_insight.py:")
     assert "in the step-6 forward; rank 2 did not answer within 2 s (ended, or stuck outside Python)" in line
-    assert line.endswith(f"(every rank's stacks: {tmp_path / 'stacks'})")
-    assert "stuck_in_the_recipe" in (tmp_path / "stacks" / "rank_1.txt").read_text()
+    answers = line.rpartition("(every rank's stacks: ")[2].rstrip(")")
+    assert Path(answers).parent == tmp_path / "stacks"
+    assert "stuck_in_the_recipe" in (Path(answers) / "rank_1.txt").read_text()
+
+
+def test_askers_at_once_each_get_every_answer(tmp_path):
+    watches = [StackWatch(rank, 2) for rank in (0, 1)]
+    for watch in watches:
+        watch.start(tmp_path)
+    requests = [ask(tmp_path / "stacks") for _ in range(3)]  # as many waiting ranks (or users) at once
+    try:
+        assert all(sorted(gather(tmp_path / "stacks", request, 2)) == [0, 1] for request in requests)
+    finally:
+        for watch in watches:
+            watch.stop()
