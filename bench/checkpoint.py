@@ -1,6 +1,10 @@
-"""Checkpoint cost for a 100M-parameter model: save/load seconds and peak extra host memory, launcher vs torch.save.
+"""Checkpoint cost: how long the step loop is stalled per checkpoint, the whole write, load and peak extra memory.
 
-    python bench/checkpoint.py [--params 100_000_000] [--dir /tmp]
+    python bench/checkpoint.py [--params 100_000_000] [--fsdp-params 50_000_000] [--dir /tmp]
+
+Cases: torch.save; the launcher's checkpoint written in the foreground and with ``ckpt.async`` (the loop waits only
+for a copy into host memory), for a 100M-parameter model in one process; and a sharded model under
+``dist.strategy=fsdp`` on 2 processes (gloo), foreground and background (torch's ``dcp.async_save``).
 
 "load" is what a resume does: load the file, put it into the model and optimizer, and touch the optimizer state
 as the next step does. Each case runs in a fresh process (so one cannot inherit the other's memory), after one
@@ -49,38 +53,79 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
-def run_case(case: str, params: int, folder: Path) -> dict:
+def build(params: int, width: int = 4096):
+    """A stack of linear layers of about ``params`` parameters."""
     import torch
+
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(max(1, round(params / width**2)))])
+
+
+def stepped(model):
+    """Its optimizer after one SGD-with-momentum step (a momentum buffer as large as the model)."""
+    import torch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, model[0].in_features)).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+def checkpointer_for(folder: Path, strategy: str, in_background: bool, dist_env):
     from omegaconf import OmegaConf
 
     from launcher.checkpoint.checkpointer import Checkpointer
-    from launcher.checkpoint.files import load_checkpoint
-    from launcher.distributed.env import DistEnv
+
+    cfg = OmegaConf.create({"ckpt": {"keep": 2, "best_metric": "", "best_mode": "max", "async": in_background},
+                            "optim": {"name": "sgd"}, "train": {"batch_size": 1}, "dist": {"strategy": strategy}})
+    return Checkpointer(folder, cfg, dist_env, run_id="bench"), cfg
+
+
+def training_state(optimizer):
+    import torch
+
     from launcher.engine.state import TrainingState
 
-    width = 4096
-    layers = max(1, round(params / (width * width)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model(torch.randn(2, width)).sum().backward()
-    optimizer.step()
-    state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
-    training_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": 1}
-    cfg = OmegaConf.create({"ckpt": {"keep": 1, "best_metric": "", "best_mode": "max"}, "optim": {"name": "sgd"},
-                            "train": {"batch_size": 1}, "dist": {"strategy": "ddp"}})
     state = TrainingState(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None, 1, torch.device("cpu"))
     state.position.global_step = 1
-    checkpointer = Checkpointer(folder, cfg, DistEnv(), run_id="bench")
+    return state
+
+
+def stall_again(checkpointer, model, optimizer, state) -> float:
+    """The stall of a second checkpoint, one step later: what every save after the first costs the loop."""
+    state.position.global_step += 1
+    start = time.perf_counter()
+    checkpointer.save(model, optimizer, state)
+    stall_s = time.perf_counter() - start
+    checkpointer.finish()
+    return stall_s
+
+
+def run_case(case: str, params: int, folder: Path) -> dict:
+    """One case in this process: ``torch.save``, ``launcher`` (the step loop waits for the whole write) or
+    ``launcher async`` (``ckpt.async``: it waits for the copy into host memory; ``write_s`` is the whole write)."""
+    import torch
+
+    from launcher.checkpoint.files import load_checkpoint
+    from launcher.distributed.env import DistEnv
+
+    model = build(params)
+    optimizer = stepped(model)
+    state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpointer, _ = checkpointer_for(folder, "ddp", case == "launcher async", DistEnv())
+    state = training_state(optimizer)
     start = time.perf_counter()
     with PeakRss() as memory:
-        if case == "launcher":
+        if case.startswith("launcher"):
             path = checkpointer.save(model, optimizer, state)
         else:
             path = folder / "plain.pt"
-            torch.save(training_state, path)
-    save_s = time.perf_counter() - start
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "global_step": 1}, path)
+        stall_s = time.perf_counter() - start
+        checkpointer.finish()
+    write_s = time.perf_counter() - start
+    again_s = stall_again(checkpointer, model, optimizer, state) if case.startswith("launcher") else stall_s
     start = time.perf_counter()
-    if case == "launcher":  # verified, then put back as a resume does
+    if case.startswith("launcher"):  # verified, then put back as a resume does
         checkpointer.restore(path, load_checkpoint(path), model, optimizer, state)
     else:
         saved = torch.load(path, weights_only=True)
@@ -92,29 +137,74 @@ def run_case(case: str, params: int, folder: Path) -> dict:
         "case": case,
         "parameters": sum(p.numel() for p in model.parameters()),
         "state_mb": state_bytes / 2**20,
-        "save_s": save_s,
+        "stall_s": stall_s,
+        "stall_again_s": again_s,
+        "write_s": write_s,
         "load_s": time.perf_counter() - start,
         "peak_extra_mb": (memory.peak - memory.before) / 2**20,
         "file_mb": path.stat().st_size / 2**20,
     }
 
 
+def run_sharded_case(case: str, params: int, folder: Path) -> dict | None:
+    """Under torchrun: one sharded save (``dist.strategy=fsdp``), in the foreground or the background, timed on every
+    rank; rank 0 returns the slowest rank's stall and write."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from launcher.distributed.env import DistEnv
+
+    dist.init_process_group("gloo")
+    dist_env = DistEnv.from_environ()
+    model = build(params)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = stepped(model)
+    checkpointer, _ = checkpointer_for(folder, "fsdp", case == "fsdp async", dist_env)
+    state = training_state(optimizer)
+    dist.barrier()
+    start = time.perf_counter()
+    checkpointer.save(model, optimizer, state)
+    stall_s = time.perf_counter() - start
+    checkpointer.finish()
+    write_s = time.perf_counter() - start
+    again_s = stall_again(checkpointer, model, optimizer, state)
+    times = [None] * dist_env.world_size
+    dist.all_gather_object(times, (stall_s, write_s, again_s))
+    dist.destroy_process_group()
+    if not dist_env.is_main:
+        return None
+    parameters = dist_env.world_size * sum(p.to_local().numel() for p in model.parameters())
+    return {"case": case, "processes": dist_env.world_size, "parameters": parameters,
+            "stall_s": max(time[0] for time in times), "stall_again_s": max(time[2] for time in times),
+            "write_s": max(time[1] for time in times)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=100_000_000)
+    parser.add_argument("--fsdp-params", type=int, default=50_000_000, help="the sharded model's, over 2 processes")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--reps", type=int, default=2, help="runs of each case, alternating")
-    parser.add_argument("--case", choices=("launcher", "torch.save"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.case:
-        with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-            print(json.dumps(run_case(args.case, args.params, Path(folder))))
+    if args.case:  # in a folder of its own (the ranks of a sharded case share the one they are given)
+        sharded = args.case.startswith("fsdp")
+        result = (run_sharded_case if sharded else run_case)(args.case, args.params, Path(args.dir))
+        if result:
+            print(json.dumps(result))
         return
     results = []
-    for case in ("torch.save", "launcher") * args.reps:
-        command = [sys.executable, __file__, "--case", case, "--params", str(args.params)]
-        command += ["--dir", args.dir] if args.dir else []
-        results.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
+    for case in ("torch.save", "launcher", "launcher async", "fsdp", "fsdp async") * args.reps:
+        sharded = case.startswith("fsdp")
+        with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+            command = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                                         if sharded else []),
+                       __file__, "--case", case, "--params", str(args.fsdp_params if sharded else args.params),
+                       "--dir", folder]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
     print(json.dumps(results, indent=1))
 
 

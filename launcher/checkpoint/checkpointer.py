@@ -18,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import launcher
+from launcher.checkpoint.background import BackgroundWrite, Snapshots
 from launcher.checkpoint.files import (
     SHARDED_META,
     STEP_PREFIX,
@@ -33,7 +34,14 @@ from launcher.checkpoint.files import (
     shapes,
     step_files,
 )
-from launcher.checkpoint.sharded import ShardsFailed, check_complete, load_shards, save_shards, saved_shapes
+from launcher.checkpoint.sharded import (
+    ShardsFailed,
+    check_complete,
+    load_shards,
+    save_shards,
+    save_shards_in_background,
+    saved_shapes,
+)
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import is_sharded
 from launcher.distributed.group import run_agreed
@@ -58,6 +66,12 @@ class Checkpointer:
         self.sharded = is_sharded(cfg)
         self.lock = lock  # rank 0's RunLock: no writes once it is lost
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
+        self.in_background = bool(cfg.ckpt["async"])  # ckpt.async (a Python keyword: no attribute access)
+        self._writing: BackgroundWrite | None = None  # this rank's write in flight
+        self._snapshots = Snapshots()
+        # Sharded saves in the background gather on a gloo group of their own while training's collectives go on.
+        self._group = dist.new_group(backend="gloo") if self.in_background and self.sharded else None
+        self._stager = _stager(torch.cuda.is_available()) if self._group is not None else None
 
     def path_for(self, global_step: int) -> Path:
         return self.folder / f"{STEP_PREFIX}{global_step:09d}{'' if self.sharded else '.pt'}"
@@ -76,15 +90,19 @@ class Checkpointer:
         (a diverged run is not worth a checkpoint) or a lost lock (another job owns the directory now).
         """
         rank_state, lock_lost = state.rank_state_dict(), bool(self.lock and self.lock.lost)
-        gathered = [(rank_state, lock_lost)]
+        failed = self._write_ended() if self.in_background else None  # the write before waits first: one in flight
+        gathered = [(rank_state, lock_lost, failed)]
         if self.dist_env.is_distributed:
             gathered = [None] * self.dist_env.world_size
-            dist.all_gather_object(gathered, (rank_state, lock_lost))
-        rank_states = [rank_state for rank_state, _ in gathered]
+            dist.all_gather_object(gathered, (rank_state, lock_lost, failed))
+        rank_states = [rank_state for rank_state, _, _ in gathered]
         step = state.position.global_step
+        failures = [failed for _, _, failed in gathered if failed]
+        if failures:
+            raise LauncherError(failures[0], same_on_all_ranks=True)
         if not all(math.isfinite(rank_state["loss_sum"]) for rank_state in rank_states):
             raise TrainingDiverged(self.diverged_message(step), same_on_all_ranks=True)
-        if any(lost for _, lost in gathered):
+        if any(lost for _, lost, _ in gathered):
             raise LauncherError(f"the lock on {self.folder.parent} was taken over by another job: stopped at step "
                                 f"{step} without writing a checkpoint", same_on_all_ranks=True)
         path = self.path_for(step)
@@ -97,9 +115,31 @@ class Checkpointer:
             "versions": {"launcher": launcher.__version__, "torch": str(torch.__version__),
                          "python": platform.python_version()},
         }
+        if self.in_background:
+            (self._save_sharded_in_background if self.sharded else self._save_file_in_background)(
+                model, optimizer, meta, path, best)
+            return path
         (self._save_sharded if self.sharded else self._save_file)(model, optimizer, meta, path, best)
         self.last_good = path
         return path
+
+    def finish(self) -> None:
+        """Collective: wait for the checkpoint being written in the background, if any; all fail if it failed.
+
+        Where the run must not go on without it: before model.pt, before a stop's exit.
+        """
+        if self.in_background:
+            run_agreed(self.dist_env, self._finish_write)
+
+    def _finish_write(self) -> None:
+        failed = self._write_ended()
+        if failed:
+            raise LauncherError(failed)
+
+    def _write_ended(self) -> str | None:
+        """Wait for this rank's write in flight; its failure's message, or None."""
+        writing, self._writing = self._writing, None
+        return writing.wait() if writing else None
 
     def restore(self, path: Path, saved: dict, model, optimizer, state) -> None:
         """Put the checkpoint at ``path`` back into ``model``, ``optimizer`` and the training ``state``.
@@ -151,6 +191,26 @@ class Checkpointer:
 
         run_agreed(self.dist_env, write if self.dist_env.is_main else None, name_rank=False)  # all wait for the file
 
+    def _save_file_in_background(self, model, optimizer, meta: dict, path: Path, best: bool) -> None:
+        """Rank 0 copies every rank's state into host memory and has a thread write it; the others go on at once."""
+        if not self.dist_env.is_main:
+            return
+        contents = {**self._snapshots.take({"model": model.state_dict(), "optimizer": optimizer.state_dict()}),
+                    **meta}
+
+        def write() -> None:
+            self._clear_stale()
+            try:
+                save_atomic(contents, path)
+                if best:
+                    self._save_best(path)
+            except (OSError, RuntimeError) as error:
+                raise LauncherError(self._write_failed(path, _bytes(contents), error)) from None
+            self.last_good = path
+            self._prune()
+
+        self._writing = BackgroundWrite(write, path.name)
+
     def _save_sharded(self, model, optimizer, meta: dict, path: Path, best: bool) -> None:
         """Write a folder checkpoint from every rank's shards.
 
@@ -165,18 +225,41 @@ class Checkpointer:
             needed = _bytes([model.state_dict(), optimizer.state_dict()]) * self.dist_env.world_size
             raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
 
-        def publish() -> None:
-            check_complete(written, files)
-            try:
-                save_atomic({**meta, "files": files}, written / SHARDED_META)
-                publish_folder(written, path)
-                if best:
-                    self._save_best(path)
-            except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
-                raise LauncherError(self._write_failed(path, 0, error)) from None
-            self._prune()
-
+        publish = lambda: self._publish_folder(written, files, meta, path, best)  # noqa: E731
         run_agreed(self.dist_env, publish if self.dist_env.is_main else None, name_rank=False)
+
+    def _save_sharded_in_background(self, model, optimizer, meta: dict, path: Path, best: bool) -> None:
+        """Every rank copies its shards into host memory; threads write them, and rank 0's publishes the folder."""
+        written = self.folder / f".{path.name}.tmp"
+        run_agreed(self.dist_env, self._clear_stale if self.dist_env.is_main else None, name_rank=False)  # first
+        try:
+            files = save_shards_in_background(model, optimizer, written, self._group, self._stager)
+        except Exception as error:
+            needed = _bytes([model.state_dict(), optimizer.state_dict()]) * self.dist_env.world_size
+            raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
+
+        def write() -> None:
+            try:
+                table = files()
+            except Exception as error:
+                raise LauncherError(self._write_failed(path, 0, error)) from None
+            if self.dist_env.is_main:
+                self._publish_folder(written, table, meta, path, best)
+
+        self._writing = BackgroundWrite(write, path.name)
+
+    def _publish_folder(self, written: Path, files: dict, meta: dict, path: Path, best: bool) -> None:
+        """Rank 0: once every shard of ``written`` is there, add launcher.pt and rename the folder into place."""
+        check_complete(written, files)
+        try:
+            save_atomic({**meta, "files": files}, written / SHARDED_META)
+            publish_folder(written, path)
+            if best:
+                self._save_best(path)
+        except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
+            raise LauncherError(self._write_failed(path, 0, error)) from None
+        self.last_good = path
+        self._prune()
 
     def _write_failed(self, path: Path, needed: int, error: BaseException) -> str:
         free = shutil.disk_usage(self.folder).free
@@ -210,6 +293,14 @@ class Checkpointer:
         ours = [path for path in step_files(self.folder) if run_id_of(path) in (self.run_id, "")]
         for old in ours[self.cfg.ckpt.keep :]:
             remove_checkpoint(old)
+
+
+def _stager(pinned: bool):
+    """DCP's stager into host memory, pinned on CUDA (one per run: it keeps its buffers for the next save)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=False))
 
 
 def _copied_state(optimizer_state: dict) -> dict:

@@ -14,6 +14,7 @@ import functools
 import io
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,10 +39,38 @@ def save_shards(model: nn.Module, optimizer, folder: Path) -> dict[str, list[int
     model_state, optimizer_state = get_state_dict(model, optimizer)
     with _one_line_failures():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+    return _file_table(folder)
+
+
+def save_shards_in_background(model: nn.Module, optimizer, folder: Path, group, stager) -> Callable[[], dict]:
+    """Collective: copy this rank's shards into host memory, and start writing them into ``folder`` in a thread.
+
+    DCP's ``async_save``, its collectives on ``group`` (a gloo group of the checkpoints' own: the training's go on
+    meanwhile on the default one), its copy made by ``stager`` (None: DCP's own, into fresh host memory). Returns what
+    waits for the write and then gives every file's size and CRC-32 (a collective on ``group``, for the thread).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with _one_line_failures():
+        written = dcp.async_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder,
+                                 process_group=group, async_stager=stager)
+
+    def files() -> dict[str, list[int]]:
+        with _one_line_failures():
+            written.result()
+        return _file_table(folder, group)
+
+    return files
+
+
+def _file_table(folder: Path, group=None) -> dict[str, list[int]]:
+    """Collective: the size and CRC-32 of every file in ``folder`` (each rank checksums its own, rank 0 the rest)."""
     rank = dist.get_rank()
     mine = {path.name: _size_and_crc(path) for path in folder.glob(f"__{rank}_*")}  # DCP's name for rank's data
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    dist.all_gather_object(every, mine, group=group)
     files = {name: entry for entries in every for name, entry in entries.items()}
     if rank == 0:
         files.update((path.name, _size_and_crc(path)) for path in folder.iterdir() if path.name not in files)

@@ -148,6 +148,12 @@ KEYS: dict[str, Key] = {
                             valid=at_least(0), resume=FREE),
     "ckpt.keep": Key(3, "step checkpoints kept, newest first; older ones of this run are deleted", valid=at_least(1),
                      resume=FREE),
+    "ckpt.async": Key(False, "write checkpoints in the background: the step loop waits only for a copy in host memory",
+                      resume=FREE, details="At most one write in flight; the last checkpoint and a stop's are on "
+                                           "disk before the run ends. Off by default: the copy takes as much host "
+                                           "memory as the model and optimizer state, and on a CPU-only machine the "
+                                           "writer takes cores from training (reliability.md, \"Asynchronous "
+                                           "checkpoints\")."),
     "ckpt.best_metric": Key("", "also keep the best checkpoint by this eval metric as best.pt ('' : off)",
                             valid=((lambda value: value == "" or value.startswith("eval/")),
                                    "an eval metric such as eval/accuracy or eval/loss, or '' (off)"),

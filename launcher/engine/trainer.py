@@ -202,6 +202,8 @@ class Trainer:
         outcome, detail = "failed", ""
         try:
             final = self.fit()
+            self.where.at(self.position.global_step, "checkpoint")
+            self.checkpointer.finish()  # the last checkpoint on disk (ckpt.async) before the run ends
             self.where.at(self.position.global_step, "model.pt")
             weights = full_model_state(self.model) if self.sharded else None  # collective
             if self.dist_env.is_main:
@@ -242,6 +244,7 @@ class Trainer:
         while self.position.epoch <= self.cfg.train.epochs and not self._reached_max_steps():
             began, first_step = time.perf_counter(), self.position.step_in_epoch
             if self.run_epoch():
+                self.checkpointer.finish()
                 stopper = self.stop.signal_name or "a signal on another rank"
                 raise StopRequested(
                     f"stopped after step {self.position.global_step} ({stopper}): checkpoint written to "

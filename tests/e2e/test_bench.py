@@ -49,8 +49,11 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     assert [line["command"] for line in commands] == ["python -m launcher", "torchrun x2 plain_ddp.py"]
     assert all(0 < line["first_step_s"] < line["exit_s"] for line in commands)
 
-    checkpoint = run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--dir", str(tmp_path)], tmp_path)
-    assert {result["case"] for result in json.loads(checkpoint)} == {"launcher", "torch.save"}
+    checkpoint = json.loads(run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--fsdp-params",
+                                       "1000000", "--reps", "1", "--dir", str(tmp_path)], tmp_path))
+    assert [result["case"] for result in checkpoint] == ["torch.save", "launcher", "launcher async", "fsdp",
+                                                         "fsdp async"]
+    assert all(0 < result["stall_s"] <= result["write_s"] for result in checkpoint)
 
     wandb_log = run_bench([str(BENCH / "wandb_log.py"), "--records", "3", "--every", "0"], tmp_path)
     sides = [json.loads(line) for line in wandb_log.splitlines()]
