@@ -83,13 +83,18 @@ def startup_table(lines: list[dict]) -> str:
 
 
 def checkpoint_table(results: list[dict]) -> str:
-    rows = ["| writer | parameters | state, MB | save, s | load, s | peak extra host memory in save, MB |",
-            "|---|---|---|---|---|---|"]
-    for case in ("torch.save", "launcher"):
+    """Medians per case: the step loop's stall at the first checkpoint and at the next, the whole write, and (one
+    process) the load and peak extra host memory."""
+    rows = ["| case | parameters | stall, first (s) | stall, again (s) | whole write (s) | load (s) | peak extra host "
+            "memory (MB) |", "|---|---|---|---|---|---|---|"]
+    for case in dict.fromkeys(result["case"] for result in results):
         runs = [result for result in results if result["case"] == case]
-        med = {key: statistics.median(run[key] for run in runs) for key in ("save_s", "load_s", "peak_extra_mb")}
-        rows.append(f"| {case} | {runs[0]['parameters']:,} | {runs[0]['state_mb']:.0f} | {med['save_s']:.2f} | "
-                    f"{med['load_s']:.2f} | {med['peak_extra_mb']:.2f} |")
+        med = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key.endswith(("_s", "_mb"))
+               and key != "state_mb"}
+        load = f"{med['load_s']:.2f}" if "load_s" in med else ""
+        extra = f"{med['peak_extra_mb']:.1f}" if "peak_extra_mb" in med else ""
+        rows.append(f"| {case} | {runs[0]['parameters']:,} | {med['stall_s']:.3f} | {med['stall_again_s']:.3f} | "
+                    f"{med['write_s']:.3f} | {load} | {extra} |")
     return "\n".join(rows)
 
 
