@@ -60,11 +60,12 @@ class Checkpointer:
     cannot read, or another run's, it never deletes.
     """
 
-    def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None):
+    def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None, mirror=None):
         self.folder = run_dir / "checkpoints"
         self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
         self.sharded = is_sharded(cfg)
         self.lock = lock  # rank 0's RunLock: no writes once it is lost
+        self.mirror = mirror  # rank 0's copy in ckpt.remote (run/mirror.py): told of each checkpoint published
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
         self.in_background = bool(cfg.ckpt["async"])  # ckpt.async (a Python keyword: no attribute access)
         self._writing: BackgroundWrite | None = None  # this rank's write in flight
@@ -89,7 +90,7 @@ class Checkpointer:
         Before anything is written every rank sees every rank's state, so all refuse together: a non-finite loss
         (a diverged run is not worth a checkpoint) or a lost lock (another job owns the directory now).
         """
-        rank_state, lock_lost = state.rank_state_dict(), bool(self.lock and self.lock.lost)
+        rank_state, lock_lost = state.rank_state_dict(), self._taken_over()
         failed = self._write_ended() if self.in_background else None  # the write before waits first: one in flight
         gathered = [(rank_state, lock_lost, failed)]
         if self.dist_env.is_distributed:
@@ -102,9 +103,10 @@ class Checkpointer:
             raise LauncherError(failures[0], same_on_all_ranks=True)
         if not all(math.isfinite(rank_state["loss_sum"]) for rank_state in rank_states):
             raise TrainingDiverged(self.diverged_message(step), same_on_all_ranks=True)
-        if any(lost for _, lost, _ in gathered):
-            raise LauncherError(f"the lock on {self.folder.parent} was taken over by another job: stopped at step "
-                                f"{step} without writing a checkpoint", same_on_all_ranks=True)
+        taken = next((lost for _, lost, _ in gathered if lost), None)
+        if taken:
+            raise LauncherError(f"{taken} was taken over by another job: stopped at step {step} without writing a "
+                                "checkpoint", same_on_all_ranks=True)
         path = self.path_for(step)
         meta = {
             **state.state_dict(),
@@ -122,6 +124,14 @@ class Checkpointer:
         (self._save_sharded if self.sharded else self._save_file)(model, optimizer, meta, path, best)
         self.last_good = path
         return path
+
+    def _taken_over(self) -> str | None:
+        """What this rank lost to another job (rank 0's lock on the run directory, or ckpt.remote), or None."""
+        if self.lock and self.lock.lost:
+            return f"the lock on {self.folder.parent}"
+        if self.mirror and self.mirror.lost:
+            return f"ckpt.remote={self.mirror.store.url}"
+        return None
 
     def finish(self) -> None:
         """Collective: wait for the checkpoint being written in the background, if any; all fail if it failed.
@@ -187,7 +197,7 @@ class Checkpointer:
                     self._save_best(path)
             except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
                 raise LauncherError(self._write_failed(path, _bytes(contents), error)) from None
-            self._prune()
+            self._published(path, best)
 
         run_agreed(self.dist_env, write if self.dist_env.is_main else None, name_rank=False)  # all wait for the file
 
@@ -206,8 +216,7 @@ class Checkpointer:
                     self._save_best(path)
             except (OSError, RuntimeError) as error:
                 raise LauncherError(self._write_failed(path, _bytes(contents), error)) from None
-            self.last_good = path
-            self._prune()
+            self._published(path, best)
 
         self._writing = BackgroundWrite(write, path.name)
 
@@ -258,8 +267,7 @@ class Checkpointer:
                 self._save_best(path)
         except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as "unexpected pos"
             raise LauncherError(self._write_failed(path, 0, error)) from None
-        self.last_good = path
-        self._prune()
+        self._published(path, best)
 
     def _write_failed(self, path: Path, needed: int, error: BaseException) -> str:
         free = shutil.disk_usage(self.folder).free
@@ -289,10 +297,20 @@ class Checkpointer:
 
         _write_atomic(self.best_path, copy)
 
+    def _published(self, path: Path, best: bool) -> None:
+        """Rank 0, once ``path`` is in place: prune, and have ckpt.remote's thread upload it."""
+        self.last_good = path
+        self._prune()
+        if self.mirror:
+            self.mirror.checkpoint_published(path, self.best_path if best else None)
+
     def _prune(self) -> None:
+        """This run's checkpoints beyond the newest ``ckpt.keep`` go, but for one ckpt.remote has yet to upload."""
         ours = [path for path in step_files(self.folder) if run_id_of(path) in (self.run_id, "")]
+        uploading = self.mirror.pinned() if self.mirror else set()
         for old in ours[self.cfg.ckpt.keep :]:
-            remove_checkpoint(old)
+            if old not in uploading:
+                remove_checkpoint(old)
 
 
 def _stager(pinned: bool):

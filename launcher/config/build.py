@@ -182,7 +182,8 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
         if declared.choices and value not in declared.choices:
             raise UserError(f"{key}={value!r} is not {declared.wanted()}")
         if declared.valid and not declared.valid[0](value):
-            raise UserError(f"{key}={value} must be {declared.wanted()}")
+            raise UserError(f"{key}={value} must be {declared.wanted()}" if declared.echoed else
+                            f"{key} must be {declared.wanted()}")
     if cfg.dist.strategy == "fsdp" and cfg.train.amp == "fp16":
         # FSDP2 casts parameters itself (its MixedPrecisionPolicy); torch's GradScaler knows no sharded gradients.
         raise UserError("train.amp=fp16 does not work with dist.strategy=fsdp: use train.amp=bf16 (FSDP2 computes in "

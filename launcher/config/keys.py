@@ -34,6 +34,7 @@ class Key:
     resume: str = DEFINES
     details: str = ""
     on_change: str = ""
+    echoed: bool = True  # an invalid value is said back (not one that may hold a credential)
 
     @property
     def type_name(self) -> str:
@@ -54,6 +55,12 @@ def at_least(low: int) -> tuple[Callable[[Any], bool], str]:
 
 def above(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value > low), f"greater than {low:g}"
+
+
+def _storage_url(value: str) -> bool:
+    """'' or protocol://path, with no user or password before the host."""
+    protocol, _, rest = value.partition("://")
+    return value == "" or bool(re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) and rest and "@" not in rest.split("/")[0])
 
 
 KEYS: dict[str, Key] = {
@@ -154,6 +161,13 @@ KEYS: dict[str, Key] = {
                                            "memory as the model and optimizer state, and on a CPU-only machine the "
                                            "writer takes cores from training (reliability.md, \"Asynchronous "
                                            "checkpoints\")."),
+    "ckpt.remote": Key("", "also keep the run's checkpoints, model.pt and ledger at this fsspec URL (s3://bucket/"
+                           "prefix, gs://, az://, file://), uploaded in the background ('': off)",
+                       valid=(_storage_url, "'' or a URL such as s3://bucket/prefix, with no credentials in it (the "
+                                            "storage library reads them from its own environment and files)"),
+                       resume=FREE, echoed=False,
+                       details="A start whose run.dir holds no run continues from the newest checkpoint there that "
+                               "verifies. One run per prefix (reliability.md, \"Checkpoints in object storage\")."),
     "ckpt.best_metric": Key("", "also keep the best checkpoint by this eval metric as best.pt ('' : off)",
                             valid=((lambda value: value == "" or value.startswith("eval/")),
                                    "an eval metric such as eval/accuracy or eval/loss, or '' (off)"),

@@ -88,7 +88,7 @@ class Trainer:
         scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
         self.state = TrainingState(scheduler, self.precision.scaler, cfg.train.batch_size, device,
                                    self.train_loader if self.streamed else None)
-        self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock)
+        self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock, attempt.mirror)
         if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
             self.where.at(0, "checkpoint load")
             self._restore(Path(start.checkpoint), saved)
@@ -208,6 +208,8 @@ class Trainer:
             weights = full_model_state(self.model) if self.sharded else None  # collective
             if self.dist_env.is_main:
                 save_model(weights or self.model.state_dict(), self.model_file)
+                if self.attempt.mirror:
+                    self.attempt.mirror.model_saved(self.model_file)
             outcome = "finished"
         except StopRequested as stopped:
             outcome, detail = "stopped", str(stopped)

@@ -19,17 +19,15 @@ from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main, run_agreed
 from launcher.distributed.stop import StopSignals
 from launcher.recipe import Recipe
-from launcher.run.directory import Ledger, run_dir_for
+from launcher.run.directory import RECORD_FILES, Ledger, run_dir_for
 from launcher.run.lock import RunLock, check_shared
+from launcher.run.mirror import Mirror
 from launcher.run.start import Start
 from launcher.tracking.metrics import Records
 from launcher.tracking.wandb import WandbRun, begin_wandb, spawn_wandb
 
 log = logging.getLogger(__name__)
 
-# What a run's start writes into its directory besides checkpoints and model.pt (the ledger, config.yaml, the records,
-# the summary, the wandb run's id and files): what a new run that never checkpointed takes away again.
-RECORD_FILES = ("run.json", "history.jsonl", "config.yaml", "metrics.jsonl", "summary.txt", "wandb_id")
 
 
 class Attempt:
@@ -39,9 +37,10 @@ class Attempt:
     designed ways.
     """
 
-    def __init__(self, cfg, run_dir: Path, dist_env: DistEnv, lock: RunLock | None, wandb_run: WandbRun | None):
+    def __init__(self, cfg, run_dir: Path, dist_env: DistEnv, lock: RunLock | None, mirror: Mirror | None,
+                 wandb_run: WandbRun | None):
         self.cfg, self.run_dir, self.dist_env = cfg, run_dir, dist_env
-        self.lock, self.wandb_run = lock, wandb_run
+        self.lock, self.mirror, self.wandb_run = lock, mirror, wandb_run
         self.ledger = Ledger(run_dir)
         self.records: Records | None = None  # rank 0, once begun
         self.number = 0  # this attempt's number in the run's history
@@ -52,22 +51,29 @@ class Attempt:
         """Collective: the run directory locked by rank 0 and seen by every rank.
 
         A directory in use, or one that is not shared by every node, fails every rank, in one line. A stop signal ends a
-        wait for the lock.
+        wait for the lock. With ``ckpt.remote``, rank 0 also holds the store's prefix, and fills an empty run
+        directory from it.
         """
         run_dir = run_dir_for(cfg, recipe)
         lock = RunLock(run_dir, dist_env.job_id, dist_env.attempt) if dist_env.is_main else None
         token = on_main(dist_env, lambda: lock.acquire(signals.check))
+        opened: list[Mirror | None] = [None]
+
+        def open_mirror() -> None:
+            opened[0] = Mirror.open(cfg, run_dir, dist_env.job_id, dist_env.attempt, signals.check)
+
         try:
             if dist_env.is_distributed:
                 run_agreed(dist_env, lambda: check_shared(run_dir, token))
+            run_agreed(dist_env, open_mirror if dist_env.is_main else None, name_rank=False)
         except BaseException:
             if lock:
-                lock.release(keep_dirs=False)
+                lock.release(keep_dirs=Ledger(run_dir).holds_run())
             raise
         cfg = with_run_dir(cfg, str(run_dir))
         # wandb takes about a second to import, in its own process: while the model and data are built.
         wandb_run = spawn_wandb(cfg) if dist_env.is_main else None
-        return cls(cfg, run_dir, dist_env, lock, wandb_run)
+        return cls(cfg, run_dir, dist_env, lock, opened[0], wandb_run)
 
     def begin(self, start: Start) -> Records:
         """Rank 0, once every check passed: begin the attempt.
@@ -82,8 +88,11 @@ class Attempt:
             self.ledger.create(start.run_id, self.cfg, start.started_from)
         resumed_from = {"checkpoint": start.checkpoint, "step": start.step} if start.checkpoint else None
         changes = {key: list(values) for key, values in start.changes.items()}
+        restored = self.mirror.restored if self.mirror else None
         self.number = self.ledger.start_attempt(self.cfg, self.dist_env.job_id, self.dist_env.world_size,
-                                                resumed_from, changes)
+                                                resumed_from, changes, restored)
+        if self.mirror:
+            self.mirror.begin(start.run_id, Path(start.checkpoint) if start.checkpoint else None)
         self.records = Records(self.run_dir / "metrics.jsonl", self.wandb_run)
         logged_through = self.records.last_step()  # by an earlier attempt: wandb has those steps already
         self.records.drop_after(start.step)
@@ -100,6 +109,9 @@ class Attempt:
             model_file = self.run_dir / "model.pt"
             if not model_file.is_file():
                 save_model(model_weights(Path(start.checkpoint), saved), model_file)
+                if self.mirror:
+                    self.mirror.begin(start.run_id, None)
+                    self.mirror.model_saved(model_file)
             log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
                      "train.epochs; for a new run set run.name=<new name>", self.run_dir, start.step,
                      saved["epoch"] - 1, start.checkpoint, model_file)
@@ -115,6 +127,8 @@ class Attempt:
             return
         if self.wandb_run:
             self.wandb_run.finish()
+        if self.mirror:
+            self.mirror.close(upload=self.mirror.run_id is not None)  # a complete run's model.pt
         if self.lock:
             self.lock.release(keep_dirs=self.ledger.holds_run())
 
@@ -137,7 +151,11 @@ class Attempt:
                 (self.run_dir / "checkpoints").rmdir()  # made by a save that failed; never another's checkpoints
             except OSError:
                 pass
+            if self.mirror:
+                self.mirror.close(upload=False)
             self.lock.release(keep_dirs=False)
             return
         self.ledger.end_attempt(self.number, outcome, step, detail)
+        if self.mirror:
+            self.mirror.close()  # the ledger's end, and what still waits, uploaded before the directory is given back
         self.lock.release()

@@ -19,6 +19,10 @@ from omegaconf import OmegaConf
 from launcher.config.keys import DEFAULTS, FREE, leaves, resume_policy
 from launcher.recipe import Recipe
 
+# What a run's start writes into its directory besides checkpoints and model.pt (the ledger, config.yaml, the records,
+# the summary, the wandb run's id): what a new run that never checkpointed takes away again, and what ckpt.remote holds.
+RECORD_FILES = ("run.json", "history.jsonl", "config.yaml", "metrics.jsonl", "summary.txt", "wandb_id")
+
 
 def new_run_id() -> str:
     """A fresh id: readable, sortable, and unlikely to collide."""
@@ -86,15 +90,17 @@ class Ledger:
         return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
 
     def start_attempt(self, cfg, job: str | None, world_size: int, resumed_from: dict | None,
-                      changes: dict[str, list]) -> int:
+                      changes: dict[str, list], restored: dict | None = None) -> int:
         """Append this attempt's start and write config.yaml; returns the attempt's number.
 
-        The start says where it resumed from and what it changed; config.yaml holds the config in force now.
+        The start says where it resumed from, what it changed, and what it ``restored`` from ckpt.remote into an empty
+        run directory; config.yaml holds the config in force now.
         """
         attempt = 1 + sum(1 for event in self.attempts() if event["event"] == "start")
         self._append({"event": "start", "attempt": attempt, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "host": socket.gethostname(), "job": job, "world_size": world_size,
-                      "resumed_from": resumed_from, "changes": changes})
+                      "resumed_from": resumed_from, "changes": changes,
+                      **({"restored_from": restored} if restored else {})})
         _write_atomic_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         return attempt
 

@@ -1,0 +1,177 @@
+"""A run's copy in object storage (``ckpt.remote``): any fsspec URL, every object verified after it is written.
+
+The prefix holds what the run directory holds: ``checkpoints/`` (each checkpoint's files under their local names),
+``model.pt`` and the ledger files. A checkpoint counts only once its manifest is there,
+``checkpoints/<name>.manifest.json`` (every file's size and CRC-32), written after its files were uploaded and read
+back: an upload cut short leaves none, and a file that no longer matches its manifest is corrupt. The storage library
+(s3fs, gcsfs, adlfs: optional extras) finds the credentials in its own environment variables and files; a URL carries
+none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zlib
+from pathlib import Path
+
+from launcher.checkpoint.files import BadCheckpoint, file_crc32, publish_folder, remove_checkpoint
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIX = ".manifest.json"
+_CHUNK = 16 * 2**20
+_FILE_NAME = re.compile(r"[\w.-]+")  # what a checkpoint's file may be called: no separators, no ".."
+_EXTRAS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class RemoteStore:
+    """One run's prefix in object storage: objects written and read whole, and verified."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+        try:
+            options = {"auto_mkdir": True} if protocol in ("file", "local") else {}
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError) as error:
+            library = _EXTRAS.get(protocol, "its fsspec implementation")
+            raise UserError(f"ckpt.remote={self.url} cannot be used here ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else protocol}): install {library} "
+                            f"(pip install {library})", same_on_all_ranks=True) from None
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def read(self, name: str) -> bytes | None:
+        """An object's bytes; None if there is none."""
+        try:
+            return self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write an object and read it back: it is there, whole, or this raises."""
+        self.fs.pipe_file(self._path(name), data)
+        if self.read(name) != data:
+            raise OSError(f"{name}: the stored copy does not match what was written")
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def modified(self, name: str) -> float | None:
+        """When the store last wrote ``name`` (its own clock, seconds since the epoch); None if there is none."""
+        try:
+            return self.fs.modified(self._path(name)).timestamp()
+        except FileNotFoundError:
+            return None
+
+    def upload(self, local: Path, name: str, expected: list[int]) -> None:
+        """Upload the file ``local`` as ``name`` and read it back: ``expected`` (size, CRC-32) must match."""
+        self.fs.put_file(str(local), self._path(name))
+        found = self._size_and_crc(name)
+        if found != expected:
+            raise OSError(f"{name}: the uploaded copy has size and CRC-32 {found}, not the {expected} of {local}")
+
+    def _size_and_crc(self, name: str) -> list[int]:
+        size, crc = 0, 0
+        with self.fs.open(self._path(name), "rb", block_size=_CHUNK) as stored:
+            while chunk := stored.read(_CHUNK):
+                size, crc = size + len(chunk), zlib.crc32(chunk, crc)
+        return [size, crc]
+
+    def manifest(self, name: str) -> dict | None:
+        """The manifest of checkpoint ``name``; None if it has none, or one that does not parse."""
+        raw = self.read(f"checkpoints/{name}{MANIFEST_SUFFIX}")
+        try:
+            manifest = json.loads(raw) if raw is not None else None
+            return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+        except ValueError:
+            return None
+
+    def checkpoint_names(self) -> list[str]:
+        """The names of the step checkpoints with a manifest, newest first."""
+        self.fs.invalidate_cache()  # a listing cached earlier would miss what another process wrote
+        found = self.fs.glob(self._path(f"checkpoints/step_*{MANIFEST_SUFFIX}"))
+        names = [path.rsplit("/", 1)[-1].removesuffix(MANIFEST_SUFFIX) for path in found]
+        return sorted(names, key=lambda name: name.removesuffix(".pt"), reverse=True)
+
+    def upload_checkpoint(self, path: Path, run_id: str) -> bool:
+        """Upload the checkpoint ``path`` (a file, or a folder of shards), then its manifest; False if already there.
+
+        A manifest that differs (an earlier upload of another ``best``) is deleted first: while its files are being
+        replaced, the checkpoint is not there.
+        """
+        table = {local.relative_to(path.parent).as_posix(): [local.stat().st_size, file_crc32(local)]
+                 for local in checkpoint_files(path)}
+        manifest = {"run_id": run_id, "files": table}
+        existing = self.manifest(path.name)
+        if existing == manifest:
+            return False
+        if existing is not None:
+            self.remove(f"checkpoints/{path.name}{MANIFEST_SUFFIX}")
+        for relative, expected in table.items():
+            self.upload(path.parent / relative, f"checkpoints/{relative}", expected)
+        self.write(f"checkpoints/{path.name}{MANIFEST_SUFFIX}", json.dumps(manifest).encode())
+        return True
+
+    def remove_checkpoint(self, name: str) -> None:
+        """Delete a checkpoint: its manifest first, so that it is gone before any of its files is."""
+        manifest = self.manifest(name)
+        self.remove(f"checkpoints/{name}{MANIFEST_SUFFIX}")
+        for relative in (manifest or {}).get("files", {}):
+            if _is_part_of(name, relative):
+                self.remove(f"checkpoints/{relative}")
+
+    def download_checkpoint(self, name: str, folder: Path) -> Path:
+        """Download checkpoint ``name`` into ``folder`` and verify every file; raises ``BadCheckpoint``.
+
+        It is written beside its place and renamed into it once every file matches its manifest.
+        """
+        manifest = self.manifest(name)
+        if manifest is None:
+            raise BadCheckpoint("its manifest is missing or does not parse")
+        files = manifest["files"]
+        if not files or not all(_is_part_of(name, relative) for relative in files):
+            raise BadCheckpoint("its manifest names files outside it")
+        path, written = folder / name, folder / f".{name}.remote.tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_checkpoint(written)
+        if name not in files:  # a folder of shards
+            written.mkdir()
+        try:
+            for relative, expected in files.items():
+                local = written if relative == name else written / relative.split("/", 1)[1]
+                self.fs.get_file(self._path(f"checkpoints/{relative}"), str(local))
+                found = [local.stat().st_size, file_crc32(local)]
+                if found != list(expected):
+                    raise BadCheckpoint(f"its file {relative} has size and CRC-32 {found}, not the {expected} of "
+                                        "its manifest")
+        except BaseException:
+            remove_checkpoint(written)
+            raise
+        if written.is_dir():
+            publish_folder(written, path)
+        else:
+            os.replace(written, path)
+        return path
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files of a checkpoint: the file itself, or every file of its folder."""
+    return sorted(file for file in path.iterdir() if file.is_file()) if path.is_dir() else [path]
+
+
+def _is_part_of(name: str, relative: str) -> bool:
+    """Whether a manifest's ``relative`` path is checkpoint ``name``'s own file (the file, or one in its folder)."""
+    parts = relative.split("/")
+    return relative == name or (len(parts) == 2 and parts[0] == name and bool(_FILE_NAME.fullmatch(parts[1]))
+                                and parts[1] not in (".", ".."))

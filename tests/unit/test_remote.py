@@ -1,0 +1,152 @@
+"""ckpt.remote's logic in one process, on a file:// store: verified uploads and downloads, manifests that name only
+their own files, one writer per prefix, and the starts a store refuses."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from launcher.checkpoint.files import BadCheckpoint, save_atomic
+from launcher.checkpoint.remote import MANIFEST_SUFFIX, RemoteStore
+from launcher.errors import LauncherError, UserError
+from launcher.run.lock import Holder
+from launcher.run.mirror import HOLDER, STALE_S, Mirror
+
+
+def config(remote: str, resume: str = "auto"):
+    return OmegaConf.create({"ckpt": {"remote": remote, "keep": 2, "resume": resume}})
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A run directory's checkpoints: a file one, and a folder one (as dist.strategy=fsdp writes)."""
+    folder = tmp_path / "run" / "checkpoints"
+    save_atomic({"global_step": 5, "weights": torch.arange(10.0)}, folder / "step_000000005.pt")
+    (folder / "step_000000006").mkdir()
+    for name in (".metadata", "__0_0.distcp", "launcher.pt"):
+        (folder / "step_000000006" / name).write_bytes(os.urandom(100))
+    return folder
+
+
+def test_checkpoints_go_up_whole_and_come_back_verified(tmp_path, checkpoints):
+    store = RemoteStore(f"file://{tmp_path}/store")
+    for name in ("step_000000005.pt", "step_000000006"):
+        assert store.upload_checkpoint(checkpoints / name, "run-1")
+        assert not store.upload_checkpoint(checkpoints / name, "run-1")  # there already, unchanged: not again
+    assert store.checkpoint_names() == ["step_000000006", "step_000000005.pt"]
+    assert sorted(store.manifest("step_000000006")["files"]) == [
+        "step_000000006/.metadata", "step_000000006/__0_0.distcp", "step_000000006/launcher.pt"]
+    restored = tmp_path / "restored"
+    for name in ("step_000000005.pt", "step_000000006"):
+        store.download_checkpoint(name, restored)
+    assert (restored / "step_000000005.pt").read_bytes() == (checkpoints / "step_000000005.pt").read_bytes()
+    assert (restored / "step_000000006" / "launcher.pt").read_bytes() == (
+        checkpoints / "step_000000006" / "launcher.pt").read_bytes()
+
+
+def test_a_corrupt_or_forged_checkpoint_in_the_store_is_refused_and_leaves_nothing(tmp_path, checkpoints):
+    store = RemoteStore(f"file://{tmp_path}/store")
+    store.upload_checkpoint(checkpoints / "step_000000006", "run-1")
+    shard = tmp_path / "store" / "checkpoints" / "step_000000006" / "__0_0.distcp"
+    shard.write_bytes(bytes(100))  # same size, other bytes
+    with pytest.raises(BadCheckpoint, match="__0_0.distcp has size and CRC-32"):
+        store.download_checkpoint("step_000000006", tmp_path / "restored")
+    assert not list((tmp_path / "restored").iterdir())  # nothing half-downloaded stays
+    forged = {"run_id": "run-1", "files": {"step_000000007/../../../escaped": [1, 0]}}
+    store.write(f"checkpoints/step_000000007{MANIFEST_SUFFIX}", json.dumps(forged).encode())
+    with pytest.raises(BadCheckpoint, match="names files outside it"):
+        store.download_checkpoint("step_000000007", tmp_path / "restored")
+
+
+def test_a_checkpoint_is_gone_from_the_store_once_its_manifest_is(tmp_path, checkpoints):
+    store = RemoteStore(f"file://{tmp_path}/store")
+    store.upload_checkpoint(checkpoints / "step_000000006", "run-1")
+    store.remove_checkpoint("step_000000006")
+    assert store.checkpoint_names() == [] and not list((tmp_path / "store" / "checkpoints").rglob("*.distcp"))
+
+
+def test_an_upload_that_does_not_read_back_whole_fails(tmp_path, checkpoints, monkeypatch):
+    store = RemoteStore(f"file://{tmp_path}/store")
+    monkeypatch.setattr(store.fs, "put_file", lambda local, remote: store.fs.pipe_file(remote, b"torn"))
+    with pytest.raises(OSError, match="the uploaded copy has size and CRC-32"):
+        store.upload_checkpoint(checkpoints / "step_000000005.pt", "run-1")
+    assert store.checkpoint_names() == []  # no manifest: not there
+
+
+def test_a_url_with_credentials_or_without_a_scheme_is_refused_without_being_echoed():
+    from launcher.config.build import build_config, parse_overrides, validate
+
+    def check(value: str) -> None:
+        validate(build_config({}, {}, parse_overrides([f"ckpt.remote={value}"]), "test"), 1, 1)
+
+    for value in ("s3://AKIA:hunter2@bucket/runs", "bucket/runs", "s3://"):
+        with pytest.raises(UserError, match="ckpt.remote must be") as refused:
+            check(value)
+        assert "hunter2" not in str(refused.value)
+    check("s3://bucket/runs/a")
+
+
+def write_holder(store_folder, holder: Holder, age_s: float = 0.0) -> None:
+    path = store_folder / HOLDER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(holder.__dict__))
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def never_stopped(doing):
+    pass
+
+
+def test_one_writer_per_prefix(tmp_path):
+    url, store_folder = f"file://{tmp_path}/store", tmp_path / "store"
+    alive = Holder.this_process("job-1")  # this very process, under another token: a live writer
+    write_holder(store_folder, alive)
+    with pytest.raises(UserError, match="is written by another job"):
+        Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped)
+    dead = Holder(**{**alive.__dict__, "pid": 2**22 + 1, "started": "1"})  # no such process on this host
+    write_holder(store_folder, dead)
+    Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped).close()
+    elsewhere = Holder(**{**alive.__dict__, "host": "another-host"})
+    write_holder(store_folder, elsewhere, age_s=STALE_S + 5)  # its heartbeat stopped long ago
+    mirror = Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped)
+    assert Holder.parse((store_folder / HOLDER).read_bytes()) == mirror.me
+    mirror.close()
+    assert not (store_folder / HOLDER).exists()  # given back
+    earlier = Holder(**{**elsewhere.__dict__, "job": "job-3", "attempt": (0, 0)})  # requeued: at once
+    write_holder(store_folder, earlier)
+    Mirror.open(config(url), tmp_path / "run", "job-3", (1, 0), never_stopped).close()
+
+
+def test_a_taken_over_prefix_stops_the_uploads(tmp_path):
+    mirror = Mirror.open(config(f"file://{tmp_path}/store"), tmp_path / "run", None, (0, 0), never_stopped)
+    write_holder(tmp_path / "store", Holder(**{**mirror.me.__dict__, "token": "another"}))
+    mirror._hold()
+    assert mirror.lost
+    mirror.close()
+    assert (tmp_path / "store" / HOLDER).exists()  # the other's: left alone
+
+
+def test_a_store_holding_another_run_is_refused(tmp_path):
+    url, store_folder = f"file://{tmp_path}/store", tmp_path / "store"
+    store_folder.mkdir()
+    (store_folder / "run.json").write_text(json.dumps({"run_id": "theirs"}))
+    with pytest.raises(UserError, match="ckpt.resume=never would start another run over it"):
+        Mirror.open(config(url, resume="never"), tmp_path / "run", None, (0, 0), never_stopped)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
+    with pytest.raises(UserError, match="holds run theirs, but run.dir=.* holds run ours"):
+        Mirror.open(config(url), tmp_path / "run", None, (0, 0), never_stopped)
+
+
+def test_an_unreachable_store_stops_only_a_start_that_may_need_it(tmp_path, caplog):
+    (tmp_path / "not-a-folder").write_text("")
+    url = f"file://{tmp_path}/not-a-folder/store"  # every write fails, as a store that cannot be reached
+    with pytest.raises(LauncherError, match="cannot be reached .* does not start it over"):
+        Mirror.open(config(url), tmp_path / "empty", None, (0, 0), never_stopped)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
+    Mirror.open(config(url), tmp_path / "run", None, (0, 0), never_stopped).close()
+    assert "training goes on" in caplog.text
