@@ -105,7 +105,7 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     ``launcher async`` (``ckpt.async``: it waits for the copy into host memory; ``write_s`` is the whole write)."""
     import torch
 
-    from launcher.checkpoint.files import load_checkpoint
+    from launcher.checkpoint.formats import load_checkpoint
     from launcher.distributed.env import DistEnv
 
     model = build(params)

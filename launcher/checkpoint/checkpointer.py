@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -24,23 +23,18 @@ from launcher.checkpoint.files import (
     STEP_PREFIX,
     _first_line,
     _tensors,
-    _write_atomic,
     check_model_fits,
     publish_folder,
-    remove_checkpoint,
     restore_set_aside,
-    run_id_of,
     save_atomic,
-    shapes,
-    step_files,
 )
+from launcher.checkpoint.formats import format_for, remove_checkpoint, run_id_of, step_files
 from launcher.checkpoint.sharded import (
     ShardsFailed,
     check_complete,
     load_shards,
     save_shards,
     save_shards_in_background,
-    saved_shapes,
 )
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import is_sharded
@@ -64,6 +58,7 @@ class Checkpointer:
         self.folder = run_dir / "checkpoints"
         self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
         self.sharded = is_sharded(cfg)
+        self.format = format_for(self.sharded)  # a file, or a folder of shards: chosen once
         self.lock = lock  # rank 0's RunLock: no writes once it is lost
         self.mirror = mirror  # rank 0's copy in ckpt.remote (run/mirror.py): told of each checkpoint published
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
@@ -75,11 +70,11 @@ class Checkpointer:
         self._stager = _stager(torch.cuda.is_available()) if self._group is not None else None
 
     def path_for(self, global_step: int) -> Path:
-        return self.folder / f"{STEP_PREFIX}{global_step:09d}{'' if self.sharded else '.pt'}"
+        return self.format.path(self.folder, f"{STEP_PREFIX}{global_step:09d}")
 
     @property
     def best_path(self) -> Path:
-        return self.folder / ("best" if self.sharded else "best.pt")
+        return self.format.path(self.folder, "best")
 
     def save(self, model, optimizer, state, best: bool = False) -> Path:
         """Collective: write a checkpoint of ``model``, ``optimizer`` and the training ``state``.
@@ -105,8 +100,8 @@ class Checkpointer:
             raise TrainingDiverged(self.diverged_message(step), same_on_all_ranks=True)
         taken = next((lost for _, lost, _ in gathered if lost), None)
         if taken:
-            raise LauncherError(f"{taken} was taken over by another job: stopped at step {step} without writing a "
-                                "checkpoint", same_on_all_ranks=True)
+            raise LauncherError(f"{taken}: stopped at step {step} without writing a checkpoint",
+                                same_on_all_ranks=True)
         path = self.path_for(step)
         meta = {
             **state.state_dict(),
@@ -126,12 +121,10 @@ class Checkpointer:
         return path
 
     def _taken_over(self) -> str | None:
-        """What this rank lost to another job (rank 0's lock on the run directory, or ckpt.remote), or None."""
+        """Why this rank may write no checkpoint (rank 0 lost the run directory's lock, or ckpt.remote), or None."""
         if self.lock and self.lock.lost:
-            return f"the lock on {self.folder.parent}"
-        if self.mirror and self.mirror.lost:
-            return f"ckpt.remote={self.mirror.store.url}"
-        return None
+            return f"the lock on {self.folder.parent} was taken over by another job"
+        return self.mirror.lost if self.mirror else None
 
     def finish(self) -> None:
         """Collective: wait for the checkpoint being written in the background, if any; all fail if it failed.
@@ -159,7 +152,7 @@ class Checkpointer:
         The optimizer's hyperparameters stay those of the config (and recipe) now in force: with an unchanged config
         they equal the saved ones, and a changed ``optim.lr``, schedule or momentum takes effect.
         """
-        check_model_fits(model, saved_shapes(path) if self.sharded else shapes(saved["model"]), path)
+        check_model_fits(model, self.format.shapes(path, saved), path)
         now = [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
                for group in optimizer.param_groups]
         try:
@@ -285,17 +278,7 @@ class Checkpointer:
 
     def _save_best(self, source: Path) -> None:
         """Keep a copy of ``source`` as best.pt, or best/ (atomically, like every checkpoint)."""
-        if source.is_dir():  # hard links: instant, and a step folder's files never change once it is published
-            copied = self.folder / ".best.tmp"
-            shutil.copytree(source, copied, copy_function=_link_or_copy)
-            publish_folder(copied, self.best_path)
-            return
-
-        def copy(file) -> None:
-            with source.open("rb") as original:
-                shutil.copyfileobj(original, file)
-
-        _write_atomic(self.best_path, copy)
+        self.format.copy(source, self.best_path)
 
     def _published(self, path: Path, best: bool) -> None:
         """Rank 0, once ``path`` is in place: prune, and have ckpt.remote's thread upload it."""
@@ -330,16 +313,6 @@ def _copied_state(optimizer_state: dict) -> dict:
     state = {key: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in entry.items()}
              for key, entry in optimizer_state["state"].items()}
     return {**optimizer_state, "state": state}
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    """A hard link, or a copy where the file system has none (some FUSE and object-store mounts)."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-        with open(target, "rb") as file:  # on disk before the folder is renamed into place, as the step's was
-            os.fsync(file.fileno())
 
 
 def _bytes(tree) -> int:

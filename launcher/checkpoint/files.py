@@ -1,18 +1,15 @@
-"""Checkpoint files: written atomically, verified when loaded, found again after any crash.
+"""Checkpoint files: written atomically, checked record by record, renamed into place durably.
 
-Loading checks every record against its CRC-32. A checkpoint is one file (``step_<N>.pt``), or under
-``dist.strategy=fsdp`` a folder (``step_<N>/``) of torch.distributed.checkpoint shards with our own small
-``launcher.pt`` beside them (checkpoint/sharded.py).
+What both kinds of checkpoint (checkpoint/formats.py) are made of: files written by ``save_atomic`` with every record's
+CRC-32, folders published by rename, and a folder's DCP metadata read with nothing but its own types allowed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import mmap
 import os
 import pickle
-import re
 import shutil
 import struct
 import tempfile
@@ -24,10 +21,7 @@ import torch
 
 from launcher.errors import LauncherError, UserError
 
-log = logging.getLogger(__name__)
-
 STEP_PREFIX = "step_"
-_STEP_NAME = re.compile(rf"{STEP_PREFIX}\d+(\.pt)?")
 SHARDED_META = "launcher.pt"  # in a folder checkpoint: everything but the shards, and every file's size and CRC-32
 DCP_METADATA = ".metadata"  # in a folder checkpoint: torch.distributed.checkpoint's index of the shards, a pickle
 # What a training checkpoint holds besides its weights (a file's "model", a folder's "files").
@@ -49,7 +43,7 @@ def save_atomic(state: dict, path: Path) -> None:
 
     A reader sees the old file or the new one, never a partial one; a writer killed half-way leaves only a
     ``.tmp`` file behind, which the next save removes. Every record of the file carries its CRC-32 (torch's zip
-    writer computes it as it writes, at no measurable cost), which ``load_checkpoint`` verifies.
+    writer computes it as it writes, at no measurable cost), which loading verifies (checkpoint/formats.py).
     """
     with _crc32_on_save():
         _write_atomic(path, lambda file: torch.save(state, file))
@@ -104,46 +98,6 @@ def save_model(state_dict: dict, path: Path) -> None:
         raise LauncherError(f"writing {path} failed ({type(error).__name__}: {_first_line(error)}; {free:.1f} MB free "
                             "on its device); the run's last checkpoint is intact: free space, then run the same "
                             "command to write it") from None
-
-
-def load_checkpoint(path: Path, check_shards: bool = True) -> dict:
-    """A checkpoint or a model state_dict, loaded on the CPU with ``weights_only=True`` and verified.
-
-    Every record's CRC-32 must match its content (torch's own reader does not check them), else ``BadCheckpoint``. Of a
-    folder checkpoint, its ``launcher.pt``, with every shard's size checked and (``check_shards``) its CRC-32.
-
-    The file is memory-mapped: the verification reads it once, at the CRC's speed, and the tensors are its pages
-    (copy-on-write), which is faster than reading it into fresh memory and then checking it.
-    """
-    if path.is_dir():
-        return _load_sharded_meta(path, check_shards)
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # truncated, corrupt, or not a torch file at all
-        raise BadCheckpoint(f"{type(error).__name__}: {_first_line(error)}") from None
-    if not isinstance(saved, dict):
-        raise BadCheckpoint(f"it holds a {type(saved).__name__}, not a dict")
-    _verify_records(path)
-    return saved
-
-
-def _load_sharded_meta(folder: Path, check_shards: bool) -> dict:
-    if not (folder / SHARDED_META).is_file():
-        raise BadCheckpoint(f"it has no {SHARDED_META}: its writer did not finish")
-    meta = load_checkpoint(folder / SHARDED_META)
-    if not isinstance(meta.get("files"), dict) or DCP_METADATA not in meta["files"]:
-        raise BadCheckpoint(f"its {SHARDED_META} lists no {DCP_METADATA}: not a checkpoint this launcher wrote")
-    for name, (size, crc) in meta["files"].items():
-        shard = folder / name
-        if not shard.is_file():
-            raise BadCheckpoint(f"its file {name} is missing")
-        if shard.stat().st_size != size:
-            raise BadCheckpoint(f"its file {name} has {shard.stat().st_size} bytes, not the {size} written")
-        if check_shards and file_crc32(shard) != crc:
-            raise BadCheckpoint(f"its file {name} does not match its checksum")
-    with open(folder / DCP_METADATA, "rb") as file:  # a checksum proves nothing of a file its writer forged
-        read_dcp_metadata(file)
-    return meta
 
 
 class _MetadataOnly(pickle.Unpickler):
@@ -220,44 +174,6 @@ def _tensors(tree) -> list[torch.Tensor]:
     return []
 
 
-def step_files(folder: Path) -> list[Path]:
-    """Step checkpoints (files, and folders of shards: ``step_<N>``), newest first."""
-    found = [path for path in folder.glob(f"{STEP_PREFIX}*")
-             if _STEP_NAME.fullmatch(path.name) and (path.suffix == ".pt" or path.is_dir())]
-    return sorted(found, key=lambda path: path.name.removesuffix(".pt"), reverse=True)
-
-
-def step_of(path: Path) -> int:
-    return int(path.name.removesuffix(".pt").removeprefix(STEP_PREFIX))
-
-
-def run_id_of(path: Path) -> str | None:
-    """The id of the run that wrote ``path``, read without loading its tensors.
-
-    "" for a checkpoint from before checkpoints carried one; None when it does not load at all.
-    """
-    try:
-        record = path / SHARDED_META if path.is_dir() else path
-        return torch.load(record, map_location="cpu", weights_only=True, mmap=True).get("run_id", "")
-    except Exception:
-        return None
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint file, or folder, renaming it to a temporary name first.
-
-    So a crash half-way through leaves a leftover the next save clears, never a step folder that is neither whole nor
-    removable.
-    """
-    if not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    doomed = path if path.name.endswith(".tmp") else path.with_name(f".{path.name}.gone.tmp")
-    if doomed != path:
-        os.replace(path, doomed)
-    shutil.rmtree(doomed)
-
-
 def publish_folder(written: Path, path: Path) -> None:
     """Rename the complete folder ``written`` to ``path`` (replacing one there), durably.
 
@@ -270,7 +186,8 @@ def publish_folder(written: Path, path: Path) -> None:
         os.replace(path, aside)
     os.replace(written, path)
     _fsync_dir(path.parent)
-    remove_checkpoint(aside)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def restore_set_aside(folder: Path) -> None:
@@ -279,30 +196,6 @@ def restore_set_aside(folder: Path) -> None:
         original = folder / aside.name.removeprefix(".").removesuffix(".old.tmp")
         if not original.exists():
             os.replace(aside, original)
-
-
-def newest_good(folder: Path, run_id: str | None) -> tuple[Path, dict] | None:
-    """The newest step checkpoint of run ``run_id`` (None: of any run) that loads and verifies.
-
-    The others are skipped with a one-line warning each.
-    """
-    for path in step_files(folder):
-        try:
-            saved = load_checkpoint(path)
-        except BadCheckpoint as error:
-            log.warning("checkpoint %s is unreadable (%s); trying the one before", path, error)
-            continue
-        missing = missing_parts(saved)
-        if missing:
-            log.warning("checkpoint %s is not a training checkpoint (it lacks %s); trying the one before", path,
-                        ", ".join(missing))
-            continue
-        if run_id is not None and saved.get("run_id", run_id) != run_id:
-            log.warning("checkpoint %s belongs to another run (%s), not this directory's (%s); skipped", path,
-                        saved["run_id"], run_id)
-            continue
-        return path, saved
-    return None
 
 
 def shapes(state_dict: dict) -> dict:
@@ -324,25 +217,3 @@ def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:
     extra = [name for name in saved if name not in current]
     if extra:
         raise UserError(f"checkpoint {path} does not fit the model: the model has no '{extra[0]}'; {hint}")
-
-
-def missing_parts(saved: dict) -> list[str]:
-    """What a loaded file lacks of a training checkpoint (none: it is one)."""
-    weights = [] if "model" in saved or "files" in saved else ["model"]
-    return weights + [key for key in TRAINING_KEYS if key not in saved]
-
-
-def is_checkpoint(saved: dict) -> bool:
-    """A training checkpoint, as opposed to a bare model state_dict such as model.pt.
-
-    ``saved`` is loaded from a checkpoint file, or from a folder's launcher.pt.
-    """
-    return "global_step" in saved and ("model" in saved or "files" in saved)
-
-
-def load_named(path: Path, key: str = "ckpt.resume", check_shards: bool = True) -> dict:
-    """A checkpoint the user named: loaded and verified, or one line saying why not."""
-    try:
-        return load_checkpoint(path, check_shards)
-    except BadCheckpoint as error:
-        raise UserError(f"{key}={path} does not load ({error})") from None

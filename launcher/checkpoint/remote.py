@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import zlib
 from pathlib import Path
+from typing import Callable
 
-from launcher.checkpoint.files import BadCheckpoint, file_crc32, publish_folder, remove_checkpoint
+from launcher.checkpoint.files import BadCheckpoint, file_crc32
+from launcher.checkpoint.formats import FILE, FOLDER, format_of, remove_checkpoint
 from launcher.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ MANIFEST_SUFFIX = ".manifest.json"
 _CHUNK = 16 * 2**20
 _FILE_NAME = re.compile(r"[\w.-]+")  # what a checkpoint's file may be called: no separators, no ".."
 _EXTRAS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+class StoreHoldsAnotherRun(Exception):
+    """The store already holds, under a checkpoint's name, another run's."""
 
 
 class RemoteStore:
@@ -39,11 +44,12 @@ class RemoteStore:
         try:
             options = {"auto_mkdir": True} if protocol in ("file", "local") else {}
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
-        except (ImportError, ValueError) as error:
+        except Exception as error:  # no such protocol, its library missing, or a store that refuses at once
             library = _EXTRAS.get(protocol, "its fsspec implementation")
+            hint = f": install {library} (pip install {library})" if isinstance(error, ImportError) else ""
             raise UserError(f"ckpt.remote={self.url} cannot be used here ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else protocol}): install {library} "
-                            f"(pip install {library})", same_on_all_ranks=True) from None
+                            f"{str(error).splitlines()[0] if str(error) else protocol}){hint}",
+                            same_on_all_ranks=True) from None
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -88,9 +94,9 @@ class RemoteStore:
                 size, crc = size + len(chunk), zlib.crc32(chunk, crc)
         return [size, crc]
 
-    def manifest(self, name: str) -> dict | None:
+    def manifest(self, name: str, under: str = "checkpoints") -> dict | None:
         """The manifest of checkpoint ``name``; None if it has none, or one that does not parse."""
-        raw = self.read(f"checkpoints/{name}{MANIFEST_SUFFIX}")
+        raw = self.read(_joined(under, f"{name}{MANIFEST_SUFFIX}"))
         try:
             manifest = json.loads(raw) if raw is not None else None
             return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
@@ -104,23 +110,30 @@ class RemoteStore:
         names = [path.rsplit("/", 1)[-1].removesuffix(MANIFEST_SUFFIX) for path in found]
         return sorted(names, key=lambda name: name.removesuffix(".pt"), reverse=True)
 
-    def upload_checkpoint(self, path: Path, run_id: str) -> bool:
-        """Upload the checkpoint ``path`` (a file, or a folder of shards), then its manifest; False if already there.
+    def upload_checkpoint(self, path: Path, run_id: str, before_manifest: Callable[[], None] = lambda: None,
+                          under: str = "checkpoints") -> bool:
+        """Upload the checkpoint ``path``, then its manifest; False if it is there already.
 
-        A manifest that differs (an earlier upload of another ``best``) is deleted first: while its files are being
-        replaced, the checkpoint is not there.
+        ``path`` is a file or a folder of shards (or model.pt, ``under`` the root). A manifest that differs (an
+        earlier upload of another ``best``) is deleted first: while its files are being replaced, the checkpoint is
+        not there. One of another run is never replaced (``StoreHoldsAnotherRun``).
+        ``before_manifest`` runs before the manifest is written (and may raise to keep it unwritten).
         """
         table = {local.relative_to(path.parent).as_posix(): [local.stat().st_size, file_crc32(local)]
-                 for local in checkpoint_files(path)}
-        manifest = {"run_id": run_id, "files": table}
-        existing = self.manifest(path.name)
+                 for local in format_of(path).files(path)}
+        manifest, manifest_name = {"run_id": run_id, "files": table}, _joined(under, f"{path.name}{MANIFEST_SUFFIX}")
+        existing = self.manifest(path.name, under)
         if existing == manifest:
             return False
+        if existing is not None and existing.get("run_id") != run_id:
+            raise StoreHoldsAnotherRun(f"ckpt.remote={self.url} holds {manifest_name} of run {existing.get('run_id')},"
+                                       f" not this run ({run_id})")
         if existing is not None:
-            self.remove(f"checkpoints/{path.name}{MANIFEST_SUFFIX}")
+            self.remove(manifest_name)
         for relative, expected in table.items():
-            self.upload(path.parent / relative, f"checkpoints/{relative}", expected)
-        self.write(f"checkpoints/{path.name}{MANIFEST_SUFFIX}", json.dumps(manifest).encode())
+            self.upload(path.parent / relative, _joined(under, relative), expected)
+        before_manifest()
+        self.write(manifest_name, json.dumps(manifest).encode())
         return True
 
     def remove_checkpoint(self, name: str) -> None:
@@ -143,14 +156,18 @@ class RemoteStore:
         if not files or not all(_is_part_of(name, relative) for relative in files):
             raise BadCheckpoint("its manifest names files outside it")
         path, written = folder / name, folder / f".{name}.remote.tmp"
+        kind = FILE if name in files else FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         remove_checkpoint(written)
-        if name not in files:  # a folder of shards
+        if kind.sharded:
             written.mkdir()
         try:
             for relative, expected in files.items():
                 local = written if relative == name else written / relative.split("/", 1)[1]
-                self.fs.get_file(self._path(f"checkpoints/{relative}"), str(local))
+                try:
+                    self.fs.get_file(self._path(f"checkpoints/{relative}"), str(local))
+                except FileNotFoundError:
+                    raise BadCheckpoint(f"its file {relative} is missing from the store") from None
                 found = [local.stat().st_size, file_crc32(local)]
                 if found != list(expected):
                     raise BadCheckpoint(f"its file {relative} has size and CRC-32 {found}, not the {expected} of "
@@ -158,16 +175,12 @@ class RemoteStore:
         except BaseException:
             remove_checkpoint(written)
             raise
-        if written.is_dir():
-            publish_folder(written, path)
-        else:
-            os.replace(written, path)
+        kind.publish(written, path)
         return path
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The files of a checkpoint: the file itself, or every file of its folder."""
-    return sorted(file for file in path.iterdir() if file.is_file()) if path.is_dir() else [path]
+def _joined(under: str, name: str) -> str:
+    return f"{under}/{name}" if under else name
 
 
 def _is_part_of(name: str, relative: str) -> bool:

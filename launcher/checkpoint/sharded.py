@@ -125,17 +125,11 @@ def saved_shapes(folder: Path) -> dict:
     return {name: tuple(entry.size) for name, entry in _model_entries(folder).items()}
 
 
-def model_weights(checkpoint: Path, saved: dict) -> dict:
-    """The whole model's state_dict of the checkpoint loaded as ``saved``.
-
-    ``saved`` is its file, or its folder's launcher.pt, loaded; a folder's state_dict is assembled from its shards in
-    this one process, on the CPU.
-    """
-    if not checkpoint.is_dir():
-        return saved["model"]
+def assembled_weights(folder: Path) -> dict:
+    """The whole model's state_dict, assembled from the shards in ``folder`` in this one process, on the CPU."""
     weights = {name: torch.empty(entry.size, dtype=entry.properties.dtype)
-               for name, entry in _model_entries(checkpoint).items()}
-    _load({"model": weights}, checkpoint, alone=True)  # even where a process group exists: rank 0 may call it alone
+               for name, entry in _model_entries(folder).items()}
+    _load({"model": weights}, folder, alone=True)  # even where a process group exists: rank 0 may call it alone
     return weights
 
 

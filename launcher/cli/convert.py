@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.checkpoint.files import BadCheckpoint, is_checkpoint, load_checkpoint, save_model
-from launcher.checkpoint.sharded import model_weights
+from launcher.checkpoint.files import BadCheckpoint, save_model
+from launcher.checkpoint.formats import format_of, is_checkpoint, load_checkpoint
 from launcher.errors import LauncherError
 
 
@@ -29,7 +29,7 @@ def convert(checkpoint: Path, out: Path | None) -> tuple[Path, int]:
         raise LauncherError(f"{checkpoint} does not load ({error})") from None
     if not is_checkpoint(saved):
         raise LauncherError(f"{checkpoint} is already a model state_dict, not a checkpoint")
-    weights = model_weights(checkpoint, saved)
+    weights = format_of(checkpoint).weights(checkpoint, saved)
     out = out or checkpoint.parent.parent / f"model_{checkpoint.name.removesuffix('.pt')}.pt"
     save_model(weights, out)
     return out, len(weights)

@@ -58,9 +58,11 @@ def above(low: float) -> tuple[Callable[[Any], bool], str]:
 
 
 def _storage_url(value: str) -> bool:
-    """'' or protocol://path, with no user or password before the host."""
+    """'' or protocol://path, with no password before the host and no query (where signed URLs carry theirs)."""
     protocol, _, rest = value.partition("://")
-    return value == "" or bool(re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) and rest and "@" not in rest.split("/")[0])
+    userinfo = rest.split("/")[0].rpartition("@")[0]
+    return value == "" or bool(re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) and rest and ":" not in userinfo
+                               and "?" not in rest)
 
 
 KEYS: dict[str, Key] = {

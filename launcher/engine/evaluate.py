@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint.files import check_model_fits, is_checkpoint, load_named, newest_good, shapes
-from launcher.checkpoint.sharded import ShardsFailed, load_model_weights, saved_shapes
+from launcher.checkpoint.files import check_model_fits
+from launcher.checkpoint.formats import format_of, load_named, newest_good
+from launcher.checkpoint.sharded import ShardsFailed, load_model_weights
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import is_sharded, shard_model
 from launcher.distributed.group import on_main, run_agreed
@@ -135,13 +136,9 @@ def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) 
 
         Rank 0 checks every shard's checksum, the others that each is there, as a resume does.
         """
-        loaded = saved or load_named(path, check_shards=dist_env.is_main)
-        if path.is_dir():
-            check_model_fits(model, saved_shapes(path), path)
-            return None
-        weights = loaded["model"] if is_checkpoint(loaded) else loaded
-        check_model_fits(model, shapes(weights), path)
-        return weights
+        loaded, kind = saved or load_named(path, check_shards=dist_env.is_main), format_of(path)
+        check_model_fits(model, kind.shapes(path, loaded), path)
+        return None if kind.sharded else kind.weights(path, loaded)
 
     weights = run_agreed(dist_env, check_fit)
     if sharded or weights is None:

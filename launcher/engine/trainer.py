@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint.checkpointer import Checkpointer, TrainingDiverged
-from launcher.checkpoint.files import load_named, save_model
+from launcher.checkpoint.files import save_model
+from launcher.checkpoint.formats import load_named
 from launcher.data.streams import StreamLoader, first_sample
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import full_model_state, is_sharded, refuse_rank_local_batchnorm, shard_model

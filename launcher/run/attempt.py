@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from launcher.checkpoint.files import save_model
-from launcher.checkpoint.sharded import model_weights
+from launcher.checkpoint.formats import format_of
 from launcher.config.build import with_run_dir
 from launcher.distributed.env import DistEnv
 from launcher.distributed.group import on_main, run_agreed
@@ -107,11 +107,12 @@ class Attempt:
         """
         if self.dist_env.is_main:
             model_file = self.run_dir / "model.pt"
+            checkpoint = Path(start.checkpoint)
             if not model_file.is_file():
-                save_model(model_weights(Path(start.checkpoint), saved), model_file)
-                if self.mirror:
-                    self.mirror.begin(start.run_id, None)
-                    self.mirror.model_saved(model_file)
+                save_model(format_of(checkpoint).weights(checkpoint, saved), model_file)
+            if self.mirror:  # what an earlier attempt could not upload
+                self.mirror.begin(start.run_id, checkpoint)
+                self.mirror.model_saved(model_file)
             log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
                      "train.epochs; for a new run set run.name=<new name>", self.run_dir, start.step,
                      saved["epoch"] - 1, start.checkpoint, model_file)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher.checkpoint.files import (
+from launcher.checkpoint.formats import (
     is_checkpoint,
     load_named,
     missing_parts,

@@ -10,7 +10,7 @@ import pytest
 from helpers import ARGS, RECIPE, TORCHRUN, check_ok, launch, launcher_environ, start, wait_for
 from slurm_cluster import free_port
 
-from launcher.checkpoint.files import load_checkpoint
+from launcher.checkpoint.formats import load_checkpoint
 
 # A new PID namespace whose first process (PID 1) is the command, as in `docker run` without --init or a
 # Kubernetes pod.

@@ -6,14 +6,8 @@ import pickle
 import pytest
 import torch
 
-from launcher.checkpoint.files import (
-    BadCheckpoint,
-    file_crc32,
-    load_checkpoint,
-    newest_good,
-    save_atomic,
-    step_files,
-)
+from launcher.checkpoint.files import BadCheckpoint, file_crc32, save_atomic
+from launcher.checkpoint.formats import load_checkpoint, newest_good, step_files
 
 
 def training_checkpoint(step: int) -> dict:

@@ -9,7 +9,7 @@ from helpers import build_trainer as build
 from helpers import load_weights
 from torch import nn
 
-from launcher.checkpoint.files import newest_good
+from launcher.checkpoint.formats import newest_good
 from launcher.cli.main import load_validated
 from launcher.distributed.env import DistEnv
 from launcher.distributed.fsdp import repeated_blocks

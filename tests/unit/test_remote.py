@@ -3,6 +3,7 @@ their own files, one writer per prefix, and the starts a store refuses."""
 
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from launcher.checkpoint.files import BadCheckpoint, save_atomic
-from launcher.checkpoint.remote import MANIFEST_SUFFIX, RemoteStore
+from launcher.checkpoint.remote import MANIFEST_SUFFIX, RemoteStore, StoreHoldsAnotherRun
 from launcher.errors import LauncherError, UserError
 from launcher.run.lock import Holder
-from launcher.run.mirror import HOLDER, STALE_S, Mirror
+from launcher.run.mirror import HOLDER, Mirror
 
 
 def config(remote: str, resume: str = "auto"):
@@ -82,11 +83,12 @@ def test_a_url_with_credentials_or_without_a_scheme_is_refused_without_being_ech
     def check(value: str) -> None:
         validate(build_config({}, {}, parse_overrides([f"ckpt.remote={value}"]), "test"), 1, 1)
 
-    for value in ("s3://AKIA:hunter2@bucket/runs", "bucket/runs", "s3://"):
+    for value in ("s3://AKIA:hunter2@bucket/runs", "https://host/runs?sig=hunter2", "bucket/runs", "s3://"):
         with pytest.raises(UserError, match="ckpt.remote must be") as refused:
             check(value)
         assert "hunter2" not in str(refused.value)
     check("s3://bucket/runs/a")
+    check("abfs://container@account.dfs.core.windows.net/runs")  # a container, not a user
 
 
 def write_holder(store_folder, holder: Holder, age_s: float = 0.0) -> None:
@@ -100,7 +102,7 @@ def never_stopped(doing):
     pass
 
 
-def test_one_writer_per_prefix(tmp_path):
+def test_one_writer_per_prefix(tmp_path, monkeypatch):
     url, store_folder = f"file://{tmp_path}/store", tmp_path / "store"
     alive = Holder.this_process("job-1")  # this very process, under another token: a live writer
     write_holder(store_folder, alive)
@@ -109,8 +111,9 @@ def test_one_writer_per_prefix(tmp_path):
     dead = Holder(**{**alive.__dict__, "pid": 2**22 + 1, "started": "1"})  # no such process on this host
     write_holder(store_folder, dead)
     Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped).close()
+    monkeypatch.setattr("launcher.run.mirror.STALE_S", 0.5)
     elsewhere = Holder(**{**alive.__dict__, "host": "another-host"})
-    write_holder(store_folder, elsewhere, age_s=STALE_S + 5)  # its heartbeat stopped long ago
+    write_holder(store_folder, elsewhere, age_s=3600)  # its clock is no judge: watched, and nothing rewrites it
     mirror = Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped)
     assert Holder.parse((store_folder / HOLDER).read_bytes()) == mirror.me
     mirror.close()
@@ -119,12 +122,20 @@ def test_one_writer_per_prefix(tmp_path):
     write_holder(store_folder, earlier)
     Mirror.open(config(url), tmp_path / "run", "job-3", (1, 0), never_stopped).close()
 
+    def rewritten_meanwhile(doing):  # a live writer elsewhere: its heartbeat moves while it is watched
+        write_holder(store_folder, elsewhere, age_s=-5)
+
+    write_holder(store_folder, elsewhere)
+    with pytest.raises(UserError, match="is written by another job"):
+        Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), rewritten_meanwhile)
+
 
 def test_a_taken_over_prefix_stops_the_uploads(tmp_path):
     mirror = Mirror.open(config(f"file://{tmp_path}/store"), tmp_path / "run", None, (0, 0), never_stopped)
     write_holder(tmp_path / "store", Holder(**{**mirror.me.__dict__, "token": "another"}))
-    mirror._hold()
-    assert mirror.lost
+    with pytest.raises(Exception, match="was taken over by another job"):
+        mirror._hold()
+    assert "was taken over by another job" in mirror.lost
     mirror.close()
     assert (tmp_path / "store" / HOLDER).exists()  # the other's: left alone
 
@@ -150,3 +161,69 @@ def test_an_unreachable_store_stops_only_a_start_that_may_need_it(tmp_path, capl
     (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
     Mirror.open(config(url), tmp_path / "run", None, (0, 0), never_stopped).close()
     assert "training goes on" in caplog.text
+
+
+def test_a_missing_object_is_a_corrupt_checkpoint_and_another_runs_is_never_replaced(tmp_path, checkpoints):
+    store = RemoteStore(f"file://{tmp_path}/store")
+    store.upload_checkpoint(checkpoints / "step_000000005.pt", "run-1")
+    (tmp_path / "store" / "checkpoints" / "step_000000005.pt").unlink()
+    with pytest.raises(BadCheckpoint, match="is missing from the store"):
+        store.download_checkpoint("step_000000005.pt", tmp_path / "restored")
+    with pytest.raises(StoreHoldsAnotherRun, match="of run run-1, not this run"):
+        store.upload_checkpoint(checkpoints / "step_000000005.pt", "run-2")
+
+
+def begun(tmp_path, run_id: str = "ours") -> Mirror:
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": run_id}))
+    (tmp_path / "run" / "history.jsonl").write_text('{"event": "start"}\n')
+    mirror = Mirror.open(config(f"file://{tmp_path}/store"), tmp_path / "run", None, (0, 0), never_stopped)
+    mirror.begin(run_id, None)
+    return mirror
+
+
+def test_the_ledger_asked_for_during_its_own_upload_is_uploaded_again(tmp_path, monkeypatch):
+    mirror, writing, go_on = begun(tmp_path), threading.Event(), threading.Event()
+    write = mirror.store.write
+
+    def slow_write(name, data):
+        if name == "history.jsonl" and not go_on.is_set():
+            writing.set()
+            go_on.wait(10)
+        write(name, data)
+
+    monkeypatch.setattr(mirror.store, "write", slow_write)
+    mirror.model_saved(tmp_path / "run" / "run.json")  # any file: what matters is the ledger after it
+    assert writing.wait(10)
+    with (tmp_path / "run" / "history.jsonl").open("a") as history:
+        history.write('{"event": "end"}\n')  # the attempt ends while the ledger's first upload is under way
+    closing = threading.Thread(target=mirror.close)  # which asks for the ledger again
+    closing.start()
+    wait_until = time.monotonic() + 10
+    while mirror._closing_since is None and time.monotonic() < wait_until:
+        time.sleep(0.01)
+    go_on.set()
+    closing.join(30)
+    assert (tmp_path / "store" / "history.jsonl").read_text() == '{"event": "start"}\n{"event": "end"}\n'
+
+
+def test_a_store_reached_late_that_holds_another_run_is_never_written(tmp_path):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "run.json").write_text(json.dumps({"run_id": "theirs"}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
+    mirror = Mirror(RemoteStore(f"file://{tmp_path}/store"), tmp_path / "run", Holder.this_process(None), 2)
+    with pytest.raises(Exception, match="holds run theirs, not this run"):  # the heartbeat's first beat
+        mirror._hold()
+    assert "holds run theirs" in mirror.lost and not (tmp_path / "store" / HOLDER).exists()
+
+
+def test_the_end_of_a_run_does_not_wait_forever_for_a_hung_store(tmp_path, monkeypatch):
+    monkeypatch.setattr("launcher.run.mirror.STALL_S", 0.5)
+    mirror, hung = begun(tmp_path), threading.Event()
+    monkeypatch.setattr(mirror.store, "upload_checkpoint", lambda *args, **kwargs: hung.wait(60))
+    mirror.model_saved(tmp_path / "run" / "run.json")
+    began = time.monotonic()
+    mirror.close()
+    assert time.monotonic() - began < 10
+    hung.set()

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 import launcher.run.lock as run_lock
-from launcher.checkpoint.files import BadCheckpoint, load_checkpoint, save_atomic
+from launcher.checkpoint.files import BadCheckpoint, save_atomic
+from launcher.checkpoint.formats import load_checkpoint
 from launcher.config.build import build_config, parse_overrides
 from launcher.errors import UserError
 from launcher.recipe import load_recipe
