@@ -211,6 +211,7 @@ class Trainer:
                 save_model(weights or self.model.state_dict(), self.model_file)
                 if self.attempt.mirror:
                     self.attempt.mirror.model_saved(self.model_file)
+            self._uploads_done()
             outcome = "finished"
         except StopRequested as stopped:
             outcome, detail = "stopped", str(stopped)
@@ -248,6 +249,7 @@ class Trainer:
             began, first_step = time.perf_counter(), self.position.step_in_epoch
             if self.run_epoch():
                 self.checkpointer.finish()
+                self._uploads_done()
                 stopper = self.stop.signal_name or "a signal on another rank"
                 raise StopRequested(
                     f"stopped after step {self.position.global_step} ({stopper}): checkpoint written to "
@@ -256,6 +258,16 @@ class Trainer:
                 )
             record = self.finish_epoch(began, self.position.step_in_epoch - first_step)
         return record
+
+    def _uploads_done(self) -> None:
+        """Collective, as the run ends: with ckpt.remote, every rank waits while rank 0's uploads catch up.
+
+        The others wait in a collective, not at the barrier after the run or past their exit (torchrun ends rank 0 when
+        another exits 75); the wait is bounded (run/mirror.py).
+        """
+        if self.cfg.ckpt.remote:
+            self.where.at(self.position.global_step, "ckpt.remote uploads")
+            run_agreed(self.dist_env, self.attempt.mirror.drain if self.dist_env.is_main else None, name_rank=False)
 
     def _reached_max_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.position.global_step >= self.cfg.train.max_steps

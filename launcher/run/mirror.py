@@ -62,6 +62,7 @@ class Mirror:
         self._ledger_crcs: dict[str, int] = {}  # of what was uploaded, not to upload it again unchanged
         self._wake = threading.Condition()
         self._closing_since: float | None = None
+        self._hurry_since: float | None = None  # the run is ending: waits for the uploads, retries sooner
         self._failing = False
         self._progress = time.monotonic()  # when an upload last ended
         self._uploader: threading.Thread | None = None
@@ -277,27 +278,36 @@ class Mirror:
         with self._wake:
             return {path for path in (self._uploading, self._pending.get("checkpoint")) if path}
 
-    def close(self, upload: bool = True) -> None:
-        """Upload the ledger and what waits, then give the prefix back.
+    def drain(self) -> None:
+        """Wait for what waits to be uploaded, as a run ends (a stop's checkpoint before exit 75 included).
 
-        Without ``upload`` (a failed start), nothing more is uploaded. The wait ends early when the store fails for
-        ``EXIT_WAIT_S``, or no upload ends for ``STALL_S``: what is left waits in the run directory for the next
-        start.
+        The wait ends early when the store fails for ``EXIT_WAIT_S``, or no upload ends for ``STALL_S``: what is left
+        waits in the run directory for the next start.
+        """
+        with self._wake:
+            self._hurry_since = self._hurry_since or time.monotonic()
+            self._wake.notify()
+        while self._pending and self.lost is None and self._uploader is not None and self._uploader.is_alive():
+            time.sleep(POLL_S)  # one try of the store's may take long
+            now = time.monotonic()
+            if (self._failing and now > self._hurry_since + EXIT_WAIT_S
+                    or now > max(self._hurry_since, self._progress) + STALL_S):
+                return
+
+    def close(self, upload: bool = True) -> None:
+        """Upload the ledger and what waits (as ``drain`` does), then give the prefix back.
+
+        Without ``upload`` (a failed start), nothing more is uploaded.
         """
         if upload:
             self._ask(ledger=True)
+            self.drain()
         with self._wake:
             if not upload:
                 self._pending.clear()
             self._closing_since = time.monotonic()
             self._wake.notify()
-        while self._uploader is not None and self._uploader.is_alive():  # one try of the store's may take long
-            self._uploader.join(POLL_S)
-            now = time.monotonic()
-            if (self._failing and now > self._closing_since + EXIT_WAIT_S
-                    or now > max(self._closing_since, self._progress) + STALL_S):
-                break  # a daemon thread: it ends with the process
-        waiting = sorted(kind for kind in self._pending if self._uploader is not None)
+        waiting = sorted(self._pending) if self._uploader is not None else []
         if waiting and self.lost is None:
             log.warning("ckpt.remote=%s: not uploaded (%s); they are in run.dir %s, and the next start with this "
                         "ckpt.remote uploads them", self.store.url, ", ".join(waiting), self.run_dir)
@@ -334,11 +344,13 @@ class Mirror:
     def _wait_to_retry(self, seconds: float) -> bool:
         """Wait ``seconds`` before the next try (less once the run is ending); False when the end waited enough."""
         with self._wake:
-            if self._closing_since is None:
+            if self._hurry_since is None:
                 self._wake.wait(seconds)
-            if self._closing_since is None:
+            if self._closing_since is None and self._hurry_since is None:
                 return True
-            left = self._closing_since + EXIT_WAIT_S - time.monotonic()
+            if self._closing_since is not None:
+                return False  # the end waited enough: a daemon thread, it ends with the process
+            left = self._hurry_since + EXIT_WAIT_S - time.monotonic()
         if left <= 0:
             return False
         time.sleep(min(seconds, left, BACKOFF_S[1]))
