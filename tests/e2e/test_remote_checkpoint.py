@@ -41,8 +41,12 @@ class S3Server:
     def start(self, bucket: str = "runs") -> "S3Server":
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                         stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        wait_for(self._listening, "moto's server", 60)
-        self.fs().mkdir(bucket)
+        try:
+            wait_for(self._listening, "moto's server", 60)
+            self.fs().mkdir(bucket)
+        except BaseException:
+            self.stop()  # never left running past the test
+            raise
         return self
 
     def _listening(self) -> bool:
