@@ -124,12 +124,21 @@ def read_dcp_metadata(file):
         raise BadCheckpoint(f"its {DCP_METADATA} does not load ({problem})") from None
 
 
-def file_crc32(path: Path) -> int:
-    crc = 0
+def read_size_and_crc32(file) -> list[int]:
+    """The size and CRC-32 of what ``file``, open for binary reading (a local file, or a store's object), holds."""
+    size, crc = 0, 0
+    while chunk := file.read(16 * 2**20):
+        size, crc = size + len(chunk), zlib.crc32(chunk, crc)
+    return [size, crc]
+
+
+def file_size_and_crc32(path: Path) -> list[int]:
     with open(path, "rb") as file:
-        while chunk := file.read(16 * 2**20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+        return read_size_and_crc32(file)
+
+
+def file_crc32(path: Path) -> int:
+    return file_size_and_crc32(path)[1]
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import zlib
 from pathlib import Path
 from typing import Callable
 
-from launcher.checkpoint.files import BadCheckpoint, file_crc32
+from launcher.checkpoint.files import BadCheckpoint, _first_line, file_size_and_crc32, read_size_and_crc32
 from launcher.checkpoint.formats import FILE, FOLDER, format_of, remove_checkpoint
 from launcher.errors import UserError
 
@@ -48,7 +47,7 @@ class RemoteStore:
             library = _EXTRAS.get(protocol, "its fsspec implementation")
             hint = f": install {library} (pip install {library})" if isinstance(error, ImportError) else ""
             raise UserError(f"ckpt.remote={self.url} cannot be used here ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else protocol}){hint}",
+                            f"{_first_line(error) or protocol}){hint}",
                             same_on_all_ranks=True) from None
 
     def _path(self, name: str) -> str:
@@ -83,16 +82,10 @@ class RemoteStore:
     def upload(self, local: Path, name: str, expected: list[int]) -> None:
         """Upload the file ``local`` as ``name`` and read it back: ``expected`` (size, CRC-32) must match."""
         self.fs.put_file(str(local), self._path(name))
-        found = self._size_and_crc(name)
+        with self.fs.open(self._path(name), "rb", block_size=_CHUNK) as stored:
+            found = read_size_and_crc32(stored)
         if found != expected:
             raise OSError(f"{name}: the uploaded copy has size and CRC-32 {found}, not the {expected} of {local}")
-
-    def _size_and_crc(self, name: str) -> list[int]:
-        size, crc = 0, 0
-        with self.fs.open(self._path(name), "rb", block_size=_CHUNK) as stored:
-            while chunk := stored.read(_CHUNK):
-                size, crc = size + len(chunk), zlib.crc32(chunk, crc)
-        return [size, crc]
 
     def manifest(self, name: str, under: str = "checkpoints") -> dict | None:
         """The manifest of checkpoint ``name``; None if it has none, or one that does not parse."""
@@ -119,7 +112,7 @@ class RemoteStore:
         not there. One of another run is never replaced (``StoreHoldsAnotherRun``).
         ``before_manifest`` runs before the manifest is written (and may raise to keep it unwritten).
         """
-        table = {local.relative_to(path.parent).as_posix(): [local.stat().st_size, file_crc32(local)]
+        table = {local.relative_to(path.parent).as_posix(): file_size_and_crc32(local)
                  for local in format_of(path).files(path)}
         manifest, manifest_name = {"run_id": run_id, "files": table}, _joined(under, f"{path.name}{MANIFEST_SUFFIX}")
         existing = self.manifest(path.name, under)
@@ -136,9 +129,9 @@ class RemoteStore:
         self.write(manifest_name, json.dumps(manifest).encode())
         return True
 
-    def remove_checkpoint(self, name: str) -> None:
-        """Delete a checkpoint: its manifest first, so that it is gone before any of its files is."""
-        manifest = self.manifest(name)
+    def remove_checkpoint(self, name: str, manifest: dict | None = None) -> None:
+        """Delete a checkpoint (whose ``manifest`` may be read already): its manifest first, then its files."""
+        manifest = manifest or self.manifest(name)
         self.remove(f"checkpoints/{name}{MANIFEST_SUFFIX}")
         for relative in (manifest or {}).get("files", {}):
             if _is_part_of(name, relative):
@@ -168,7 +161,7 @@ class RemoteStore:
                     self.fs.get_file(self._path(f"checkpoints/{relative}"), str(local))
                 except FileNotFoundError:
                     raise BadCheckpoint(f"its file {relative} is missing from the store") from None
-                found = [local.stat().st_size, file_crc32(local)]
+                found = file_size_and_crc32(local)
                 if found != list(expected):
                     raise BadCheckpoint(f"its file {relative} has size and CRC-32 {found}, not the {expected} of "
                                         "its manifest")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint.files import DCP_METADATA, _first_line, file_crc32, read_dcp_metadata
+from launcher.checkpoint.files import DCP_METADATA, _first_line, file_size_and_crc32, read_dcp_metadata
 from launcher.errors import LauncherError
 
 
@@ -68,12 +68,12 @@ def save_shards_in_background(model: nn.Module, optimizer, folder: Path, group, 
 def _file_table(folder: Path, group=None) -> dict[str, list[int]]:
     """Collective: the size and CRC-32 of every file in ``folder`` (each rank checksums its own, rank 0 the rest)."""
     rank = dist.get_rank()
-    mine = {path.name: _size_and_crc(path) for path in folder.glob(f"__{rank}_*")}  # DCP's name for rank's data
+    mine = {path.name: file_size_and_crc32(path) for path in folder.glob(f"__{rank}_*")}  # DCP's name for rank's data
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine, group=group)
     files = {name: entry for entries in every for name, entry in entries.items()}
     if rank == 0:
-        files.update((path.name, _size_and_crc(path)) for path in folder.iterdir() if path.name not in files)
+        files.update((path.name, file_size_and_crc32(path)) for path in folder.iterdir() if path.name not in files)
     return files
 
 
@@ -89,10 +89,6 @@ def check_complete(folder: Path, files: dict[str, list[int]]) -> None:
             raise LauncherError(
                 f"checkpoint {folder}: rank 0 does not see {name} as the rank that wrote it does: run.dir must be on "
                 "a file system every node shares, not on node-local disks (nothing was published)")
-
-
-def _size_and_crc(path: Path) -> list[int]:
-    return [path.stat().st_size, file_crc32(path)]
 
 
 def load_shards(model: nn.Module, optimizer, folder: Path) -> None:

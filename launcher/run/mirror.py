@@ -401,10 +401,10 @@ class Mirror:
 
     def _prune(self) -> None:
         """The store's checkpoints of this run beyond the newest ``ckpt.keep`` go, as the run directory's do."""
-        ours = [name for name in self.store.checkpoint_names()
-                if (self.store.manifest(name) or {}).get("run_id") == self.run_id]
-        for old in ours[self.keep:]:
-            self.store.remove_checkpoint(old)
+        manifests = ((name, self.store.manifest(name)) for name in self.store.checkpoint_names())
+        ours = [(name, manifest) for name, manifest in manifests if (manifest or {}).get("run_id") == self.run_id]
+        for old, manifest in ours[self.keep:]:
+            self.store.remove_checkpoint(old, manifest)
 
 
 def _described(error: BaseException) -> str:
