@@ -1,6 +1,6 @@
 """Checkpoint cost: how long the step loop is stalled per checkpoint, the whole write, load and peak extra memory.
 
-    python bench/checkpoint.py [--params 100_000_000] [--fsdp-params 50_000_000] [--dir /tmp]
+    python bench/checkpoint.py [--params 100_000_000] [--fsdp-params 50_000_000] [--width 4096] [--dir /tmp]
 
 Cases: torch.save; the launcher's checkpoint written in the foreground and with ``ckpt.async`` (the loop waits only
 for a copy into host memory), for a 100M-parameter model in one process; and a sharded model under
@@ -77,7 +77,7 @@ def checkpointer_for(folder: Path, strategy: str, in_background: bool, dist_env)
 
     cfg = OmegaConf.create({"ckpt": {"keep": 2, "best_metric": "", "best_mode": "max", "async": in_background},
                             "optim": {"name": "sgd"}, "train": {"batch_size": 1}, "dist": {"strategy": strategy}})
-    return Checkpointer(folder, cfg, dist_env, run_id="bench"), cfg
+    return Checkpointer(folder, cfg, dist_env, "bench", "folder" if strategy == "fsdp" else "file"), cfg
 
 
 def training_state(optimizer):
@@ -100,7 +100,7 @@ def stall_again(checkpointer, model, optimizer, state) -> float:
     return stall_s
 
 
-def run_case(case: str, params: int, folder: Path) -> dict:
+def run_case(case: str, params: int, width: int, folder: Path) -> dict:
     """One case in this process: ``torch.save``, ``launcher`` (the step loop waits for the whole write) or
     ``launcher async`` (``ckpt.async``: it waits for the copy into host memory; ``write_s`` is the whole write)."""
     import torch
@@ -108,7 +108,7 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     from launcher.checkpoint.formats import load_checkpoint
     from launcher.distributed.env import DistEnv
 
-    model = build(params)
+    model = build(params, width)
     optimizer = stepped(model)
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     checkpointer, _ = checkpointer_for(folder, "ddp", case == "launcher async", DistEnv())
@@ -146,7 +146,7 @@ def run_case(case: str, params: int, folder: Path) -> dict:
     }
 
 
-def run_sharded_case(case: str, params: int, folder: Path) -> dict | None:
+def run_sharded_case(case: str, params: int, width: int, folder: Path) -> dict | None:
     """Under torchrun: one sharded save (``dist.strategy=fsdp``), in the foreground or the background, timed on every
     rank; rank 0 returns the slowest rank's stall and write."""
     import torch.distributed as dist
@@ -156,7 +156,7 @@ def run_sharded_case(case: str, params: int, folder: Path) -> dict | None:
 
     dist.init_process_group("gloo")
     dist_env = DistEnv.from_environ()
-    model = build(params)
+    model = build(params, width)
     for layer in model:
         fully_shard(layer)
     fully_shard(model)
@@ -185,16 +185,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=100_000_000)
     parser.add_argument("--fsdp-params", type=int, default=50_000_000, help="the sharded model's, over 2 processes")
+    parser.add_argument("--width", type=int, default=4096, help="of the layers (a test's small model: narrower)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--reps", type=int, default=2, help="runs of each case, alternating")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # in a folder of its own (the ranks of a sharded case share the one they are given)
+        from launcher.cli.main import exit_process
+
         sharded = args.case.startswith("fsdp")
-        result = (run_sharded_case if sharded else run_case)(args.case, args.params, Path(args.dir))
+        result = (run_sharded_case if sharded else run_case)(args.case, args.params, args.width, Path(args.dir))
         if result:
             print(json.dumps(result))
-        return
+        exit_process(0)  # a sharded case's gloo group outlives destroy_process_group: ended as a worker is
     results = []
     for case in ("torch.save", "launcher", "launcher async", "fsdp", "fsdp async") * args.reps:
         sharded = case.startswith("fsdp")
@@ -202,9 +205,12 @@ def main() -> None:
             command = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
                                          if sharded else []),
                        __file__, "--case", case, "--params", str(args.fsdp_params if sharded else args.params),
-                       "--dir", folder]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+                       "--width", str(args.width), "--dir", folder]
+            # Its stderr goes to ours: a failed case says why.
+            case_run = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
+        if case_run.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed ({case_run.returncode}): its stderr is above")
+        results.append(json.loads(case_run.stdout.strip().splitlines()[-1]))
     print(json.dumps(results, indent=1))
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload  # noqa: E402
 from plain_ddp import build_plain, plain_steps, resident_batches  # noqa: E402
 
-from launcher.cli.main import load_validated  # noqa: E402
+from launcher.cli.main import exit_process, load_validated  # noqa: E402
 from launcher.distributed.env import DistEnv, device_for  # noqa: E402
 from launcher.distributed.group import destroy_process_group, init_process_group  # noqa: E402
 from launcher.distributed.stop import StopSignals  # noqa: E402
@@ -214,3 +214,4 @@ def summarize(times: dict, counter: workload.SyncCounter, args, world: int, batc
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # its gloo group outlives destroy_process_group: ended as a launcher worker is

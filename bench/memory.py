@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from launcher.cli.main import load_validated
+from launcher.cli.main import exit_process, load_validated
 from launcher.distributed.env import DistEnv, device_for
 from launcher.distributed.group import destroy_process_group, init_process_group
 from launcher.distributed.stop import StopSignals
@@ -85,3 +85,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # its gloo group outlives destroy_process_group: ended as a launcher worker is

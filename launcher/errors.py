@@ -69,7 +69,7 @@ def describe(error: BaseException) -> str:
     return text
 
 
-def as_launcher_error(error: Exception) -> LauncherError:
+def as_launcher_error(error: BaseException) -> LauncherError:
     """Any exception as the line the launcher prints.
 
     A ``UserError`` (exit 2) when it came out of what the recipe gave the engine (its functions, model, data or loss),
@@ -120,3 +120,12 @@ def failure_kind(error: BaseException) -> str:
         return f"{type(error).__name__}: {error}"
     where = traceback.extract_tb(error.__traceback__)[-1]
     return f"{type(error).__name__} at {where.filename}:{where.lineno}"
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def described(error: BaseException) -> str:
+    """An exception in one line: its class and its message's first line."""
+    return f"{type(error).__name__}: {first_line(error)}"

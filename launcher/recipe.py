@@ -4,7 +4,7 @@ A recipe is a plain module. It must define ``build_model(cfg)`` and ``build_data
 ``DEFAULTS`` (a nested dict: engine keys it changes and keys of its own, typed by their default values),
 ``param_groups(model, cfg)``, ``loss(outputs, targets)`` and ``predictions(outputs)`` (multi-output models), and the
 hooks below (``collate``, ``step``, ``metrics``, ``augment``, ``tokens_per_sample``, ``flops_per_sample``,
-``fsdp_blocks``).
+``blocks``, ``tp_plan``).
 It never touches ranks, devices, samplers or process groups: the engine owns those.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.distributed.fsdp import repeated_blocks
+from launcher.distributed.strategy import repeated_blocks
 from launcher.errors import UserError, describe
 from launcher.packaged import recipes_package
 
@@ -88,10 +88,29 @@ class Recipe:
         """
         if hasattr(self.module, "step"):
             result = self.module.step(model, batch)
-            return result if isinstance(result, tuple) else (result, None)
+            if isinstance(result, tuple) and len(result) != 2:
+                raise UserError(f"recipe {self.name}: step(model, batch) returned a tuple of {len(result)}: it must "
+                                "return the batch's mean loss, or (loss, outputs)")
+            loss, outputs = result if isinstance(result, tuple) else (result, None)
+            return self._checked(loss, "step(model, batch)"), outputs
         inputs, targets = batch
         outputs = model(inputs)
-        return self.loss(outputs, targets), outputs
+        return self._checked(self.loss(outputs, targets), "loss(outputs, targets)"), outputs
+
+    def _checked(self, loss, hook: str) -> torch.Tensor:
+        """``loss``, if it is what backward and the loss sums take: a floating-point tensor of one value.
+
+        Else the recipe's mistake in one line, not an AttributeError from backward. Checked every step: its metadata
+        only, never its value (no wait for the device).
+        """
+        if isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point():
+            return loss
+        if isinstance(loss, torch.Tensor):
+            what = f"a tensor of dtype {str(loss.dtype).removeprefix('torch.')} and shape {tuple(loss.shape)}"
+        else:
+            what = "None" if loss is None else f"a {type(loss).__name__}"
+        raise UserError(f"recipe {self.name}: {hook} returned {what}: it must return the batch's mean loss, a "
+                        "floating-point tensor of one value (shape ())")
 
     def metrics(self, outputs, batch) -> dict[str, tuple]:
         """name -> (sum, count) or (sum, count, finish) for one evaluation batch.
@@ -117,15 +136,26 @@ class Recipe:
         """
         return getattr(self.module, "augment", None)
 
-    def fsdp_blocks(self, model: nn.Module) -> list[nn.Module]:
-        """The modules ``dist.strategy=fsdp`` shards one by one (a transformer's layers).
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's repeated blocks (a transformer's layers), what fsdp shards and activation checkpointing wraps.
 
-        The recipe's ``fsdp_blocks(model)``, else the children of the model's largest list of alike modules
-        (``repeated_blocks``).
+        The recipe's ``blocks(model)`` (or, its name before, ``fsdp_blocks(model)``), else the children of the
+        model's largest list of alike modules (``repeated_blocks``).
         """
-        if hasattr(self.module, "fsdp_blocks"):
-            return list(self.module.fsdp_blocks(model))
-        return repeated_blocks(model)
+        hook = getattr(self.module, "blocks", None) or getattr(self.module, "fsdp_blocks", None)
+        return list(hook(model)) if hook else repeated_blocks(model)
+
+    def tp_plan(self, model: nn.Module, cfg) -> dict:
+        """``dist.tp``: the recipe's ``tp_plan(model, cfg)``, how its blocks split over a tensor-parallel group.
+
+        A dict as torch's ``parallelize_module`` takes it: a submodule's name (``*`` for any one name, as in
+        ``blocks.*.attention.q``) -> ``ColwiseParallel()``, ``RowwiseParallel()``, ``SequenceParallel()``.
+        """
+        if not hasattr(self.module, "tp_plan"):
+            raise UserError(f"dist.tp={cfg.dist.tp} splits the model's blocks over processes, and recipe {self.name} "
+                            "says not how: give it tp_plan(model, cfg) (recipes/gpt.py has one), or set dist.tp=1",
+                            same_on_all_ranks=True)
+        return dict(self.module.tp_plan(model, cfg))
 
     def tokens_per_sample(self, cfg) -> int | None:
         """The recipe's ``tokens_per_sample(cfg)``: with it, throughput is also counted in tokens per second."""

@@ -15,7 +15,8 @@ bytes. Or any corpus, however large: ``data.tokens=DIR``, a folder written by ``
 FILES`` (memory-mapped token shards, launcher/data/tokens.py). A sample is a dict (``input_ids``, ``targets``: the
 same window shifted by one byte); a batch of them is cut at once (``ByteWindows.take``). This recipe shows every
 optional hook: ``step`` (the language-model loss), ``metrics`` (perplexity and next-byte accuracy, as sums and
-counts), ``tokens_per_sample`` (throughput in tokens/s), ``param_groups`` and ``fsdp_blocks``.
+counts), ``tokens_per_sample`` (throughput in tokens/s), ``param_groups``, ``blocks`` (what fsdp shards and
+activation checkpointing recomputes) and ``tp_plan`` (how a block splits under ``dist.tp``).
 """
 
 import math
@@ -42,17 +43,21 @@ DEFAULTS = {
 
 
 class CausalSelfAttention(nn.Module):
+    """Queries, keys and values of their own projections: under tensor parallel each process computes whole heads
+    (its share of each projection's outputs), as many as its share of the width holds."""
+
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.head_width, self.dropout = width // heads, dropout
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
-                   for t in self.qkv(x).split(width, dim=2))
+        batch, length, _ = x.shape
+        q, k, v = (projection(x).view(batch, length, -1, self.head_width).transpose(1, 2)
+                   for projection in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0)
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+        return self.out(y.transpose(1, 2).reshape(batch, length, -1))
 
 
 class Block(nn.Module):
@@ -200,7 +205,25 @@ def tokens_per_sample(cfg) -> int:
     return cfg.model.context
 
 
-def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
-    """Under ``dist.strategy=fsdp``, each transformer block is sharded on its own (the embeddings, the final norm and
-    the tied output layer go with the root): only one block's parameters are gathered at a time."""
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: under fsdp each is sharded on its own (the embeddings, the final norm and the tied
+    output layer go with the root), so only one block's parameters are gathered at a time; and what
+    ``train.activation_checkpointing`` recomputes."""
     return list(model.blocks)
+
+
+def tp_plan(model: nn.Module, cfg) -> dict:
+    """``dist.tp``: each block's projections split Megatron-style over the tensor-parallel group.
+
+    Queries, keys, values and the MLP's first layer by their outputs (each process its share of the heads and of the
+    hidden width), the attention's and the MLP's output layers by their inputs, summed over the group (one
+    all-reduce each in forward and backward). The embeddings, norms and the tied output layer stay whole.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if cfg.model.heads % cfg.dist.tp:
+        raise ValueError(f"model.heads={cfg.model.heads} does not split over dist.tp={cfg.dist.tp} processes: use a "
+                         "dist.tp that divides it")
+    by_output, by_input = ColwiseParallel(), RowwiseParallel()
+    return {"blocks.*.attention.q": by_output, "blocks.*.attention.k": by_output, "blocks.*.attention.v": by_output,
+            "blocks.*.attention.out": by_input, "blocks.*.mlp.0": by_output, "blocks.*.mlp.2": by_input}

@@ -19,7 +19,15 @@ import torch
 
 from launcher.data.streams import Stream
 from launcher.recipes import gpt
-from launcher.recipes.gpt import build_model, fsdp_blocks, metrics, param_groups, step, tokens_per_sample  # noqa: F401
+from launcher.recipes.gpt import (  # noqa: F401
+    blocks,
+    build_model,
+    metrics,
+    param_groups,
+    step,
+    tokens_per_sample,
+    tp_plan,
+)
 
 DEFAULTS = {
     **gpt.DEFAULTS,

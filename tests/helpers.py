@@ -176,7 +176,8 @@ ARGS = ["recipe=interruptible.py", "ckpt.every_steps=5"]
 GPT_RECIPE = textwrap.dedent(INTERRUPT_ON_CALL + """
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from launcher.recipes import gpt
-    from launcher.recipes.gpt import build_datasets, build_model, metrics, param_groups, tokens_per_sample
+    from launcher.recipes.gpt import (blocks, build_datasets, build_model, metrics, param_groups, tokens_per_sample,
+                                      tp_plan)
 
     DEFAULTS = {**gpt.DEFAULTS, "train": {**gpt.DEFAULTS["train"], "epochs": 2, "log_every": 5},
                 "data": {"train_bytes": 65_000, "eval_bytes": 16_000},
@@ -291,3 +292,9 @@ def run_id(records: list[dict]) -> str:
 def without_credentials(tmp_path: Path) -> dict:
     """No W&B API key anywhere (a fresh home), so wandb.mode=auto means offline."""
     return {"HOME": str(tmp_path), "WANDB_API_KEY": None, "WANDB_MODE": None}
+
+
+def launcher_lines(result) -> list[str]:
+    """Every line the launcher printed in its own name (errors, stops, notes), on either stream; not the header."""
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if re.match(r"(\[rank \d+\] )?launcher: ", line) and not line.startswith("launcher: recipe ")]

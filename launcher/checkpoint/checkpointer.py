@@ -21,29 +21,41 @@ from launcher.checkpoint.background import BackgroundWrite, Snapshots
 from launcher.checkpoint.files import (
     SHARDED_META,
     STEP_PREFIX,
-    _first_line,
-    _tensors,
     check_model_fits,
     publish_folder,
     restore_set_aside,
     save_atomic,
+    tensors,
 )
-from launcher.checkpoint.formats import format_for, remove_checkpoint, run_id_of, step_files
+from launcher.checkpoint.formats import FORMATS, remove_checkpoint, run_id_of, step_files
 from launcher.checkpoint.sharded import (
     ShardsFailed,
     check_complete,
-    load_shards,
     save_shards,
     save_shards_in_background,
 )
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import is_sharded
 from launcher.distributed.group import run_agreed
-from launcher.errors import LauncherError, UserError
+from launcher.errors import LauncherError, UserError, described, first_line
 
 
 class TrainingDiverged(UserError):
     """The loss stopped being a finite number: nothing after it is worth keeping."""
+
+
+class Publisher:
+    """Who hears of the checkpoints a rank publishes: rank 0's attempt (run/attempt.py), or no one."""
+
+    def refusal(self) -> str | None:
+        """Why no checkpoint may be written now (another job took the run directory or ckpt.remote), or None."""
+        return None
+
+    def published(self, path: Path, best: Path | None) -> None:
+        """Checkpoint ``path`` is in place (and ``best``, a copy of it)."""
+
+    def pinned(self) -> set[Path]:
+        """Checkpoints pruning must keep (one ckpt.remote has yet to upload)."""
+        return set()
 
 
 class Checkpointer:
@@ -54,19 +66,18 @@ class Checkpointer:
     cannot read, or another run's, it never deletes.
     """
 
-    def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, lock=None, mirror=None):
+    def __init__(self, run_dir: Path, cfg, dist_env: DistEnv, run_id: str, checkpoint_format: str = "file",
+                 publisher: Publisher | None = None):
         self.folder = run_dir / "checkpoints"
         self.cfg, self.dist_env, self.run_id = cfg, dist_env, run_id
-        self.sharded = is_sharded(cfg)
-        self.format = format_for(self.sharded)  # a file, or a folder of shards: chosen once
-        self.lock = lock  # rank 0's RunLock: no writes once it is lost
-        self.mirror = mirror  # rank 0's copy in ckpt.remote (run/mirror.py): told of each checkpoint published
+        self.format = FORMATS[checkpoint_format]  # a file, or a folder of shards: the strategy's
+        self.publisher = publisher or Publisher()  # rank 0: the attempt
         self.last_good: Path | None = None  # the newest checkpoint of this run known to hold finite training
         self.in_background = bool(cfg.ckpt["async"])  # ckpt.async (a Python keyword: no attribute access)
         self._writing: BackgroundWrite | None = None  # this rank's write in flight
         self._snapshots = Snapshots()
         # Sharded saves in the background gather on a gloo group of their own while training's collectives go on.
-        self._group = dist.new_group(backend="gloo") if self.in_background and self.sharded else None
+        self._group = dist.new_group(backend="gloo") if self.in_background and self.format.sharded else None
         self._stager = _stager(torch.cuda.is_available()) if self._group is not None else None
 
     def path_for(self, global_step: int) -> Path:
@@ -85,7 +96,7 @@ class Checkpointer:
         Before anything is written every rank sees every rank's state, so all refuse together: a non-finite loss
         (a diverged run is not worth a checkpoint) or a lost lock (another job owns the directory now).
         """
-        rank_state, lock_lost = state.rank_state_dict(), self._taken_over()
+        rank_state, lock_lost = state.rank_state_dict(), self.publisher.refusal()
         failed = self._write_ended() if self.in_background else None  # the write before waits first: one in flight
         gathered = [(rank_state, lock_lost, failed)]
         if self.dist_env.is_distributed:
@@ -113,18 +124,12 @@ class Checkpointer:
                          "python": platform.python_version()},
         }
         if self.in_background:
-            (self._save_sharded_in_background if self.sharded else self._save_file_in_background)(
+            (self._save_sharded_in_background if self.format.sharded else self._save_file_in_background)(
                 model, optimizer, meta, path, best)
             return path
-        (self._save_sharded if self.sharded else self._save_file)(model, optimizer, meta, path, best)
+        (self._save_sharded if self.format.sharded else self._save_file)(model, optimizer, meta, path, best)
         self.last_good = path
         return path
-
-    def _taken_over(self) -> str | None:
-        """Why this rank may write no checkpoint (rank 0 lost the run directory's lock, or ckpt.remote), or None."""
-        if self.lock and self.lock.lost:
-            return f"the lock on {self.folder.parent} was taken over by another job"
-        return self.mirror.lost if self.mirror else None
 
     def finish(self) -> None:
         """Collective: wait for the checkpoint being written in the background, if any; all fail if it failed.
@@ -156,14 +161,10 @@ class Checkpointer:
         now = [{key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
                for group in optimizer.param_groups]
         try:
-            if self.sharded:
-                load_shards(model, optimizer, path)
-            else:
-                model.load_state_dict(saved["model"])
-                optimizer.load_state_dict(_copied_state(saved["optimizer"]))
+            self.format.restore(model, optimizer, path, saved)
         except (ValueError, KeyError, ShardsFailed) as error:
             raise UserError(f"checkpoint {path}: the optimizer state does not fit optim.name={self.cfg.optim.name} "
-                            f"and the recipe's param_groups ({_first_line(error)})") from None
+                            f"and the recipe's param_groups ({first_line(error)})") from None
         for group, hyperparameters in zip(optimizer.param_groups, now):
             group.update(hyperparameters)
         saved_ckpt = saved["config"]["ckpt"]
@@ -266,7 +267,7 @@ class Checkpointer:
         free = shutil.disk_usage(self.folder).free
         full = free < needed or getattr(error, "errno", None) == errno.ENOSPC
         reason = (f"no space left: {free / 2**20:.1f} MB free on its device, the checkpoint needs about "
-                  f"{needed / 2**20:.1f} MB" if full else f"{type(error).__name__}: {_first_line(error)}")
+                  f"{needed / 2**20:.1f} MB" if full else described(error))
         kept = f"the previous checkpoint {self.last_good} is intact" if self.last_good else "no checkpoint was lost"
         then = "Free space (or lower ckpt.keep), then run" if full else "Run"
         return f"writing checkpoint {path} failed ({reason}); {kept}. {then} the same command to continue"
@@ -281,18 +282,17 @@ class Checkpointer:
         self.format.copy(source, self.best_path)
 
     def _published(self, path: Path, best: bool) -> None:
-        """Rank 0, once ``path`` is in place: prune, and have ckpt.remote's thread upload it."""
+        """Rank 0, once ``path`` is in place: prune, and tell the publisher."""
         self.last_good = path
         self._prune()
-        if self.mirror:
-            self.mirror.checkpoint_published(path, self.best_path if best else None)
+        self.publisher.published(path, self.best_path if best else None)
 
     def _prune(self) -> None:
         """This run's checkpoints beyond the newest ``ckpt.keep`` go, but for one ckpt.remote has yet to upload."""
         ours = [path for path in step_files(self.folder) if run_id_of(path) in (self.run_id, "")]
-        uploading = self.mirror.pinned() if self.mirror else set()
+        pinned = self.publisher.pinned()
         for old in ours[self.cfg.ckpt.keep :]:
-            if old not in uploading:
+            if old not in pinned:
                 remove_checkpoint(old)
 
 
@@ -304,18 +304,7 @@ def _stager(pinned: bool):
                                         use_non_blocking_copy=False))
 
 
-def _copied_state(optimizer_state: dict) -> dict:
-    """The optimizer's state with its tensors copied out of the memory-mapped checkpoint.
-
-    The optimizer keeps them and writes them at the next step: a mapped page is then copied on its first write,
-    one 4 KB fault at a time, where one copy of each tensor costs far less (BENCHMARKS.md, "Checkpoint").
-    """
-    state = {key: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in entry.items()}
-             for key, entry in optimizer_state["state"].items()}
-    return {**optimizer_state, "state": state}
-
-
 def _bytes(tree) -> int:
     """What the tensors in ``tree`` take (of a sharded one, this rank's shard)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in _tensors(tree)]  # a DTensor's shard
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors(tree)]  # a DTensor's shard
     return sum(t.untyped_storage().nbytes() for t in local)

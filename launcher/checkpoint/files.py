@@ -12,14 +12,14 @@ import os
 import pickle
 import shutil
 import struct
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import torch
 
-from launcher.errors import LauncherError, UserError
+from launcher.errors import LauncherError, UserError, described
+from launcher.storage import file_size_and_crc32, fsync_dir, write_atomic
 
 STEP_PREFIX = "step_"
 SHARDED_META = "launcher.pt"  # in a folder checkpoint: everything but the shards, and every file's size and CRC-32
@@ -46,7 +46,7 @@ def save_atomic(state: dict, path: Path) -> None:
     writer computes it as it writes, at no measurable cost), which loading verifies (checkpoint/formats.py).
     """
     with _crc32_on_save():
-        _write_atomic(path, lambda file: torch.save(state, file))
+        write_atomic(path, lambda file: torch.save(state, file))
 
 
 @contextlib.contextmanager
@@ -64,38 +64,13 @@ def _crc32_on_save():
         save_config.compute_crc32 = before
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_model(state_dict: dict, path: Path) -> None:
     """model.pt: the bare state_dict, atomically; one line if it cannot be written."""
     try:
         save_atomic(state_dict, path)
     except (OSError, RuntimeError) as error:
         free = shutil.disk_usage(path.parent).free / 2**20
-        raise LauncherError(f"writing {path} failed ({type(error).__name__}: {_first_line(error)}; {free:.1f} MB free "
+        raise LauncherError(f"writing {path} failed ({described(error)}; {free:.1f} MB free "
                             "on its device); the run's last checkpoint is intact: free space, then run the same "
                             "command to write it") from None
 
@@ -120,32 +95,14 @@ def read_dcp_metadata(file):
     try:
         return _MetadataOnly(file).load()
     except Exception as error:
-        problem = f"{type(error).__name__}: {_first_line(error)}"
-        raise BadCheckpoint(f"its {DCP_METADATA} does not load ({problem})") from None
-
-
-def read_size_and_crc32(file) -> list[int]:
-    """The size and CRC-32 of what ``file``, open for binary reading (a local file, or a store's object), holds."""
-    size, crc = 0, 0
-    while chunk := file.read(16 * 2**20):
-        size, crc = size + len(chunk), zlib.crc32(chunk, crc)
-    return [size, crc]
-
-
-def file_size_and_crc32(path: Path) -> list[int]:
-    with open(path, "rb") as file:
-        return read_size_and_crc32(file)
+        raise BadCheckpoint(f"its {DCP_METADATA} does not load ({described(error)})") from None
 
 
 def file_crc32(path: Path) -> int:
     return file_size_and_crc32(path)[1]
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else ""
-
-
-def _verify_records(path: Path) -> None:
+def verify_records(path: Path) -> None:
     """Check each zip record's CRC-32 against its bytes (stored, uncompressed, as torch writes them).
 
     A record with no CRC (0: written with torch's compute_crc32 off) cannot be checked and is let through.
@@ -173,13 +130,13 @@ def _verify_records(path: Path) -> None:
             view.release()
 
 
-def _tensors(tree) -> list[torch.Tensor]:
+def tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return [tree]
     if isinstance(tree, dict):
-        return [t for value in tree.values() for t in _tensors(value)]
+        return [t for value in tree.values() for t in tensors(value)]
     if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in _tensors(value)]
+        return [t for value in tree for t in tensors(value)]
     return []
 
 
@@ -189,12 +146,12 @@ def publish_folder(written: Path, path: Path) -> None:
     The one there is renamed aside first (a folder cannot be renamed over another); a crash between the two renames
     leaves it aside, where ``restore_set_aside`` finds it.
     """
-    _fsync_dir(written)
+    fsync_dir(written)
     aside = path.with_name(f".{path.name}.old.tmp")
     if path.exists():
         os.replace(path, aside)
     os.replace(written, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if aside.exists():
         shutil.rmtree(aside)
 
@@ -208,7 +165,8 @@ def restore_set_aside(folder: Path) -> None:
 
 
 def shapes(state_dict: dict) -> dict:
-    return {name: tuple(tensor.shape) for name, tensor in state_dict.items()}
+    """Name -> shape of each tensor (a module's extra state, ``get_extra_state``, may be anything: it has none)."""
+    return {name: tuple(value.shape) for name, value in state_dict.items() if isinstance(value, torch.Tensor)}
 
 
 def check_model_fits(model: torch.nn.Module, saved: dict, path: Path) -> None:

@@ -1,6 +1,6 @@
 """The two kinds of checkpoint, each an object that names, verifies, loads, lists, copies and removes its own.
 
-A run writes one kind, chosen once from ``dist.strategy`` (``format_for``): a single file, ``step_<N>.pt``, in which
+A run writes one kind, the one its strategy names (``FORMATS``, distributed/strategy.py): a single file, ``step_<N>.pt``, in which
 rank 0 writes every rank's state (ddp), or a folder of shards, ``step_<N>/``, in which every rank writes its own with
 torch.distributed.checkpoint and rank 0 adds ``launcher.pt`` (fsdp: checkpoint/sharded.py). A checkpoint found on
 disk or named by the user is of the kind its path shows (``format_of``, the one place that looks).
@@ -22,17 +22,15 @@ from launcher.checkpoint.files import (
     STEP_PREFIX,
     TRAINING_KEYS,
     BadCheckpoint,
-    _first_line,
-    _fsync_dir,
-    _verify_records,
-    _write_atomic,
     file_crc32,
     publish_folder,
     read_dcp_metadata,
     shapes,
+    verify_records,
 )
-from launcher.checkpoint.sharded import assembled_weights, saved_shapes
-from launcher.errors import UserError
+from launcher.checkpoint.sharded import assembled_weights, load_shards, saved_shapes
+from launcher.errors import UserError, described
+from launcher.storage import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +50,10 @@ class SingleFile:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # truncated, corrupt, or not a torch file at all
-            raise BadCheckpoint(f"{type(error).__name__}: {_first_line(error)}") from None
+            raise BadCheckpoint(described(error)) from None
         if not isinstance(saved, dict):
             raise BadCheckpoint(f"it holds a {type(saved).__name__}, not a dict")
-        _verify_records(path)
+        verify_records(path)
         return saved
 
     def record(self, path: Path) -> Path:
@@ -79,7 +77,7 @@ class SingleFile:
             with source.open("rb") as original:
                 shutil.copyfileobj(original, file)
 
-        _write_atomic(target, copy)
+        write_atomic(target, copy)
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -87,7 +85,12 @@ class SingleFile:
     def publish(self, written: Path, path: Path) -> None:
         """Rename the complete file ``written`` to ``path``, durably."""
         os.replace(written, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
+
+    def restore(self, model, optimizer, path: Path, saved: dict) -> None:
+        """Put ``saved`` (this file, loaded) back into the whole ``model`` and its ``optimizer``."""
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(_copied_state(saved["optimizer"]))
 
 
 class ShardFolder:
@@ -140,6 +143,10 @@ class ShardFolder:
         """Rename the complete folder ``written`` to ``path`` (replacing one there), durably."""
         publish_folder(written, path)
 
+    def restore(self, model, optimizer, path: Path, saved: dict) -> None:
+        """Collective: put the shards of ``path`` back into this rank's shards of ``model`` and ``optimizer``."""
+        load_shards(model, optimizer, path)
+
     def remove(self, path: Path) -> None:
         """Delete the folder, renamed to a temporary name first.
 
@@ -153,11 +160,18 @@ class ShardFolder:
 
 
 FILE, FOLDER = SingleFile(), ShardFolder()
+FORMATS = {"file": FILE, "folder": FOLDER}  # by the name a strategy gives its checkpoints'
 
 
-def format_for(sharded: bool) -> SingleFile | ShardFolder:
-    """The kind of checkpoint a run writes: folders of shards where the model is sharded."""
-    return FOLDER if sharded else FILE
+def _copied_state(optimizer_state: dict) -> dict:
+    """The optimizer's state with its tensors copied out of the memory-mapped checkpoint.
+
+    The optimizer keeps them and writes them at the next step: a mapped page is then copied on its first write,
+    one 4 KB fault at a time, where one copy of each tensor costs far less (BENCHMARKS.md, "Checkpoint").
+    """
+    state = {key: {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in entry.items()}
+             for key, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
 
 
 def format_of(path: Path) -> SingleFile | ShardFolder:

@@ -3,7 +3,7 @@
 With torch.distributed.checkpoint (DCP), every rank writes its own part of the model and optimizer state, and reads back
 what its shards need on any number of processes (DCP reshards).
 
-torch.distributed.checkpoint is imported inside the functions, as distributed/fsdp.py imports FSDP: a ddp run
+torch.distributed.checkpoint is imported inside the functions, as distributed/strategy.py imports FSDP: a ddp run
 never needs it, and every process would pay for the import at startup (BENCHMARKS.md).
 """
 
@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint.files import DCP_METADATA, _first_line, file_size_and_crc32, read_dcp_metadata
-from launcher.errors import LauncherError
+from launcher.checkpoint.files import DCP_METADATA, read_dcp_metadata
+from launcher.errors import LauncherError, described
+from launcher.storage import file_size_and_crc32
 
 
 class ShardsFailed(Exception):
@@ -205,4 +206,4 @@ def _one_line_failures():
             raise
         rank, cause = next(iter(failures.items()))
         cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
-        raise ShardsFailed(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}") from None
+        raise ShardsFailed(f"rank {rank}: {described(cause)}") from None

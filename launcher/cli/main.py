@@ -19,6 +19,7 @@ from launcher.distributed.group import end_with_parent
 from launcher.distributed.stop import StopSignals
 from launcher.errors import LauncherError
 from launcher.recipe import load_recipe
+from launcher.run.directory import run_dir_for
 from launcher.tracking.terminal import setup_logging
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(dist_env, cfg.log.level)
     if command.print_config:
-        print("# run.dir '' means runs/<recipe>/<run.name>, the name derived from the config when run.name is ''")
+        derived = "" if cfg.run.dir else " (run.dir '': runs/<recipe>/<run.name, or the name derived from the config>)"
+        print(f"# the run's directory: {run_dir_for(cfg, recipe)}{derived}")
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     if not dist_env.under_torchrun and cfg.dist.nproc_per_node > 1:
@@ -85,15 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         return outcome.stopped(stopped)
     except LauncherError as error:
         return outcome.failed(error)
-    except Exception as error:
+    except (Exception, KeyboardInterrupt, SystemExit) as error:  # a recipe's sys.exit too: one line
         return outcome.crashed(error)
+    if dist_env.is_main and not cfg.eval.only and cfg.log.level in ("warning", "error"):
+        print(f"launcher: done; model: {run_dir_for(cfg, recipe) / 'model.pt'}")  # --quiet still says the result
     return outcome.finished()
 
 
 def _start_workers(argv: list[str], cfg, recipe, outcome: Outcome) -> int:
     """`python -m launcher dist.nproc_per_node=N`: N workers through torch's own torchrun, from this process."""
     from launcher.cli.workers import launch_workers
-    from launcher.run.directory import new_run_id, run_dir_for
+    from launcher.run.directory import new_run_id
     from launcher.run.lock import RunLock
 
     job = new_run_id()

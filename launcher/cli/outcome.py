@@ -54,7 +54,7 @@ class Outcome:
         self._status("failed")
         return error.exit_code
 
-    def crashed(self, error: Exception) -> int:
+    def crashed(self, error: BaseException) -> int:
         """An exception from the recipe's code, or from torch under it.
 
         Told as its message, then where it was raised in the user's code (errors.describe); exit 2 where the fault is

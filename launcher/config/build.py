@@ -191,11 +191,14 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     if cfg.ckpt.resume not in ("auto", "never") and not Path(cfg.ckpt.resume).exists():
         raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file or folder; use auto, never, or a checkpoint's "
                         "path")
-    parts = world_size * cfg.train.grad_accum
+    _check_mesh(cfg, world_size)
+    groups = world_size // cfg.dist.tp  # tensor-parallel peers compute one part of each batch together
+    parts = groups * cfg.train.grad_accum
     if cfg.train.batch_size % parts:
         below = cfg.train.batch_size - cfg.train.batch_size % parts
         accum = cfg.train.grad_accum
-        over = f"{world_size} processes" + (f" x {accum} micro-batches" if accum > 1 else "")
+        over = (f"{world_size} processes" if groups == world_size else f"{groups} groups of dist.tp={cfg.dist.tp} "
+                "processes") + (f" x {accum} micro-batches" if accum > 1 else "")
         raise UserError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must split evenly over {over}: "
             f"use a multiple of {parts}, e.g. {below or parts} or {below + parts}"
@@ -203,6 +206,16 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
     check_compile_buckets(cfg, world_size)
     if local_gpus:
         check_backend(cfg.dist.backend, procs_per_node)
+
+
+def _check_mesh(cfg: DictConfig, world_size: int) -> None:
+    """``dist.tp``: fsdp's, and a mesh the world fills (groups of dist.tp processes)."""
+    tp = cfg.dist.tp
+    if tp > 1 and cfg.dist.strategy != "fsdp":
+        raise UserError(f"dist.tp={tp} splits each block over processes within FSDP: set dist.strategy=fsdp too")
+    if world_size % tp:
+        raise UserError(f"dist.tp={tp} does not divide the {world_size} processes into tensor-parallel groups: use a "
+                        f"divisor of {world_size}, or {tp} x N processes")
 
 
 def freeze(cfg: DictConfig) -> DictConfig:

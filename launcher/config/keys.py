@@ -57,12 +57,21 @@ def above(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value > low), f"greater than {low:g}"
 
 
+_CONTAINER_SCHEMES = ("abfs", "abfss", "az")  # adlfs's container@account names a place, not a user
+
+
 def _storage_url(value: str) -> bool:
-    """'' or protocol://path, with no password before the host and no query (where signed URLs carry theirs)."""
+    """'' or protocol://path, with no user, password, query or fragment in it.
+
+    Credentials come from the storage library's own environment and files; a user name alone may be a token, and a
+    query is where signed URLs carry theirs. Azure's ``container@account`` is the one ``@`` allowed: a container's
+    name (lowercase letters, digits, hyphens) is no secret.
+    """
     protocol, _, rest = value.partition("://")
+    if value == "" or not (re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) and rest) or any(c in rest for c in "?#"):
+        return value == ""
     userinfo = rest.split("/")[0].rpartition("@")[0]
-    return value == "" or bool(re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol) and rest and ":" not in userinfo
-                               and "?" not in rest)
+    return not userinfo or protocol in _CONTAINER_SCHEMES and bool(re.fullmatch(r"[a-z0-9-]+", userinfo))
 
 
 KEYS: dict[str, Key] = {
@@ -98,6 +107,14 @@ KEYS: dict[str, Key] = {
     "train.compile_mode": Key("default", "torch.compile's mode (reduce-overhead: CUDA graphs)",
                               choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                               resume=FREE),
+    "train.activation_checkpointing": Key(
+        "off", "recompute the blocks' activations in backward: off, full (every block), N (every N-th), op",
+        valid=((lambda value: value in ("off", "full", "op") or value.isdigit() and int(value) > 0),
+               "off, full, op, or a whole number N > 0 (every N-th block)"),
+        resume=FREE,
+        details="Less activation memory for more compute: full keeps only each block's input (about a third more "
+                "compute); op keeps the outputs of matmuls and attention and recomputes the rest. Bitwise the same "
+                "training either way (README, \"Which parallelism\")."),
     "train.channels_last": Key(False, "NHWC memory format for the model and image batches", resume=FREE,
                                details="Faster convolutions on recent GPUs."),
     "train.keep_host_memory": Key(True, "glibc keeps freed host memory for the next step instead of faulting it in",
@@ -185,6 +202,13 @@ KEYS: dict[str, Key] = {
                                resume=FREE, details="Under torchrun, torchrun's --nproc_per_node counts.",
                                on_change="the data order and each sample's random numbers continue exactly; each "
                                          "rank's own streams (dropout) start afresh"),
+    "dist.threads": Key(0, "CPU threads of each process's torch operations (0: auto)", valid=at_least(0),
+                        resume=FREE,
+                        details="auto: OMP_NUM_THREADS where set (torchrun sets 1 when it starts several processes), "
+                                "else the cores this process may use, less one, shared by the node's processes; at "
+                                "least 1 (an operation's threads wait for the slowest: one core kept free keeps a "
+                                "busy machine from stalling them all). On a machine of your own, every core may be "
+                                "faster. The header says how many."),
     "dist.timeout_s": Key(1800, "a rank waiting longer than this in a collective ends the job instead of hanging",
                           valid=at_least(1), resume=FREE,
                           details="Long enough for rank 0 to evaluate while the others wait."),
@@ -203,6 +227,11 @@ KEYS: dict[str, Key] = {
                          choices=("ddp", "fsdp"),
                          details="fsdp: FSDP2, checkpoints as folders of shards (README, \"DDP or FSDP\"). A run "
                                  "keeps the strategy it began with: its checkpoints are of that kind."),
+    "dist.tp": Key(1, "fsdp: processes that split each block's matrices (tensor parallel); FSDP shards across",
+                   valid=at_least(1), resume=FREE,
+                   details="A 2-D mesh: dist.tp processes compute each batch together, the world divided by dist.tp "
+                           "groups of them read different batches. The recipe's tp_plan(model, cfg) says how its "
+                           "blocks split; its checkpoints resume on any mesh."),
     "dist.reshard_after_forward": Key(True, "fsdp: free each block's gathered weights after its forward", resume=FREE,
                                       details="false keeps them from forward to backward (less communication, more "
                                               "memory)."),

@@ -5,6 +5,8 @@ Ctrl-C, SIGTERM, SIGUSR1 or SIGUSR2 on any rank starts the stop; a second one ab
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -29,12 +31,31 @@ def shield_loader_worker(worker_id: int = 0) -> None:
     A signal to a whole process group (torchrun passes SIGTERM on with killpg, ``kill -TERM -PGID``, Ctrl-C in a
     terminal) would reach the workers too, and one that ended would fail the rank ("DataLoader worker ... killed by
     signal") instead of letting it stop with a checkpoint: the worker leaves the group. It still ends with its rank
-    (the DataLoader stops it, or it sees its parent gone), and keeps SIGTERM's default, which the DataLoader and
-    multiprocessing use to end a worker that did not stop on request.
+    (``_end_with_rank``), and keeps SIGTERM's default, which the DataLoader and multiprocessing use to end a worker
+    that did not stop on request.
     """
     os.setpgid(0, 0)
     for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    _end_with_rank()
+
+
+def _end_with_rank() -> None:
+    """Have the kernel SIGKILL this DataLoader worker when its rank ends, however it ends.
+
+    torch's worker looks for a dead parent only between two batches: one stuck in the recipe's ``__getitem__`` or
+    ``collate`` would outlive a rank that failed, was killed or ended at once (``os._exit``), asleep for ever, out of
+    the reach of torchrun's killpg (it left the group). The signal comes when the thread that forked the worker ends:
+    the rank's main thread makes every DataLoader iterator (the epoch's, evaluation's), so that is the rank's end. A
+    rank that ended before the signal was armed is seen in the parent pid, as ``group.end_with_parent`` explains.
+    """
+    rank = multiprocessing.parent_process()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux with glibc: nothing to do
+        return
+    if rank is not None and os.getppid() != rank.pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StopRequested(LauncherError):

@@ -15,6 +15,7 @@ from launcher.data.indexed import IndexedLoader, indexed_source
 from launcher.data.sampler import ResumableDistributedSampler, SeededCollate, SeededSamples
 from launcher.data.streams import StreamLoader, is_stream
 from launcher.distributed.env import DistEnv
+from launcher.distributed.stacks import answer_for_rank
 from launcher.distributed.stop import shield_loader_worker
 from launcher.errors import UserError
 
@@ -34,11 +35,21 @@ def loader_workers(cfg, dist_env: DistEnv, device: torch.device) -> int:
     return max(0, min(4, cores // dist_env.local_world_size - 1))
 
 
+def start_loader_worker(worker_id: int) -> None:
+    """Every DataLoader worker's start (its ``worker_init_fn``).
+
+    It leaves stopping to its rank and ends with it (distributed/stop.py), and answers the rank's requests for its
+    stacks (distributed/stacks.py).
+    """
+    shield_loader_worker(worker_id)
+    answer_for_rank()
+
+
 def _loader_options(num_workers: int, device: torch.device, collate) -> dict:
     return dict(
         collate_fn=collate,  # None: the DataLoader's default (tensors, tuples, lists, dicts, nested)
         num_workers=num_workers,
-        worker_init_fn=shield_loader_worker,
+        worker_init_fn=start_loader_worker,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         # Its own generator: creating an iterator then draws worker seeds from it, not from the global RNG,

@@ -17,8 +17,8 @@ from launcher.checkpoint.files import check_model_fits
 from launcher.checkpoint.formats import format_of, load_named, newest_good
 from launcher.checkpoint.sharded import ShardsFailed, load_model_weights
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import is_sharded, shard_model
 from launcher.distributed.group import on_main, run_agreed
+from launcher.distributed.strategy import Strategy, strategy_for
 from launcher.engine.batches import batch_size, to_device
 from launcher.engine.build import build_model_and_data
 from launcher.engine.data import build_eval_loader, eval_batches
@@ -29,13 +29,13 @@ from launcher.run.directory import run_dir_for
 log = logging.getLogger(__name__)
 
 
-def on_every_rank(cfg) -> bool:
-    """Whether every rank evaluates (``eval.sharded``, or a sharded model, which no rank can run alone)."""
-    return cfg.eval.sharded or is_sharded(cfg)
+def on_every_rank(cfg, strategy: Strategy) -> bool:
+    """Whether every rank evaluates (``eval.sharded``, or a model whose every forward is a collective)."""
+    return cfg.eval.sharded or strategy.sharded
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.device, dist_env: DistEnv) -> dict:
+def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, strategy: Strategy) -> dict:
     """``eval/loss`` and the recipe's metrics (by default accuracy, for a classifier).
 
     Of the unwrapped model (never the DDP wrapper: a DDP forward on one rank hangs the others), or of the sharded model.
@@ -43,17 +43,19 @@ def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.devic
     Every metric is a sum and a count per batch. Sharded, rank r evaluates batches r, r + world, ...; each batch's
     sums land in their own slot and the slots are summed in batch order, so the result equals the single-rank
     evaluation exactly, not just closely. Every rank must call this when ``on_every_rank``; only rank 0 otherwise.
+    (Ranks and world are the data's: tensor-parallel peers evaluate the same batches, and one of them counts.)
     """
-    sharded = on_every_rank(cfg) and dist_env.is_distributed
+    dist_env, data, device = strategy.dist_env, strategy.data_env, strategy.device
+    sharded = on_every_rank(cfg, strategy) and dist_env.is_distributed
     batches = eval_batches(len(dataset), cfg.eval.batch_size)
     if cfg.train.limit_eval_batches:
         batches = batches[: cfg.train.limit_eval_batches]
-    slots: list[int | None] = list(range(dist_env.rank, len(batches), dist_env.world_size) if sharded
+    slots: list[int | None] = list(range(data.rank, len(batches), data.world_size) if sharded
                                    else range(len(batches)))
-    if sharded and is_sharded(cfg):
+    if sharded and strategy.sharded:
         # Every forward of a sharded model gathers parameters from every rank: all run as many, the short ones an
         # extra forward of the first batch whose result is dropped.
-        slots += [None] * (-(-len(batches) // dist_env.world_size) - len(slots))
+        slots += [None] * (-(-len(batches) // data.world_size) - len(slots))
     loader = build_eval_loader(dataset, [batches[0 if i is None else i] for i in slots], cfg, device, recipe.collate)
     rows, finish = {}, {}
     was_training = model.training
@@ -61,7 +63,7 @@ def evaluate(model: nn.Module, dataset, recipe: Recipe, cfg, device: torch.devic
     for slot, batch in zip(slots, loader):
         batch = to_device(batch, device, lambda tensor: tensor)
         loss, outputs = recipe.step(model, batch)
-        if slot is None:
+        if slot is None or not strategy.reports:
             continue
         size = batch_size(batch)
         rows[slot] = {"loss": (loss.double() * size, size), **recipe.metrics(outputs, batch)}
@@ -123,12 +125,11 @@ def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) 
 
     The checkpoint is ``ckpt.resume``, else the run's newest; nothing is written.
     """
-    sharded = is_sharded(cfg)
-    model, _, eval_set = build_model_and_data(cfg, recipe, dist_env, torch.device("cpu") if sharded else device)
+    strategy = strategy_for(cfg, dist_env, device)
+    model, _, eval_set = build_model_and_data(cfg, recipe, dist_env, strategy.build_device)
     if eval_set is None:
         raise UserError("eval.only=true, but the recipe's build_datasets returns no eval set", same_on_all_ranks=True)
-    if sharded:
-        model = shard_model(model, cfg, recipe, dist_env, device)
+    model = strategy.prepare(model, recipe)
     path, saved = checkpoint_to_evaluate(cfg, run_dir_for(cfg, recipe), dist_env)
 
     def check_fit() -> dict | None:
@@ -141,14 +142,11 @@ def evaluate_only(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.device) 
         return None if kind.sharded else kind.weights(path, loaded)
 
     weights = run_agreed(dist_env, check_fit)
-    if sharded or weights is None:
-        try:
-            load_model_weights(model, path, weights)  # collective
-        except ShardsFailed as error:
-            raise UserError(f"ckpt.resume={path} does not load ({error})", same_on_all_ranks=True) from None
-    else:
-        model.load_state_dict(weights)
-    if on_every_rank(cfg) or dist_env.is_main:
-        metrics = evaluate(model, eval_set, recipe, cfg, device, dist_env)
+    try:
+        load_model_weights(model, path, weights)  # collective where the model is sharded
+    except ShardsFailed as error:
+        raise UserError(f"ckpt.resume={path} does not load ({error})", same_on_all_ranks=True) from None
+    if on_every_rank(cfg, strategy) or dist_env.is_main:
+        metrics = evaluate(model, eval_set, recipe, cfg, strategy)
     if dist_env.is_main:
         log.info("evaluated %s | %s", path, " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))

@@ -9,7 +9,6 @@ run, which is what MFU is measured in. A recipe whose model or step cannot run o
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch.utils._pytree import tree_map
@@ -44,6 +43,11 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 
+# A count past this is a wrong formula (units, a missing division), not a model: the fastest device in the table
+# would take ~7 minutes on one sample, and the TFLOP/s it gives would be absurd (1e300 logs 3.6e291 TFLOP/s).
+MAX_FLOPS_PER_SAMPLE = 1e18
+
+
 def matmul_precision(amp: str) -> str:
     """What the model's matrix products run in: the autocast dtype, else TF32 where torch allows it, else fp32."""
     if amp != "none":
@@ -72,9 +76,13 @@ def flops_per_sample(recipe: Recipe, cfg, model: torch.nn.Module, sample) -> flo
     """
     given = recipe.flops_per_sample(cfg)
     if given is not None:
-        if isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given) or given <= 0:
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not given > 0:  # NaN is not > 0
             raise UserError(f"recipe {recipe.name}: flops_per_sample(cfg) returned {given!r}: it must be a positive "
                             "number, the forward and backward FLOPs of one training sample")
+        if given > MAX_FLOPS_PER_SAMPLE:
+            raise UserError(f"recipe {recipe.name}: flops_per_sample(cfg) returned {given!r}: more than "
+                            f"{MAX_FLOPS_PER_SAMPLE:.0e} FLOPs, minutes of the fastest device for one sample; it must "
+                            "be the forward and backward FLOPs of one training sample")
         return float(given)
     try:
         on_meta = _OnMeta(model)
@@ -84,6 +92,8 @@ def flops_per_sample(recipe: Recipe, cfg, model: torch.nn.Module, sample) -> flo
         with FlopCounterMode(display=False) as counter:
             loss, _ = recipe.step(on_meta, batch)
             loss.backward()
+    except UserError:  # the step returned what cannot be trained on (Recipe.step): said before the run starts
+        raise
     except Exception as error:  # a model or step that needs real values: no count, and training goes on
         log.info("model FLOPs not counted (%s: %s): a recipe can give them as flops_per_sample(cfg)",
                  type(error).__name__, str(error).splitlines()[0] if str(error) else "")

@@ -66,7 +66,8 @@ class StepProfiler:
 
     def _begin(self, step: int) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet: no stage lines at each start and stop
+        # Quiet: kineto prints STAGE (4) and USDT (5) lines at each start and stop; 6 is above both.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         self._profile = profile(activities=activities, record_shapes=True)
         self._profile.__enter__()
         self._began_after = step

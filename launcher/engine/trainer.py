@@ -7,7 +7,6 @@ they need from it instead of passing it along.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
@@ -16,18 +15,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from launcher.checkpoint.checkpointer import Checkpointer, TrainingDiverged
 from launcher.checkpoint.files import save_model
 from launcher.checkpoint.formats import load_named
 from launcher.data.streams import StreamLoader, first_sample
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import full_model_state, is_sharded, refuse_rank_local_batchnorm, shard_model
 from launcher.distributed.group import on_main, run_agreed
-from launcher.distributed.parallel import wrap_model
 from launcher.distributed.stacks import StackWatch
 from launcher.distributed.stop import GracefulStop, StopRequested, StopSignals
+from launcher.distributed.strategy import strategy_for
 from launcher.engine.batches import prefetched, to_device
 from launcher.engine.build import build_model_and_data, seed_everything
 from launcher.engine.data import build_train_loader, data_path, start_epoch, steps_per_epoch
@@ -63,40 +60,38 @@ class Trainer:
         self.attempt, self.recipe, self.dist_env, self.device = attempt, recipe, dist_env, device
         self.watch, self.where = watch, watch.where  # what this rank is doing, for a hang's report
         self.owns_watch = False  # Trainer.build's own (no worker's): stopped when the attempt ends
-        self.sharded = is_sharded(cfg)
-        built_on = torch.device("cpu") if self.sharded else device  # sharding moves it to the device block by block
+        self.strategy = strategy = strategy_for(cfg, dist_env, device)
         self.where.at(0, "model and data")
-        self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, built_on)
+        self.model, train_set, self.eval_set = build_model_and_data(cfg, recipe, dist_env, strategy.build_device)
         # Taken before sharding: a sharded model's forward on rank 0 alone would wait for the others forever.
-        summary, flops = on_main(dist_env, lambda: self._describe_model(first_sample(train_set), built_on))
-        if self.sharded:  # before the optimizer, which must hold the sharded parameters
-            refuse_rank_local_batchnorm(self.model, cfg, dist_env)
-            self.model = shard_model(self.model, cfg, recipe, dist_env, device)
+        summary, flops = on_main(dist_env, lambda: self._describe_model(first_sample(train_set),
+                                                                        strategy.build_device))
+        self.model = strategy.prepare(self.model, recipe)  # before the optimizer, which holds what it trains
         if self.eval_set is None and cfg.ckpt.best_metric:
             raise UserError(f"ckpt.best_metric={cfg.ckpt.best_metric} needs an evaluation, but the recipe's "
                             "build_datasets returns no eval set: set ckpt.best_metric=''", same_on_all_ranks=True)
         self.where.at(0, "data loader agreement")
         self.train_loader = run_agreed(
-            dist_env, lambda: build_train_loader(train_set, cfg, dist_env, device, recipe.collate))
+            dist_env, lambda: build_train_loader(train_set, cfg, strategy.data_env, device, recipe.collate))
         self.steps_per_epoch = steps_per_epoch(self.train_loader, cfg)
         self.streamed = isinstance(self.train_loader, StreamLoader)  # a stream: one epoch of train.max_steps
         groups = lambda: recipe.param_groups(self.model, cfg)  # noqa: E731
         self.where.at(0, "optimizer agreement")
         self.optimizer = run_agreed(dist_env, lambda: build_optimizer(self.model, groups(), cfg))
-        seed_everything(cfg.train.seed + dist_env.rank)  # different dropout and augmentation per rank
-        # Under fsdp, its MixedPrecisionPolicy casts (distributed/fsdp.py), not autocast.
-        self.precision = Precision("none" if self.sharded else cfg.train.amp, cfg.train.channels_last, device)
+        seed_everything(cfg.train.seed + strategy.data_env.rank)  # dropout and augmentation differ by batch's part
+        self.precision = Precision(strategy.autocast_amp, cfg.train.channels_last, device)
         scheduler = build_scheduler(self.optimizer, cfg, self._total_steps())
         self.state = TrainingState(scheduler, self.precision.scaler, cfg.train.batch_size, device,
                                    self.train_loader if self.streamed else None)
-        self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, attempt.lock, attempt.mirror)
+        self.checkpointer = Checkpointer(attempt.run_dir, cfg, dist_env, start.run_id, strategy.checkpoint_format,
+                                         attempt)
         if start.checkpoint:  # before DDP, which broadcasts rank 0's weights
             self.where.at(0, "checkpoint load")
             self._restore(Path(start.checkpoint), saved)
         if dist_env.is_main:
             self._record_start(start, summary)
         # What trains; ``model`` is evaluated and saved (the same module under fsdp).
-        self.wrapped_model = self.model if self.sharded else wrap_model(self.model, cfg, dist_env, device)
+        self.wrapped_model = strategy.wrap(self.model)
         self._watch(signals, flops)
         self.augment_rng = torch.Generator(device) if recipe.augment else None
         # What setup built (modules, configs, datasets) lives all run: out of the collector's sight, a full
@@ -119,9 +114,6 @@ class Trainer:
         self.stop = GracefulStop(dist_env, signals, cfg.dist.stop_check_every, self.rank_stats.sample)
         self.throughput = Throughput(self.recipe.tokens_per_sample(cfg), flops,
                                      peak_tflops(device, matmul_precision(cfg.train.amp)), dist_env.world_size)
-        # Where a synchronizing micro-step's backward waits for the other ranks.
-        self.sync_phase = ("gradient reduce-scatter" if self.sharded else
-                           "gradient all-reduce" if dist_env.is_distributed else "backward")
         self.shows_progress_bar = terminal.wants_progress_bar(dist_env)
         self.profiler = StepProfiler.of(cfg, self.attempt.run_dir, dist_env.rank, device)
 
@@ -206,11 +198,10 @@ class Trainer:
             self.where.at(self.position.global_step, "checkpoint")
             self.checkpointer.finish()  # the last checkpoint on disk (ckpt.async) before the run ends
             self.where.at(self.position.global_step, "model.pt")
-            weights = full_model_state(self.model) if self.sharded else None  # collective
+            weights = self.strategy.full_state(self.model)  # collective
             if self.dist_env.is_main:
-                save_model(weights or self.model.state_dict(), self.model_file)
-                if self.attempt.mirror:
-                    self.attempt.mirror.model_saved(self.model_file)
+                save_model(weights, self.model_file)
+                self.attempt.model_saved(self.model_file)
             self._uploads_done()
             outcome = "finished"
         except StopRequested as stopped:
@@ -267,7 +258,7 @@ class Trainer:
         """
         if self.cfg.ckpt.remote:
             self.where.at(self.position.global_step, "ckpt.remote uploads")
-            run_agreed(self.dist_env, self.attempt.mirror.drain if self.dist_env.is_main else None, name_rank=False)
+            run_agreed(self.dist_env, self.attempt.uploads_done if self.dist_env.is_main else None, name_rank=False)
 
     def _reached_max_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.position.global_step >= self.cfg.train.max_steps
@@ -349,7 +340,7 @@ class Trainer:
         self.where.at(where.global_step + 1, "optimizer step")
         if clip:
             self.precision.unscale(self.optimizer)
-            window.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            window.grad_norm = self.strategy.clip_grad_norm(self.model, clip)
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -363,24 +354,18 @@ class Trainer:
         Its random numbers are a function of where the batch is (seed, epoch, rank, micro-batch): a resumed epoch draws
         exactly what the uninterrupted one did, with nothing to save.
         """
-        seed, epoch, rank = self.cfg.train.seed, self.position.epoch, self.dist_env.rank
+        seed, epoch, rank = self.cfg.train.seed, self.position.epoch, self.strategy.data_env.rank
         self.augment_rng.manual_seed((((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_003 + micro_in_epoch) % 2**63)
         return self.recipe.augment(batch, self.augment_rng, self.cfg)
 
     def _micro_step(self, batch, accum: int, sync: bool) -> None:
-        """Forward and backward of one micro-batch.
-
-        DDP all-reduces (FSDP reduce-scatters) gradients only when ``sync`` (the last one).
-        """
-        if self.sharded and accum > 1:
-            self.model.set_requires_gradient_sync(sync)
-        skip_sync = not sync and isinstance(self.wrapped_model, DistributedDataParallel)
+        """Forward and backward of one micro-batch; gradients are reduced only when ``sync`` (the last one)."""
         step = self.position.global_step + 1
-        with self.wrapped_model.no_sync() if skip_sync else contextlib.nullcontext():
+        with self.strategy.gradient_sync(self.wrapped_model, sync):
             self.where.at(step, "forward")
             with self.precision.autocast():
                 loss, _ = self.recipe.step(self.wrapped_model, batch)
-            self.where.at(step, self.sync_phase if sync else "backward")
+            self.where.at(step, self.strategy.sync_phase if sync else "backward")
             self.rank_stats.waited()
             self.precision.backward(loss / accum if accum > 1 else loss)
             self.where.at(step, "data loading")  # the next micro-batch's, or (the last) the optimizer step's
@@ -452,9 +437,9 @@ class Trainer:
         """
         cfg, metrics = self.cfg, {}
         self.where.at(self.position.global_step, "evaluation")
-        if self.eval_set is not None and (on_every_rank(cfg) or self.dist_env.is_main):
+        if self.eval_set is not None and (on_every_rank(cfg, self.strategy) or self.dist_env.is_main):
             with random_streams_kept(self.device):
-                metrics = evaluate(self.model, self.eval_set, self.recipe, cfg, self.device, self.dist_env)
+                metrics = evaluate(self.model, self.eval_set, self.recipe, cfg, self.strategy)
         improved = self._new_best(metrics) if cfg.ckpt.best_metric else None
         if improved is not None:
             self.position.best = improved

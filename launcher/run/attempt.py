@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from launcher.checkpoint.checkpointer import Publisher
 from launcher.checkpoint.files import save_model
 from launcher.checkpoint.formats import format_of
 from launcher.config.build import with_run_dir
@@ -30,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 
-class Attempt:
+class Attempt(Publisher):
     """This attempt's hold on the run directory.
 
     It is opened before anything is built, begun once every check passed, and ended (or abandoned) in one of the
-    designed ways.
+    designed ways. On rank 0 it hears of each checkpoint published (no more once the lock or ckpt.remote is lost).
     """
 
     def __init__(self, cfg, run_dir: Path, dist_env: DistEnv, lock: RunLock | None, mirror: Mirror | None,
@@ -92,7 +93,7 @@ class Attempt:
         self.number = self.ledger.start_attempt(self.cfg, self.dist_env.job_id, self.dist_env.world_size,
                                                 resumed_from, changes, restored)
         if self.mirror:
-            self.mirror.begin(start.run_id, Path(start.checkpoint) if start.checkpoint else None)
+            self.mirror.begin(Path(start.checkpoint) if start.checkpoint else None)
         self.records = Records(self.run_dir / "metrics.jsonl", self.wandb_run)
         logged_through = self.records.last_step()  # by an earlier attempt: wandb has those steps already
         self.records.drop_after(start.step)
@@ -111,7 +112,7 @@ class Attempt:
             if not model_file.is_file():
                 save_model(format_of(checkpoint).weights(checkpoint, saved), model_file)
             if self.mirror:  # what an earlier attempt could not upload
-                self.mirror.begin(start.run_id, checkpoint)
+                self.mirror.begin(checkpoint)
                 self.mirror.model_saved(model_file)
             log.info("run.dir %s is complete: %d steps, %d epochs (checkpoint %s); model: %s. To train longer raise "
                      "train.epochs; for a new run set run.name=<new name>", self.run_dir, start.step,
@@ -129,9 +130,29 @@ class Attempt:
         if self.wandb_run:
             self.wandb_run.finish()
         if self.mirror:
-            self.mirror.close(upload=self.mirror.run_id is not None)  # a complete run's model.pt
+            self.mirror.close(upload=self.mirror.identity is not None)  # a complete run's model.pt
         if self.lock:
             self.lock.release(keep_dirs=self.ledger.holds_run())
+
+    def refusal(self) -> str | None:
+        return (self.lock.lost if self.lock else None) or (self.mirror.lost if self.mirror else None)
+
+    def published(self, path: Path, best: Path | None) -> None:
+        if self.mirror:
+            self.mirror.checkpoint_published(path, best)
+
+    def pinned(self) -> set[Path]:
+        return self.mirror.pinned() if self.mirror else set()
+
+    def model_saved(self, path: Path) -> None:
+        """Rank 0: model.pt is in place."""
+        if self.mirror:
+            self.mirror.model_saved(path)
+
+    def uploads_done(self) -> None:
+        """Rank 0, as the run ends: wait (bounded) for what waits for ckpt.remote."""
+        if self.mirror:
+            self.mirror.drain()
 
     def end(self, outcome: str, step: int, detail: str = "", checkpointed: bool = True) -> None:
         """Rank 0: record how the attempt ended, let wandb finish, give the directory back.

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from launcher.config.keys import DEFAULTS, FREE, leaves, resume_policy
 from launcher.recipe import Recipe
+from launcher.storage import write_atomic
 
 # What a run's start writes into its directory besides checkpoints and model.pt (the ledger, config.yaml, the records,
 # the summary, the wandb run's id): what a new run that never checkpointed takes away again, and what ckpt.remote holds.
@@ -55,10 +56,15 @@ def run_dir_for(cfg, recipe: Recipe) -> Path:
     return Path("runs") / recipe.name / (cfg.run.name or derived_name(cfg, recipe))
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def identity_in(record: bytes | dict | None) -> dict | None:
+    """The run identity (``run_id``, ``config``) a run.json's bytes, or a checkpoint manifest, holds; else None."""
+    try:
+        record = json.loads(record) if isinstance(record, bytes) else record
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("config"), dict):
+        return {"run_id": record["run_id"], "config": record["config"]}
+    return None
 
 
 class Ledger:
@@ -78,11 +84,15 @@ class Ledger:
         """The id of the run this directory holds; its checkpoints carry it."""
         return json.loads(self.identity_file.read_text())["run_id"] if self.holds_run() else None
 
+    def identity(self) -> dict | None:
+        """The run's id and first config (what ckpt.remote tells its run by); None while it holds no run."""
+        return identity_in(self.identity_file.read_bytes()) if self.holds_run() else None
+
     def create(self, run_id: str, cfg, parent: str | None) -> None:
         """Record a new run: its id, where it started from (a checkpoint of another run, or nothing), its config."""
         identity = {"run_id": run_id, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "started_from": parent,
                     "config": OmegaConf.to_container(cfg)}
-        _write_atomic_text(self.identity_file, json.dumps(identity, indent=1) + "\n")
+        write_atomic(self.identity_file, lambda file: file.write((json.dumps(identity, indent=1) + "\n").encode()))
 
     def attempts(self) -> list[dict]:
         if not self.history_file.exists():
@@ -101,7 +111,7 @@ class Ledger:
                       "host": socket.gethostname(), "job": job, "world_size": world_size,
                       "resumed_from": resumed_from, "changes": changes,
                       **({"restored_from": restored} if restored else {})})
-        _write_atomic_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_atomic(self.run_dir / "config.yaml", lambda file: file.write(OmegaConf.to_yaml(cfg).encode()))
         return attempt
 
     def end_attempt(self, attempt: int, outcome: str, step: int, detail: str = "") -> None:

@@ -1,26 +1,18 @@
-"""One job at a time in a run directory: a lock file naming its holder, taken by rank 0 for the whole job.
+"""One holder at a time: of a run directory (its ``.lock``) and of a ``ckpt.remote`` prefix (its ``holder.json``).
 
-What it relies on, so that it holds on local disks and on the network file systems clusters use (NFSv3+, Lustre,
-GPFS, BeeGFS): creating a file with O_CREAT|O_EXCL succeeds for exactly one creator; rename is atomic; a file
-opened after another client closed it shows that client's writes and times (NFS close-to-open consistency). It
-does not rely on flock or fcntl locks, which some cluster mounts (Lustre without ``-o flock``) do not share
-between nodes or do not offer at all.
-
-A holder is a process (host, PID namespace, pid and the process's start time), not a job: two starts in one Slurm
-allocation share a job id, and the second must not take the first's directory. A holder is judged gone, and its lock
-taken over, when
-- it ran on this host, in this PID namespace, and its process is gone (a live one refuses the start, whatever its
-  job); a holder in another container of this host, which may share its name but not its pids, counts as another
-  host's;
+Both are a ``Lease``: a small file in a store (storage.py) naming its holder, taken by whoever creates it, kept by a
+heartbeat, taken over only from a holder known to be gone. A holder is a process (host, PID namespace, pid and start
+time), not a job: two starts in one Slurm allocation share a job id, and the second must not take the first's
+directory. It is gone when
+- it ran on this host, in this PID namespace, and its process is gone (a live one refuses the start); a holder in
+  another container of this host, which may share its name but not its pids, counts as another host's;
 - it was an earlier attempt of the same job (a lower Slurm requeue or torchrun restart count): the scheduler ends
-  every process of an attempt before it starts the next, so a requeued or restarted job continues at once on any
-  host;
-- it ran on another host and its heartbeat (the lock file's modification time, touched every ``BEAT_S``) has not
-  moved for ``STALE_S``: only then does a start wait, for that long.
-A lock file that names no holder (empty or truncated: its writer was killed between creating and writing it, or the
-disk was full; or another program's) is given ``WRITE_GRACE_S`` to be written, then refused in one line while it
-is fresher than ``STALE_S``, and taken over once older: every holder of this design writes its lock within
-moments of creating it and touches it every ``BEAT_S``. Every wait polls ``check_stop``, so a stop signal ends it.
+  every process of an attempt before it starts the next, so a requeued job continues at once on any host;
+- it ran on another host and its heartbeat (the file's modification time, moved every ``BEAT_S``) did not move while
+  it was watched for ``STALE_S``: no clocks compared.
+A file that names no holder (its writer killed between creating and writing it, a full disk, another program's) is
+given ``WRITE_GRACE_S`` to be written, refused in one line while younger than ``STALE_S``, and taken over once older.
+Every wait polls ``check_stop``, so a stop signal ends it.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from launcher.errors import UserError
+from launcher.storage import FsspecStore, LocalFolder
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +39,19 @@ BEAT_S = 10.0
 STALE_S = 60.0
 WRITE_GRACE_S = 2.0
 POLL_S = 0.2
-READ_TRIES = 3  # reads of its own lock, a second apart, before a holder concludes it lost it
+READ_TRIES = 3  # reads of its own file, a second apart, before a holder concludes it lost it
 SHARED_WAIT_S = 10.0  # how long a rank looks for rank 0's lock (a network file system may show it late)
 
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a run directory: enough to tell whether it is alive, and to name it in an error."""
+    """Who holds a lease: enough to tell whether it is alive, and to name it in an error."""
 
     host: str
     pid: int
     started: str  # the process's start time as the kernel counts it: a reused pid has another
     job: str | None
-    attempt: tuple[int, int]  # of the job, when it took the lock (DistEnv.attempt)
+    attempt: tuple[int, int]  # of the job, when it took the lease (DistEnv.attempt)
     token: str
     since: str
     pid_namespace: str = ""  # whose pids ``pid`` counts in: containers on one host may share its name, not its pids
@@ -71,38 +64,29 @@ class Holder:
     def seen_from(self, other: "Holder") -> bool:
         """Whether ``other`` can tell by the pid alone if this holder lives.
 
-        It can on the same host, in the same PID namespace (an earlier version's lock names none: its host's own).
+        It can on the same host, in the same PID namespace (an earlier version's file names none: its host's own).
         """
         return self.host == other.host and (not self.pid_namespace or self.pid_namespace == other.pid_namespace)
 
     @classmethod
     def parse(cls, raw: bytes | None) -> "Holder | None":
-        """The holder a lock file's bytes name, or None.
+        """The holder a file's bytes name, or None.
 
-        None for none: missing, empty, truncated, another format. A lock of an earlier version, without ``attempt``,
-        still names its holder.
+        None for none: missing, empty, truncated, another format, a pid that is no process's. A file of an earlier
+        version, without ``attempt``, still names its holder.
         """
         try:
             fields = json.loads(raw)
-            return cls(str(fields["host"]), int(fields["pid"]), str(fields["started"]), fields["job"],
-                       tuple(int(n) for n in fields.get("attempt", (0, 0))), str(fields["token"]), str(fields["since"]),
-                       str(fields.get("pid_namespace", "")))
-        except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
+            holder = cls(str(fields["host"]), int(fields["pid"]), str(fields["started"]), fields["job"],
+                         tuple(int(n) for n in fields.get("attempt", (0, 0))), str(fields["token"]),
+                         str(fields["since"]), str(fields.get("pid_namespace", "")))
+        except (ValueError, TypeError, KeyError, OverflowError):  # JSONDecodeError is a ValueError
             return None
+        return holder if holder.pid > 0 else None
 
     def describe(self) -> str:
         job = f"job {self.job}, " if self.job else ""
         return f"{job}pid {self.pid} on {self.host}, since {self.since}"
-
-
-def _read(path: Path) -> bytes | None:
-    """A lock file's bytes; None if there is none."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise UserError(f"run.dir={path.parent}: cannot read its lock file {path} ({error.strerror})") from None
 
 
 def _pid_namespace() -> str:
@@ -114,10 +98,7 @@ def _pid_namespace() -> str:
 
 
 def _process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat).
-
-    None if there is no such live process (a zombie counts as gone).
-    """
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat); None for none alive (a zombie is not)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -137,6 +118,136 @@ def _alive_here(holder: Holder) -> bool:
         return True
     start = _process_start(holder.pid)
     return start is not None and (not holder.started or start == holder.started)
+
+
+class LeaseLost(Exception):
+    """The lease is another holder's now (``Lease.lost`` says whose)."""
+
+
+class Lease:
+    """This process's hold on the file ``name`` in ``store`` (storage.py): ``acquire``, a heartbeat, ``release``.
+
+    ``place`` names what it guards in messages ("run.dir=runs/x"), ``instead`` what to give a second job instead
+    ("another run.name or run.dir"). ``lost`` says why it is no longer this process's (None while it is).
+    """
+
+    def __init__(self, store: LocalFolder | FsspecStore, name: str, me: Holder, place: str, instead: str):
+        self.store, self.name, self.me, self.place, self.instead = store, name, me, place, instead
+        self.mine = json.dumps(asdict(me)).encode()
+        self.held = False
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self, check_stop: Callable[[str], None] = lambda doing: None) -> None:
+        """Take the lease, or fail in one line while another holder lives (watched ``STALE_S`` at most)."""
+        while not self.store.replace(self.name, None, self.mine):
+            raw = self.store.read(self.name)
+            if raw is None:  # given back meanwhile: try again
+                continue
+            holder = Holder.parse(raw)
+            reason = self._gone(holder, check_stop) if holder else self._abandoned(raw, check_stop)
+            if reason is not None and self.store.replace(self.name, raw, self.mine):
+                log.info("%s: took over from %s (%s)", self.place, holder.describe() if holder else "no one", reason)
+                break
+        self.held = True
+        self._beat = threading.Thread(target=self._heartbeat, name=f"launcher-lease-{self.name}", daemon=True)
+        self._beat.start()
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` unless the file still names this holder.
+
+        One that vanished (deleted by hand, a store that lost its objects) is taken again; one failed read (a network
+        file system's passing error) is not a lost lease.
+        """
+        for attempt in range(READ_TRIES):
+            raw = self.store.read(self.name)
+            if raw is None and self.store.replace(self.name, None, self.mine):
+                return
+            holder = Holder.parse(raw)
+            if holder is not None or attempt + 1 == READ_TRIES:
+                break
+            time.sleep(1.0)
+        if holder is None or holder.token != self.me.token:
+            if self.lost is None:
+                by = f"another job ({holder.describe()})" if holder else "no one (its file is gone or unreadable)"
+                self.lost = f"{self.place} was taken over by {by}"
+                log.error("%s; nothing more is written there", self.lost)
+            raise LeaseLost(self.lost)
+
+    def release(self, wait_s: float | None = None) -> None:
+        """Give the lease back, if it is still this process's, waiting at most ``wait_s`` for the store."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(wait_s)
+
+    def busy(self, holder: Holder) -> UserError:
+        return UserError(f"{self.place} is in use by another job ({holder.describe()}): wait for it to end, or give "
+                         f"this run {self.instead}. If that job is dead, delete {self.store.location(self.name)}")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(BEAT_S):
+            try:
+                self.check()
+                self.store.touch(self.name, self.mine)
+            except LeaseLost:
+                return
+            except Exception:  # a store that fails: its next beat may reach it
+                pass
+        try:
+            if self.lost is None and Holder.parse(self.store.read(self.name)) == self.me:
+                self.store.remove(self.name)
+        except Exception:  # a heartbeat that stops is a holder gone, STALE_S later
+            pass
+
+    def _gone(self, holder: Holder, check_stop: Callable[[str], None]) -> str | None:
+        """Why ``holder`` is gone; raises while it lives; None when the file changed while it was watched."""
+        if holder.seen_from(self.me):
+            if _alive_here(holder):
+                raise self.busy(holder)
+            return "its process is gone"
+        if holder.job is not None and holder.job == self.me.job and holder.attempt < self.me.attempt:
+            return "an earlier attempt of this job"
+        log.info("%s is held by %s, on another host: watching its heartbeat for %.0f s", self.place,
+                 holder.describe(), STALE_S)
+        before = self.store.modified(self.name)
+        _wait(STALE_S, check_stop, f"watching the heartbeat of {holder.describe()}")
+        now = Holder.parse(self.store.read(self.name))
+        if now is None or now.token != holder.token:
+            return None
+        if self.store.modified(self.name) != before:
+            raise self.busy(holder)
+        return "its heartbeat stopped"
+
+    def _abandoned(self, raw: bytes, check_stop: Callable[[str], None]) -> str | None:
+        """Why a file that names no holder can be taken over.
+
+        Raises while it may still be in use; None when it changed meanwhile (written, or given back).
+        """
+        deadline = time.monotonic() + WRITE_GRACE_S
+        while time.monotonic() < deadline:
+            _wait(POLL_S, check_stop, f"reading {self.store.location(self.name)}")
+            if self.store.read(self.name) != raw:
+                return None
+        modified = self.store.modified(self.name)
+        if modified is None:
+            return None
+        age = time.time() - modified
+        if age >= STALE_S:
+            return f"its file names no holder and nothing touched it for {age:.0f} s"
+        what = "is empty" if not raw.strip() else "names no holder this version can read"
+        raise UserError(
+            f"{self.place}: {self.store.location(self.name)} {what} (a start killed while writing it, a full disk, "
+            f"or another program's). If no job uses it, delete it; otherwise it is taken over once nothing has "
+            f"touched it for {STALE_S:.0f} s (in {STALE_S - age:.0f} s)"
+        )
+
+
+def _wait(seconds: float, check_stop: Callable[[str], None], doing: str) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        check_stop(doing)
+        time.sleep(min(POLL_S, left))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -179,45 +290,33 @@ def check_shared(run_dir: Path, token: str) -> None:
         time.sleep(POLL_S)
 
 
-def _no_stop(doing: str) -> None:
-    pass
-
-
 class RunLock:
-    """The lock on one run directory.
-
-    ``acquire`` takes it (making the directory if needed), ``release`` gives it back; a thread touches it every
-    ``BEAT_S`` meanwhile and notices if it is taken away.
-    """
+    """The lease on one run directory, taken by rank 0 for the whole job; ``lost`` once another job took it."""
 
     def __init__(self, run_dir: Path, job: str | None, attempt: tuple[int, int] = (0, 0)):
-        self.run_dir, self.path = run_dir, run_dir / LOCK_NAME
+        self.run_dir = run_dir
         self.me = Holder.this_process(job, attempt)
+        self.lease = Lease(LocalFolder(run_dir), LOCK_NAME, self.me, f"run.dir={run_dir}",
+                           "another run.name or run.dir")
         self.created: list[Path] = []  # directories this lock made, removed again if the start fails
-        self.lost = False
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
-    def acquire(self, check_stop: Callable[[str], None] = _no_stop) -> str:
-        """Take the lock, or fail in one line; returns its token.
+    @property
+    def lost(self) -> str | None:
+        return self.lease.lost
+
+    def acquire(self, check_stop: Callable[[str], None] = lambda doing: None) -> str:
+        """Take the lock (making the directory if needed), or fail in one line; returns its token.
 
         Every wait calls ``check_stop(what it waits for)``, which raises to end it (a stop signal).
         """
         check_writable(self.run_dir)
-        self._make_dirs()
-        while not self._create():
-            raw = _read(self.path)
-            if raw is None:  # released meanwhile: try again
-                continue
-            holder = Holder.parse(raw)
-            reason = self._dead(holder, check_stop) if holder else self._abandoned(raw, check_stop)
-            if reason is None:  # it changed while we looked: judge it again
-                continue
-            if self._break(raw):
-                log.info("run.dir %s: took over the lock of %s (%s)", self.run_dir,
-                         holder.describe() if holder else "no one", reason)
-        self._beat = threading.Thread(target=self._heartbeat, name="launcher-run-lock", daemon=True)
-        self._beat.start()
+        missing = [folder for folder in (self.run_dir, *self.run_dir.parents) if not folder.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"run.dir={self.run_dir} cannot be made ({error.strerror})") from None
+        self.created = list(reversed(missing))  # outermost first
+        self.lease.acquire(check_stop)
         return self.me.token
 
     def check_free(self) -> None:
@@ -227,157 +326,20 @@ class RunLock:
         have to watch its heartbeat.
         """
         check_writable(self.run_dir)
-        holder = Holder.parse(_read(self.path))
+        holder = Holder.parse(self.lease.store.read(LOCK_NAME))
         if holder and holder.seen_from(self.me) and _alive_here(holder):
-            raise self._busy(holder)
+            raise self.lease.busy(holder)
 
     def release(self, keep_dirs: bool = True) -> None:
-        """Give the lock back (if it is still ours).
+        """Give the lock back.
 
         Without ``keep_dirs``, also remove the directories ``acquire`` made, when they hold nothing else (a start that
         failed leaves no trace).
         """
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
-        if self._holds():
-            self.path.unlink(missing_ok=True)
+        self.lease.release()
         if not keep_dirs:
             for folder in reversed(self.created):
                 try:
                     folder.rmdir()
                 except OSError:  # not empty: something else lives there now
                     break
-
-    def _make_dirs(self) -> None:
-        missing = [self.run_dir, *self.run_dir.parents]
-        missing = [folder for folder in missing if not folder.exists()]
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"run.dir={self.run_dir} cannot be made ({error.strerror})") from None
-        self.created = list(reversed(missing))  # outermost first
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as error:
-            raise UserError(f"run.dir={self.run_dir}: cannot write its lock file ({error.strerror})") from None
-        with os.fdopen(fd, "w") as file:
-            json.dump(asdict(self.me), file)
-            file.flush()
-            os.fsync(file.fileno())
-        return True
-
-    def _current(self) -> Holder | None:
-        """Who the lock file names, read up to ``READ_TRIES`` times before saying no one.
-
-        One failed read (a network file system's passing error) is not a lost lock.
-        """
-        for attempt in range(READ_TRIES):
-            try:
-                holder = Holder.parse(self.path.read_bytes())
-            except OSError:
-                holder = None
-            if holder is not None or attempt + 1 == READ_TRIES:
-                return holder
-            time.sleep(1.0)
-
-    def _holds(self) -> bool:
-        holder = self._current()
-        return holder is not None and holder.token == self.me.token
-
-    def _dead(self, holder: Holder, check_stop: Callable[[str], None]) -> str | None:
-        """Why ``holder`` is gone; raises while it lives; None when the lock changed while it was watched."""
-        if holder.seen_from(self.me):
-            if _alive_here(holder):
-                raise self._busy(holder)
-            return "its process is gone"
-        if holder.job is not None and holder.job == self.me.job and holder.attempt < self.me.attempt:
-            return "an earlier attempt of this job"
-        log.info("run.dir %s is locked by %s, on another host: watching its heartbeat for %.0f s", self.run_dir,
-                 holder.describe(), STALE_S)
-        before = self._mtime()
-        self._wait(STALE_S, check_stop, f"watching the heartbeat of {holder.describe()}")
-        now = Holder.parse(_read(self.path))
-        if now is None or now.token != holder.token:
-            return None
-        if self._mtime() != before:
-            raise self._busy(holder)
-        return "its heartbeat stopped"
-
-    def _abandoned(self, raw: bytes, check_stop: Callable[[str], None]) -> str | None:
-        """Why a lock file that names no holder can be taken over.
-
-        Raises while it may still be in use; None when it changed meanwhile (a writer finished it, or it was released).
-        """
-        deadline = time.monotonic() + WRITE_GRACE_S
-        while time.monotonic() < deadline:
-            self._wait(POLL_S, check_stop, f"reading {self.path}")
-            if _read(self.path) != raw:
-                return None
-        modified = self._mtime()
-        if modified is None:
-            return None
-        age = time.time() - modified
-        if age >= STALE_S:
-            return f"its lock file names no holder and nothing touched it for {age:.0f} s"
-        what = "is empty" if not raw.strip() else "names no holder this version can read"
-        raise UserError(
-            f"run.dir={self.run_dir}: its lock file {self.path} {what} (a start killed while writing it, a full "
-            f"disk, or another program's lock). If no job uses this directory, delete it; otherwise it is taken "
-            f"over once nothing has touched it for {STALE_S:.0f} s (in {STALE_S - age:.0f} s)"
-        )
-
-    @staticmethod
-    def _wait(seconds: float, check_stop: Callable[[str], None], doing: str) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            check_stop(doing)
-            time.sleep(min(POLL_S, left))
-
-    def _mtime(self) -> float | None:
-        try:
-            with open(self.path, "rb") as file:  # opening revalidates cached attributes on NFS
-                return os.fstat(file.fileno()).st_mtime
-        except OSError:
-            return None
-
-    def _break(self, raw: bytes) -> bool:
-        """Move an abandoned lock file (whose bytes were ``raw``) aside; False if another start got there first."""
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.me.token}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        if _read(aside) != raw:  # a new holder's lock: put it back
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return True
-
-    def _busy(self, holder: Holder) -> UserError:
-        return UserError(
-            f"run.dir={self.run_dir} is in use by another job ({holder.describe()}): wait for it to end, or give "
-            f"this run another run.name or run.dir. If that job is dead, delete {self.path}"
-        )
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(BEAT_S):
-            holder = self._current()
-            if holder is not None and holder.token == self.me.token:
-                try:
-                    os.utime(self.path)
-                except OSError:
-                    pass
-                continue
-            if not self.lost:
-                log.error("run.dir %s: the lock was taken over by %s; no more checkpoints are written", self.run_dir,
-                          holder.describe() if holder else "no one (its file is gone or unreadable)")
-            self.lost = True

@@ -78,8 +78,13 @@ def config_changes(saved: dict, cfg) -> dict[str, tuple]:
     return changes
 
 
+def fixed_keys(changes: dict) -> list[str]:
+    """The changed keys that define the run: a run with any of them changed is another run."""
+    return [key for key in changes if resume_policy(key) not in (FREE, APPLIED)]
+
+
 def _refuse_changes(changes: dict, saved: dict, run_dir: Path) -> None:
-    fixed = [key for key in changes if resume_policy(key) not in (FREE, APPLIED)]
+    fixed = fixed_keys(changes)
     if "train.batch_size" in changes and saved["samples_in_epoch"]:
         fixed.append("train.batch_size")  # mid-epoch: the position is a number of whole batches of the old size
     if fixed:

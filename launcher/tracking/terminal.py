@@ -61,11 +61,11 @@ def log_header(cfg, recipe_name: str, dist_env: DistEnv, device, model, run_dir,
     per_rank, accum = cfg.train.batch_size // dist_env.world_size, cfg.train.grad_accum
     split = f"{per_rank} per rank" if accum == 1 else f"{per_rank // accum} per rank x {accum} accumulated"
     log.info(
-        "launcher: recipe %s | %d process(es), backend %s, device %s | batch %d global, %s | data %s | "
-        "%s parameters (%s trainable) | per rank: weights %s, gradients %s, optimizer state %s | run dir %s",
+        "launcher: recipe %s | %d process(es), backend %s, device %s, %d CPU thread(s) each | batch %d global, %s | "
+        "data %s | %s parameters (%s trainable) | per rank: weights %s, gradients %s, optimizer state %s | run dir %s",
         recipe_name, dist_env.world_size, resolve_backend(cfg.dist.backend) if dist_env.is_distributed else "none",
-        devices, cfg.train.batch_size, split, data_path, f"{total:,}", f"{trainable:,}", *map(size, state_bytes),
-        run_dir,
+        devices, torch.get_num_threads(), cfg.train.batch_size, split, data_path, f"{total:,}", f"{trainable:,}",
+        *map(size, state_bytes), run_dir,
     )
 
 

@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from launcher.config.build import build_config, freeze, parse_overrides
 from launcher.distributed.env import DistEnv
-from launcher.distributed.parallel import wrap_model
+from launcher.distributed.strategy import DDP
 
 
 def backward_events(model: nn.Module, inputs: torch.Tensor) -> list[str]:
@@ -33,7 +33,7 @@ def main() -> None:
     cfg = freeze(build_config({}, {}, parse_overrides(["train.compile=true", "dist.bucket_cap_mb=1.0"]), "engine"))
     torch.manual_seed(0)
     layers = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)])  # 1 MB of weights each: one bucket each
-    events = backward_events(wrap_model(layers, cfg, dist_env, torch.device("cpu")), torch.randn(8, 512))
+    events = backward_events(DDP(cfg, dist_env, torch.device("cpu")).wrap(layers), torch.randn(8, 512))
     if dist_env.is_main:
         print(json.dumps(events))
     dist.destroy_process_group()

@@ -1,10 +1,14 @@
 """What a user types: recipe forms, --cfg, and every error a user can cause, each a clear message and exit 2."""
 
+import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
-from helpers import TORCHRUN_BANNER, assert_user_error, check_ok, error_lines, launch
+from helpers import TORCHRUN_BANNER, assert_identical, assert_user_error, check_ok, error_lines, launch, load_weights
 
 from launcher.config.keys import KEYS
 
@@ -118,5 +122,35 @@ def test_help_lists_usage_and_every_key_with_its_meaning(tmp_path):
     for name, key in KEYS.items():
         if name != "recipe":
             assert name in lines and key.meaning in lines[name], name
-    assert "train.amp                   str   none       mixed precision" in result.stdout
+    assert re.search(r"\n  train\.amp +str +none +mixed precision", result.stdout)  # columns as wide as the keys
     assert "one of: none, bf16, fp16" in lines["train.amp"] and "in [0, 2**31)" in lines["train.seed"]
+
+
+THREADS = textwrap.dedent("""
+    import os
+    from pathlib import Path
+    import torch
+    from launcher.recipes.digits import DEFAULTS, build_datasets, build_model as digits_model
+
+    def build_model(cfg):
+        Path(f"threads.{os.environ.get('RANK', 0)}").write_text(str(torch.get_num_threads()))
+        return digits_model(cfg)
+""")
+
+
+def test_quiet_says_where_the_model_went_in_the_directory_cfg_names_and_convert_takes_a_step_by_number(tmp_path):
+    (tmp_path / "threads.py").write_text(THREADS)
+    args = ["recipe=threads.py", "train.epochs=1", "dist.threads=2", "wandb.mode=disabled"]
+    shown = check_ok(launch([*args, "--cfg"], tmp_path)).stdout.splitlines()[0]
+    run_dir = re.fullmatch(r"# the run's directory: (runs/threads/\w+) \(run\.dir '': .*\)", shown).group(1)
+    quiet = check_ok(launch([*args, "profile.steps=2", "--quiet"], tmp_path))
+    # One line, the result: nothing of the profiler's own (kineto's USDT lines) either.
+    assert quiet.stdout + quiet.stderr == f"launcher: done; model: {run_dir}/model.pt\n"
+    assert (tmp_path / "threads.0").read_text() == "2"  # dist.threads, over OMP_NUM_THREADS=1, before the model
+    (checkpoint,) = (tmp_path / run_dir / "checkpoints").glob("step_*.pt")  # a DDP run's: one file
+    step = int(checkpoint.stem.removeprefix("step_"))
+    converted = check_ok(subprocess.run([sys.executable, "-m", "launcher.convert", f"{run_dir}/checkpoints/step_{step}"],
+                                        cwd=tmp_path, capture_output=True, text=True, check=False))
+    assert f"wrote {run_dir}/model_{checkpoint.stem}.pt" in converted.stdout
+    assert_identical(load_weights(tmp_path / run_dir), torch.load(tmp_path / run_dir / f"model_{checkpoint.stem}.pt",
+                                                                  weights_only=True))

@@ -3,6 +3,8 @@ mistake, wandb that never holds the end up, sweeps parsed one way."""
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from helpers import (
     history,
     launch,
     launcher_environ,
+    launcher_lines,
     offline_runs,
     read_metrics,
     start,
@@ -70,10 +73,11 @@ def test_two_process_starts_end_without_an_abort(tmp_path):
 
 
 # 2. Signals.
-def run_then_signal(workdir, args, signum, run="run", then=None, first=None):
+def run_then_signal(workdir, args, signum, run="run", then=None, first=None, env=None):
     """Start a slow run in ``run``, send ``signum`` to its first process once a checkpoint exists (after ``first``, if
     given); returns (process, the file of its output)."""
-    job = start([*ARGS, f"run.dir={run}", "wandb.mode=disabled", *args], workdir, env={"STEP_SLEEP": "0.02"})
+    job = start([*ARGS, f"run.dir={run}", "wandb.mode=disabled", *args], workdir,
+                env={"STEP_SLEEP": "0.02", **(env or {})})
     wait_for(lambda: list((workdir / run / "checkpoints").glob("step_*.pt")), "a first checkpoint")
     if first:
         first(job)
@@ -115,7 +119,7 @@ def test_a_stop_signal_to_the_parent_stops_every_worker_with_a_checkpoint(workdi
     text = output.read_text()
     assert job.returncode == 75, text
     assert "launcher: stopped after step" in text and f"({signal.Signals(signum).name})" in text
-    assert "Traceback" not in text and "SignalException" not in text
+    assert "Traceback" not in text and "SignalException" not in text and "closing signal" not in text
     assert ended(workdir / "run")["outcome"] == "stopped"
     if live:  # no run is training there any more: said in one line
         idle = stacks(workdir)
@@ -129,11 +133,59 @@ def test_ctrl_c_on_one_process_stops_with_a_checkpoint_and_a_second_one_aborts(w
         wait_for(lambda: "closing signal SIGINT" in job.output.read_text(), "the first Ctrl-C forwarded")
         os.kill(job.pid, signal.SIGINT)
 
-    job, output = run_then_signal(workdir, ["dist.nproc_per_node=2"], signal.SIGINT, run="twice", then=again)
+    job, output = run_then_signal(workdir, ["dist.nproc_per_node=2"], signal.SIGINT, run="twice", then=again,
+                                  env={"LOGLEVEL": "WARNING"})  # torchrun's own lines: where it passes a signal on
     text = output.read_text()
     assert job.returncode == 130, text
     assert "second stop signal" in text and "aborting at once, without a checkpoint" in text
     assert "Traceback" not in text
+
+
+WAITS_FOR_CTRL_C = textwrap.dedent("""
+    import os, signal, time
+    from pathlib import Path
+    import torch.nn.functional as F
+    from launcher.recipes.digits import DEFAULTS, build_datasets, build_model
+
+    steps = 0
+
+    def loss(outputs, targets):
+        # At its 7th step, with WAIT_FOR_CTRL_C set, each rank waits for its stop signal: the test sends it once every
+        # rank waits, so the run is still training when it comes, however slow the machine.
+        global steps
+        steps += not outputs.is_meta  # rank 0 counts the model's FLOPs on meta tensors first
+        if steps == 7 and os.environ.get("WAIT_FOR_CTRL_C"):
+            came, stop = [], signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, lambda *args: (came.append(1), stop(*args)))
+            Path(f"waiting.{os.environ['RANK']}").touch()
+            while not came:
+                time.sleep(0.01)
+        return F.cross_entropy(outputs, targets)
+""")
+
+
+def test_ctrl_c_to_the_first_run_command_stops_in_one_line_and_the_same_command_continues(tmp_path):
+    """README's first command, with Ctrl-C as a terminal sends it (SIGINT to the command's process group)."""
+    (tmp_path / "waits.py").write_text(WAITS_FOR_CTRL_C)
+    first_run = re.search(r"## The first run\n\n```bash\n(.*?)\n```", (REPO / "README.md").read_text()).group(1)
+    command = [sys.executable if word == "python" else word for word in shlex.split(first_run)]
+    command = [word.replace("recipe=digits", "recipe=waits.py") for word in command]
+    command += ["train.epochs=2", "wandb.mode=disabled"]
+    output = tmp_path / "first.out"
+    job = subprocess.Popen(command, cwd=tmp_path, env=launcher_environ({"WAIT_FOR_CTRL_C": "1"}),
+                           stdout=output.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: (tmp_path / "waiting.0").exists() and (tmp_path / "waiting.1").exists(), "both ranks waiting")
+    os.killpg(job.pid, signal.SIGINT)
+    assert job.wait(timeout=120) == 75
+    text = output.read_text()
+    said = [line for line in text.splitlines() if line.startswith("launcher: ") and " | " not in line]
+    assert len(said) == 1 and re.fullmatch(r"launcher: stopped after step \d+ \(SIGINT\): checkpoint written to "
+                                           r"\S+; run the same command to continue", said[0]), text
+    assert "Traceback" not in text and "torch/distributed" not in text, text  # nor torchrun's warnings
+    assert "2 process(es), backend gloo, device cpu, 1 CPU thread(s) each" in text  # OMP_NUM_THREADS=1 here
+    again = check_ok(subprocess.run(command, cwd=tmp_path, env=launcher_environ(None), capture_output=True,
+                                    text=True, timeout=300, check=False))
+    assert "resumed from runs/waits/" in again.stdout
 
 
 def test_workers_whose_parent_is_killed_stop_gracefully_and_do_not_run_on(workdir):
@@ -234,12 +286,47 @@ def test_an_error_in_the_recipe_shows_the_recipes_frames_not_the_engines(tmp_pat
     result = launch(["recipe=dying.py", "run.dir=x", "wandb.mode=disabled"], tmp_path, nproc=2, env={"RAISE": "1"})
     assert result.returncode != 0
     line = "[rank 1] launcher: error: ValueError: a bug in the recipe"
-    assert error_lines(result) in ([line], [line, "[rank 0] launcher: error: stopped: rank 1 ended while this rank "
-                                                 "waited for it (its error, if it had one, is above)"])
+    assert error_lines(result) == [line]  # not rank 0's too, which only lost rank 1
     assert "traceback : launcher: error: ValueError: a bug in the recipe" in result.stderr.split("Root Cause")[1]
     frames = result.stderr.split(line, 1)[1].split("[rank 0]")[0].split("Root Cause")[0]
     assert 'dying.py", line 13, in loss\n    raise ValueError("a bug in the recipe")' in frames
     assert "launcher/train.py" not in result.stderr and "launcher/worker.py" not in result.stderr
+
+
+FAILING = textwrap.dedent("""
+    import os, sys
+    from launcher.recipes.digits import DEFAULTS, build_datasets, build_model as digits_model
+
+    FAIL = os.environ["FAIL"]
+
+    def build_model(cfg):
+        if FAIL == "every rank exits":
+            os._exit(9)  # before any collective: no rank sees another go
+        if FAIL == "sys.exit":
+            sys.exit(3)
+        return digits_model(cfg)
+
+    if FAIL == "rank 0 raises in evaluation":  # which rank 0 does alone, while rank 1 waits
+        def metrics(outputs, batch):
+            raise ValueError("a bug in metrics")
+""")
+
+
+@pytest.mark.parametrize("fail, code, line", [
+    ("rank 0 raises in evaluation", 2, r"\[rank 0\] launcher: error: ValueError: a bug in metrics"),
+    ("every rank exits", 1, r"launcher: error: worker rank \d exited with code 9 without saying why .*"),
+    ("sys.exit", 2, r"\[rank \d\] launcher: error: SystemExit: 3"),
+])
+def test_a_job_that_fails_says_it_once(tmp_path, fail, code, line):
+    """The rank that failed says it, and nobody else: not the rank that waited for it, nor the process that started
+    them, which speaks only when no worker could."""
+    (tmp_path / "failing.py").write_text(FAILING)
+    result = launch(["recipe=failing.py", "dist.nproc_per_node=2", "train.epochs=1", "wandb.mode=disabled"], tmp_path,
+                    env={"FAIL": fail})
+    assert result.returncode == code, result.stdout + result.stderr
+    said = launcher_lines(result)
+    assert len(said) == 1 and re.fullmatch(line, said[0]), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # 3. One line for every mistake: exit 2, no traceback, before any worker starts where it can be.
@@ -381,8 +468,8 @@ def test_a_recipes_mistake_is_one_line_exit_2_and_leaves_no_run_directory(tmp_pa
     (tmp_path / "mistake.py").write_text(recipe)
     result = launch(["recipe=mistake.py", "dist.nproc_per_node=2"], tmp_path, env=without_credentials(tmp_path))
     assert result.returncode == 2, result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    lines = launcher_lines(result)  # not repeated by another rank, nor by the process that started them
+    assert len(lines) == 1 and message in lines[0], result.stdout + result.stderr
     if frame:
         assert frame in result.stderr
     assert "Traceback" not in result.stderr and "site-packages" not in result.stderr

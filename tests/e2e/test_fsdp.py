@@ -10,6 +10,7 @@ from helpers import GPT_RECIPE, assert_identical, check_ok, epoch_records, launc
 
 from launcher.cli.main import load_validated
 from launcher.distributed.env import DistEnv
+from launcher.distributed.strategy import strategy_for
 from launcher.engine.build import build_model_and_data
 from launcher.engine.evaluate import evaluate
 
@@ -100,7 +101,7 @@ def evaluated_here(gpt_dir, weights: dict) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate(model, eval_set, recipe, cfg, CPU, ONE_PROCESS)
+        return evaluate(model, eval_set, recipe, cfg, strategy_for(cfg, ONE_PROCESS, CPU))
     finally:
         torch.set_num_threads(threads)
 

@@ -38,3 +38,21 @@ def test_the_readme_hooks_example_trains_on_dict_batches_of_padded_sequences(tmp
                     nproc=2))
     last = epoch_records(tmp_path / "out")[-1]
     assert last["eval/accuracy"] > 0.8 and last["eval/perplexity"] == pytest.approx(math.exp(last["eval/loss"]))
+
+
+def test_the_cpu_only_install_takes_the_pinned_pair_from_pytorchs_cpu_index_then_installs_as_ci_does():
+    (cpu_only,) = [block for block in code_blocks("bash") if "download.pytorch.org/whl/cpu" in block]
+    torch_line, project_line = cpu_only.strip().splitlines()[-2:]
+    assert torch_line == ("pip install torch torchvision -c .ci/constraints.txt "
+                          "--index-url https://download.pytorch.org/whl/cpu")
+    ci_install = next(line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pip install" in line)
+    assert ci_install.endswith(f"&& {project_line}")  # the same pins, which the +cpu builds satisfy
+
+
+def test_the_recipe_table_is_one_table_with_a_row_for_every_shipped_recipe():
+    from launcher.recipe import available_recipes
+
+    section = README.split("## Recipes shipped\n\n", 1)[1]
+    table = section.split("\n\n", 1)[0].splitlines()
+    assert all(line.startswith("| ") for line in table)
+    assert sorted(line.split("`")[1] for line in table[2:]) == available_recipes()

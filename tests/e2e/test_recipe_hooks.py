@@ -1,6 +1,7 @@
 """Recipes beyond (input, target) pairs, in real processes: dict batches with a collate of the recipe's own, a
 custom step, custom metrics (sharded evaluation equal to rank 0's exactly, a best checkpoint chosen by one),
-SyncBatchNorm on 1 and 2 processes, and the gpt recipe (1 vs 2 processes, SIGKILL and resume)."""
+SyncBatchNorm on 1 and 2 processes, the gpt recipe (1 vs 2 processes), and hooks that return what cannot be trained
+on (one line, exit 2)."""
 
 import textwrap
 
@@ -59,8 +60,6 @@ BATCHNORM_RECIPE = textwrap.dedent("""
                              nn.Linear(8 * 64, 10))
 """)
 
-# The gpt recipe, sized for a test, with a stand-in for a cluster's accidents: INTERRUPT="<rank>:<call>:<signal>"
-# sends the signal to that rank in its n-th step call, once.
 def test_dict_batches_a_custom_step_and_custom_metrics_sharded_or_not_best_by_a_custom_metric(tmp_path):
     (tmp_path / "named.py").write_text(DICT_RECIPE)
     args = ["recipe=named.py", "ckpt.best_metric=eval/top2", "wandb.mode=disabled", "eval.batch_size=50"]
@@ -113,3 +112,19 @@ def test_gpt_on_one_and_two_processes_ends_with_the_same_weights(tmp_path):
     assert last["eval/loss"] < first["eval/loss"] < 5.55  # below a uniform guess over 256 bytes, ln 256
     assert last["eval/perplexity"] == pytest.approx(torch.tensor(last["eval/loss"]).exp().item(), rel=1e-6)
     assert "tokens/s" in one.stdout and last["throughput/tokens_per_s"] == last["throughput/samples_per_s"] * 64
+
+
+# A hook that returns what cannot be trained on or counted: one line naming the hook and what it returned, exit 2
+# (torchrun's 1). The second's FLOPs are given, so its step is refused in the training loop, on both ranks, said once.
+@pytest.mark.parametrize("hook, nproc, message", [
+    ("def loss(outputs, targets):\n    return None", None, "recipe bad: loss(outputs, targets) returned None: it must"),
+    ("def step(model, batch):\n    return model(batch[0])\n\ndef flops_per_sample(cfg):\n    return 1e6", 2,
+     ("recipe bad: step(model, batch) returned a tensor of dtype float32 and shape (32, 10): it must return the "
+      "batch's mean loss")),
+    ("def flops_per_sample(cfg):\n    return 1e300", None,
+     "recipe bad: flops_per_sample(cfg) returned 1e+300: more than 1e+18 FLOPs"),
+], ids=["loss returns None", "step returns no scalar, 2 processes", "flops_per_sample returns 1e300"])
+def test_a_hook_returning_what_cannot_be_trained_on_ends_in_one_line(tmp_path, hook, nproc, message):
+    (tmp_path / "bad.py").write_text(f"from launcher.recipes.digits import *\n\n{hook}\n")
+    result = launch(["recipe=bad.py", "wandb.mode=disabled"], tmp_path, nproc=nproc)
+    assert_user_error(result, message, torchrun=bool(nproc))

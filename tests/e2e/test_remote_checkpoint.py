@@ -1,6 +1,6 @@
 """Checkpoints in object storage (ckpt.remote), against a real S3 API: moto's server on localhost, through s3fs. A run
-whose machine is lost continues from the store, a corrupt object is skipped, and a store that goes away while a run
-trains costs it nothing."""
+whose machine is lost continues from the store, whatever of it is corrupt, malformed or missing; another run is never
+mixed into it; and a store that goes away while a run trains costs it nothing."""
 
 import json
 import shutil
@@ -16,6 +16,7 @@ from helpers import (
     ARGS,
     RECIPE,
     assert_identical,
+    assert_user_error,
     check_ok,
     launch,
     load_weights,
@@ -71,6 +72,47 @@ def s3(tmp_path):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A server that stays up, and a run's prefix in it: every object of a 2-epoch run (of 3 epochs' config), kept
+    to be copied, altered, into a prefix of each test's own."""
+    folder = tmp_path_factory.mktemp("stored")
+    (folder / "interruptible.py").write_text(RECIPE)
+    server = S3Server(folder).start()
+    try:
+        check_ok(launch([*ARGS, "run.dir=run", "ckpt.remote=s3://runs/base", "train.epochs=2"], folder,
+                        env=server.env))
+        fs = server.fs()
+        server.objects = {path.removeprefix("runs/base/"): fs.cat_file(path) for path in fs.find("runs/base")}
+        yield server
+    finally:
+        server.stop()
+
+
+def prefix_of(server, name: str, changed: dict | None = None) -> str:
+    """A prefix holding the stored run's objects, with ``changed`` ones replaced (None: deleted)."""
+    fs = server.fs()
+    for relative, data in {**server.objects, **(changed or {})}.items():
+        if data is not None:
+            fs.pipe_file(f"runs/{name}/{relative}", data)
+    return f"s3://runs/{name}"
+
+
+def manifest_of(server, name: str) -> dict:
+    return json.loads(server.objects[f"checkpoints/{name}.manifest.json"])
+
+
+def before_newest(server) -> str:
+    """The stored checkpoint before the newest (step 44): whichever the uploads reached."""
+    return sorted(path.split("/")[1].removesuffix(".manifest.json") for path in server.objects
+                  if path.endswith(".manifest.json") and path.startswith("checkpoints/step_"))[-2]
+
+
+def continue_from(workdir, server, url: str):
+    """The stored run's command, on a machine whose run directory is gone: it continues from ``url``."""
+    return launch([*ARGS, "run.dir=run", f"ckpt.remote={url}", "train.epochs=3"], workdir, env=server.env)
+
+
 @pytest.fixture
 def workdir(tmp_path):
     (tmp_path / "interruptible.py").write_text(RECIPE)
@@ -109,21 +151,70 @@ def test_a_run_whose_directory_is_lost_continues_from_the_store_bitwise(workdir,
     assert_no_secret(stopped.stdout + stopped.stderr + resumed.stdout + resumed.stderr, workdir)
 
 
-def test_a_corrupt_newest_object_in_the_store_is_skipped_for_the_one_before(workdir, s3):
+def test_a_corrupt_newest_object_in_the_store_is_skipped_for_the_one_before(workdir, stored):
     reference = reference_weights(workdir, nproc=None)
-    command = [*ARGS, "run.dir=run", "ckpt.remote=s3://runs/b"]
-    check_ok(launch([*command, "train.epochs=2"], workdir, env=s3.env))
-    newest, before = sorted(s3.fs().glob("runs/b/checkpoints/step_*.pt"))[-1:-3:-1]
-    assert newest.endswith("step_000000044.pt")  # the run's last; the one before is whichever the uploads reached
-    data = bytearray(s3.fs().cat_file(newest))
+    data = bytearray(stored.objects["checkpoints/step_000000044.pt"])
     data[len(data) // 2] ^= 0xFF  # one flipped byte, the size unchanged
-    s3.fs().pipe_file(newest, bytes(data))
-    shutil.rmtree(workdir / "run")
-
-    resumed = check_ok(launch([*command, "train.epochs=3"], workdir, env=s3.env))
+    url = prefix_of(stored, "corrupt", {"checkpoints/step_000000044.pt": bytes(data)})
+    resumed = check_ok(continue_from(workdir, stored, url))
     assert "checkpoint step_000000044.pt is corrupt" in resumed.stdout + resumed.stderr
-    assert f"resumed from run/checkpoints/{before.rsplit('/', 1)[1]}" in resumed.stdout
+    assert f"resumed from run/checkpoints/{before_newest(stored)}" in resumed.stdout
     assert_identical(load_weights(workdir / "run"), reference)
+
+
+def test_checkpoints_whose_run_json_was_never_uploaded_are_restored_by_their_manifests(workdir, stored):
+    """A job killed after its first checkpoint's manifest and before its first ledger upload left exactly this."""
+    reference = reference_weights(workdir, nproc=None)
+    url = prefix_of(stored, "no-ledger", dict.fromkeys(["run.json", "history.jsonl", "config.yaml", "metrics.jsonl",
+                                                         "summary.txt"]))
+    resumed = check_ok(continue_from(workdir, stored, url))
+    assert "restored run" in resumed.stdout and "resumed from run/checkpoints/step_000000044.pt" in resumed.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+    rebuilt = json.loads((workdir / "run" / "run.json").read_text())
+    assert rebuilt["run_id"] == manifest_of(stored, "step_000000044.pt")["run_id"] and rebuilt["rebuilt_from"]
+    assert json.loads(stored.fs().cat_file("runs/no-ledger/run.json")) == rebuilt  # the store's ledger whole again
+
+
+@pytest.mark.parametrize("entry", ["step_000000044.pt/x", None], ids=["a-file-inside-a-file", "null"])
+def test_a_malformed_manifest_is_a_corrupt_checkpoint_skipped_for_the_one_before(workdir, stored, entry):
+    reference = reference_weights(workdir, nproc=None)
+    manifest = manifest_of(stored, "step_000000044.pt")
+    files = manifest["files"]
+    manifest["files"] = {entry: files["step_000000044.pt"]} if entry else {"step_000000044.pt": None}
+    url = prefix_of(stored, f"malformed-{entry is None}",
+                    {"checkpoints/step_000000044.pt.manifest.json": json.dumps(manifest).encode()})
+    resumed = check_ok(continue_from(workdir, stored, url))
+    output = resumed.stdout + resumed.stderr
+    assert "checkpoint step_000000044.pt is corrupt (its manifest" in output and "cannot be" not in output
+    assert f"resumed from run/checkpoints/{before_newest(stored)}" in resumed.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+
+
+def test_a_garbage_run_json_in_the_store_is_told_from_the_manifests_never_started_over(workdir, stored):
+    reference = reference_weights(workdir, nproc=None)
+    url = prefix_of(stored, "garbage", {"run.json": b"\x00{garbage"})
+    resumed = check_ok(continue_from(workdir, stored, url))
+    assert "resumed from run/checkpoints/step_000000044.pt" in resumed.stdout
+    assert_identical(load_weights(workdir / "run"), reference)
+    assert json.loads(stored.fs().cat_file("runs/garbage/run.json"))["run_id"] == manifest_of(
+        stored, "step_000000044.pt")["run_id"]
+
+
+def test_another_run_on_a_prefix_holding_a_run_is_refused_before_anything_is_restored(workdir, stored):
+    url = prefix_of(stored, "another")
+    refused = launch([*ARGS, "run.dir=run", f"ckpt.remote={url}", "train.seed=1"], workdir, env=stored.env)
+    assert_user_error(refused, f"ckpt.remote={url} holds run ")
+    assert "train.seed 0 -> 1" in refused.stderr
+    assert not (workdir / "run").exists()  # nothing restored, nothing left behind
+    assert stored.fs().cat_file("runs/another/run.json") == stored.objects["run.json"]
+
+
+def test_a_url_with_a_user_or_a_fragment_is_refused_without_echoing_it(workdir):
+    for url in ("s3://TOKEN-7f3a@bucket/x", "s3://AKIA%3ATOKEN-7f3a@bucket/x", "s3://bucket/x#TOKEN-7f3a"):
+        refused = launch([*ARGS, f"ckpt.remote={url}"], workdir)
+        assert_user_error(refused, "ckpt.remote must be '' or a URL such as s3://bucket/prefix, with no credentials")
+        assert "TOKEN-7f3a" not in refused.stdout + refused.stderr
+    assert not (workdir / "runs").exists()
 
 
 def test_training_goes_on_while_the_store_is_down_and_uploads_when_it_returns(workdir, s3):
@@ -148,6 +239,26 @@ def test_training_goes_on_while_the_store_is_down_and_uploads_when_it_returns(wo
     assert_no_secret(output, workdir / "run")
 
 
+def test_a_run_that_ends_while_the_store_is_down_waits_for_it_as_documented_then_the_next_start_uploads(workdir,
+                                                                                                         s3):
+    command = [*ARGS, "run.dir=run", "ckpt.remote=s3://runs/e", "train.epochs=2", "log.level=info"]
+    job = start(command, workdir, env={**s3.env, "STEP_SLEEP": "0.1"})
+    wait_for(lambda: s3.fs().glob("runs/e/checkpoints/*.manifest.json"), "a first upload", 120)
+    s3.stop()  # for good: the run ends while it is down
+    wait_for(lambda: "the run's end waits for it" in job.output.read_text() or job.poll() is not None, "the end", 300)
+    waiting_since = time.monotonic()
+    assert job.wait(timeout=300) == 0, job.output.read_text()
+    # EXIT_WAIT_S (30 s) in all, the holder's release included; the rest of the end takes a moment.
+    assert time.monotonic() - waiting_since < 30 + 10
+    assert "not uploaded (" in job.output.read_text()
+    s3.start()  # a new, empty store: the same command uploads what the end left
+    check_ok(launch(command, workdir, env=s3.env))
+    fs, local = s3.fs(), workdir / "run"
+    newest = max((local / "checkpoints").glob("step_*"))
+    assert fs.cat_file(f"runs/e/checkpoints/{newest.name}") == newest.read_bytes()
+    assert fs.cat_file("runs/e/model.pt") == (local / "model.pt").read_bytes()
+
+
 def test_a_second_job_on_the_same_prefix_is_refused_while_the_first_writes(workdir, s3):
     first = start([*ARGS, "run.dir=one", "ckpt.remote=s3://runs/d"], workdir, env={**s3.env, "STEP_SLEEP": "0.1"})
     wait_for(lambda: s3.fs().exists("runs/d/holder.json"), "the first job's hold on the prefix", 120)
@@ -155,4 +266,4 @@ def test_a_second_job_on_the_same_prefix_is_refused_while_the_first_writes(workd
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 75
     assert second.returncode == 2, second.stdout + second.stderr
-    assert "ckpt.remote=s3://runs/d is written by another job" in second.stderr
+    assert "ckpt.remote=s3://runs/d is in use by another job" in second.stderr

@@ -82,7 +82,7 @@ def test_the_same_command_continues_after_sigkill_of_the_whole_job(workdir, how)
     run_dir = the_run_dir(workdir)
     assert (run_dir / ".lock").exists()  # the killed job's, left behind
     resumed = check_ok(launch(args, workdir, nproc=nproc, env={"SLURM_JOB_ID": "4343", "SLURM_RESTART_COUNT": "1"}))
-    assert "took over the lock of" in resumed.stdout and "its process is gone" in resumed.stdout
+    assert ": took over from job " in resumed.stdout and "its process is gone" in resumed.stdout
     assert "resumed from" in resumed.stdout
     assert_identical(load_weights(run_dir), reference)
     assert not (run_dir / ".lock").exists()
@@ -199,20 +199,22 @@ def test_a_second_job_on_a_run_dir_in_use_is_refused_and_the_first_is_undisturbe
 
 
 def test_a_lock_file_naming_no_holder_is_one_line_within_seconds_and_taken_over_once_stale(tmp_path):
-    """Empty (a start killed between creating and writing it, or a full disk), truncated, or another program's."""
+    """Empty (a start killed between creating and writing it, or a full disk), truncated, another program's, or
+    naming a pid that is no process's (1e999 overflowed the pid's int)."""
     (tmp_path / "x").mkdir()
-    for content in (b"", b'{"host": "n1", "pid": 4', b'{"owner": "another tool", "version": 9}'):
+    no_process = b'{"host": "n1", "pid": 1e999, "started": "1", "job": null, "token": "t", "since": "then"}'
+    for content in (b"", b'{"host": "n1", "pid": 4', b'{"owner": "another tool", "version": 9}', no_process):
         (tmp_path / "x" / ".lock").write_bytes(content)
         began = time.monotonic()
         refused = launch([*DIGITS, "run.dir=x", "train.epochs=1"], tmp_path, timeout=60)
         assert time.monotonic() - began < 30  # the start itself (imports) and the lock's 2 s of grace
         (line,) = error_lines(refused)
-        assert refused.returncode == 2 and "run.dir=x: its lock file x/.lock " in line, content
-        assert "If no job uses this directory, delete it; otherwise it is taken over once nothing has touched" in line
+        assert refused.returncode == 2 and "run.dir=x: x/.lock " in line, content
+        assert "If no job uses it, delete it; otherwise it is taken over once nothing has touched" in line
     stale = time.time() - 120
     os.utime(tmp_path / "x" / ".lock", (stale, stale))
     taken = check_ok(launch([*DIGITS, "run.dir=x", "train.epochs=1"], tmp_path))
-    assert "took over the lock of no one (its lock file names no holder and nothing touched it for 12" in taken.stdout
+    assert "run.dir=x: took over from no one (its file names no holder and nothing touched it for 12" in taken.stdout
 
 
 LOCK_OF_ANOTHER_HOST = {"host": "elsewhere", "pid": 4, "started": "", "job": "9", "attempt": [0, 0],

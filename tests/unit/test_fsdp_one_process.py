@@ -12,7 +12,7 @@ from torch import nn
 from launcher.checkpoint.formats import newest_good
 from launcher.cli.main import load_validated
 from launcher.distributed.env import DistEnv
-from launcher.distributed.fsdp import repeated_blocks
+from launcher.distributed.strategy import repeated_blocks
 from launcher.distributed.group import destroy_process_group, init_process_group
 from launcher.errors import LauncherError, UserError
 from launcher.recipes import gpt, mlp
@@ -39,7 +39,7 @@ def test_the_default_blocks_are_the_largest_list_of_alike_modules():
     tower = Tower()
     assert repeated_blocks(tower) == list(tower.layers)
     model = gpt.build_model(load_validated(["recipe=gpt"], ONE_PROCESS)[2])
-    assert repeated_blocks(model) == list(model.blocks) == gpt.fsdp_blocks(model)  # a Sequential of Blocks
+    assert repeated_blocks(model) == list(model.blocks) == gpt.blocks(model)  # a Sequential of Blocks
     assert repeated_blocks(mlp.build_model(load_validated(["recipe=mlp"], ONE_PROCESS)[2])) == []  # unlike layers
 
 

@@ -1,11 +1,15 @@
 """The shipped recipes build, and the recipe interface does what README promises."""
 
+import re
+import types
+
 import pytest
 import torch
 
 from launcher.config.build import build_config, parse_overrides
 from launcher.engine.optim import build_optimizer
-from launcher.recipe import available_recipes, load_recipe
+from launcher.errors import UserError
+from launcher.recipe import Recipe, available_recipes, load_recipe
 
 
 def config_for(recipe, overrides=()):
@@ -63,3 +67,31 @@ def test_resnet18_loads_a_pretrained_state_dict_keeping_a_new_head(tmp_path, cap
         finetune = build("model.num_classes=5", f"model.pretrained={tmp_path / 'pretrained.pt'}")
     assert torch.equal(finetune.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert finetune.fc.out_features == 5 and "2 tensors kept as built" in caplog.text and "fc.weight" in caplog.text
+
+
+def recipe_with(**hooks) -> Recipe:
+    module = types.ModuleType("hooked")
+    module.__dict__.update(hooks)
+    return Recipe(name="hooked", module=module)
+
+
+@pytest.mark.parametrize("hooks, said", [
+    ({"loss": lambda outputs, targets: None}, "loss(outputs, targets) returned None"),
+    ({"step": lambda model, batch: None}, "step(model, batch) returned None"),
+    ({"step": lambda model, batch: 0.5}, "step(model, batch) returned a float"),
+    ({"step": lambda model, batch: model(batch[0])}, "step(model, batch) returned a tensor of dtype float32 and shape (4, 3)"),
+    ({"step": lambda model, batch: (batch[1].sum(), None)}, "step(model, batch) returned a tensor of dtype int64 and shape ()"),
+    ({"step": lambda model, batch: (model(batch[0]).mean(),)}, "step(model, batch) returned a tuple of 1"),
+])
+def test_a_step_or_loss_that_returns_no_scalar_loss_is_named_with_what_it_returned(hooks, said):
+    batch = (torch.rand(4, 2), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(UserError, match=re.escape(f"recipe hooked: {said}")):
+        recipe_with(**hooks).step(torch.nn.Linear(2, 3), batch)
+
+
+def test_a_step_may_return_the_loss_or_the_loss_and_outputs():
+    model, batch = torch.nn.Linear(2, 3), (torch.rand(4, 2), torch.tensor([0, 1, 2, 0]))
+    loss, outputs = recipe_with().step(model, batch)  # cross-entropy of model(inputs)
+    assert loss.dim() == 0 and outputs.shape == (4, 3)
+    assert recipe_with(step=lambda model, batch: loss).step(model, batch) == (loss, None)
+    assert recipe_with(step=lambda model, batch: (loss, outputs)).step(model, batch) == (loss, outputs)

@@ -17,6 +17,9 @@ from launcher.run.lock import Holder
 from launcher.run.mirror import HOLDER, Mirror
 
 
+RUN_1 = {"run_id": "run-1", "config": {}}
+
+
 def config(remote: str, resume: str = "auto"):
     return OmegaConf.create({"ckpt": {"remote": remote, "keep": 2, "resume": resume}})
 
@@ -35,8 +38,8 @@ def checkpoints(tmp_path):
 def test_checkpoints_go_up_whole_and_come_back_verified(tmp_path, checkpoints):
     store = RemoteStore(f"file://{tmp_path}/store")
     for name in ("step_000000005.pt", "step_000000006"):
-        assert store.upload_checkpoint(checkpoints / name, "run-1")
-        assert not store.upload_checkpoint(checkpoints / name, "run-1")  # there already, unchanged: not again
+        assert store.upload_checkpoint(checkpoints / name, RUN_1)
+        assert not store.upload_checkpoint(checkpoints / name, RUN_1)  # there already, unchanged: not again
     assert store.checkpoint_names() == ["step_000000006", "step_000000005.pt"]
     assert sorted(store.manifest("step_000000006")["files"]) == [
         "step_000000006/.metadata", "step_000000006/__0_0.distcp", "step_000000006/launcher.pt"]
@@ -50,7 +53,7 @@ def test_checkpoints_go_up_whole_and_come_back_verified(tmp_path, checkpoints):
 
 def test_a_corrupt_or_forged_checkpoint_in_the_store_is_refused_and_leaves_nothing(tmp_path, checkpoints):
     store = RemoteStore(f"file://{tmp_path}/store")
-    store.upload_checkpoint(checkpoints / "step_000000006", "run-1")
+    store.upload_checkpoint(checkpoints / "step_000000006", RUN_1)
     shard = tmp_path / "store" / "checkpoints" / "step_000000006" / "__0_0.distcp"
     shard.write_bytes(bytes(100))  # same size, other bytes
     with pytest.raises(BadCheckpoint, match="__0_0.distcp has size and CRC-32"):
@@ -64,7 +67,7 @@ def test_a_corrupt_or_forged_checkpoint_in_the_store_is_refused_and_leaves_nothi
 
 def test_a_checkpoint_is_gone_from_the_store_once_its_manifest_is(tmp_path, checkpoints):
     store = RemoteStore(f"file://{tmp_path}/store")
-    store.upload_checkpoint(checkpoints / "step_000000006", "run-1")
+    store.upload_checkpoint(checkpoints / "step_000000006", RUN_1)
     store.remove_checkpoint("step_000000006")
     assert store.checkpoint_names() == [] and not list((tmp_path / "store" / "checkpoints").rglob("*.distcp"))
 
@@ -73,7 +76,7 @@ def test_an_upload_that_does_not_read_back_whole_fails(tmp_path, checkpoints, mo
     store = RemoteStore(f"file://{tmp_path}/store")
     monkeypatch.setattr(store.fs, "put_file", lambda local, remote: store.fs.pipe_file(remote, b"torn"))
     with pytest.raises(OSError, match="the uploaded copy has size and CRC-32"):
-        store.upload_checkpoint(checkpoints / "step_000000005.pt", "run-1")
+        store.upload_checkpoint(checkpoints / "step_000000005.pt", RUN_1)
     assert store.checkpoint_names() == []  # no manifest: not there
 
 
@@ -83,7 +86,9 @@ def test_a_url_with_credentials_or_without_a_scheme_is_refused_without_being_ech
     def check(value: str) -> None:
         validate(build_config({}, {}, parse_overrides([f"ckpt.remote={value}"]), "test"), 1, 1)
 
-    for value in ("s3://AKIA:hunter2@bucket/runs", "https://host/runs?sig=hunter2", "bucket/runs", "s3://"):
+    for value in ("s3://AKIA:hunter2@bucket/runs", "https://host/runs?sig=hunter2", "bucket/runs", "s3://",
+                  "s3://hunter2@bucket/runs", "s3://AKIA%3Ahunter2@bucket/runs", "s3://bucket/runs#hunter2",
+                  "abfs://AKIA:hunter2@account.dfs.core.windows.net/runs", "gs://bucket/runs?hunter2#x"):
         with pytest.raises(UserError, match="ckpt.remote must be") as refused:
             check(value)
         assert "hunter2" not in str(refused.value)
@@ -106,16 +111,16 @@ def test_one_writer_per_prefix(tmp_path, monkeypatch):
     url, store_folder = f"file://{tmp_path}/store", tmp_path / "store"
     alive = Holder.this_process("job-1")  # this very process, under another token: a live writer
     write_holder(store_folder, alive)
-    with pytest.raises(UserError, match="is written by another job"):
+    with pytest.raises(UserError, match="is in use by another job"):
         Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped)
     dead = Holder(**{**alive.__dict__, "pid": 2**22 + 1, "started": "1"})  # no such process on this host
     write_holder(store_folder, dead)
     Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped).close()
-    monkeypatch.setattr("launcher.run.mirror.STALE_S", 0.5)
+    monkeypatch.setattr("launcher.run.lock.STALE_S", 0.5)
     elsewhere = Holder(**{**alive.__dict__, "host": "another-host"})
     write_holder(store_folder, elsewhere, age_s=3600)  # its clock is no judge: watched, and nothing rewrites it
     mirror = Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), never_stopped)
-    assert Holder.parse((store_folder / HOLDER).read_bytes()) == mirror.me
+    assert Holder.parse((store_folder / HOLDER).read_bytes()) == mirror.lease.me
     mirror.close()
     assert not (store_folder / HOLDER).exists()  # given back
     earlier = Holder(**{**elsewhere.__dict__, "job": "job-3", "attempt": (0, 0)})  # requeued: at once
@@ -126,15 +131,15 @@ def test_one_writer_per_prefix(tmp_path, monkeypatch):
         write_holder(store_folder, elsewhere, age_s=-5)
 
     write_holder(store_folder, elsewhere)
-    with pytest.raises(UserError, match="is written by another job"):
+    with pytest.raises(UserError, match="is in use by another job"):
         Mirror.open(config(url), tmp_path / "run", "job-2", (0, 0), rewritten_meanwhile)
 
 
 def test_a_taken_over_prefix_stops_the_uploads(tmp_path):
     mirror = Mirror.open(config(f"file://{tmp_path}/store"), tmp_path / "run", None, (0, 0), never_stopped)
-    write_holder(tmp_path / "store", Holder(**{**mirror.me.__dict__, "token": "another"}))
+    write_holder(tmp_path / "store", Holder(**{**mirror.lease.me.__dict__, "token": "another"}))
     with pytest.raises(Exception, match="was taken over by another job"):
-        mirror._hold()
+        mirror.lease.check()
     assert "was taken over by another job" in mirror.lost
     mirror.close()
     assert (tmp_path / "store" / HOLDER).exists()  # the other's: left alone
@@ -143,11 +148,11 @@ def test_a_taken_over_prefix_stops_the_uploads(tmp_path):
 def test_a_store_holding_another_run_is_refused(tmp_path):
     url, store_folder = f"file://{tmp_path}/store", tmp_path / "store"
     store_folder.mkdir()
-    (store_folder / "run.json").write_text(json.dumps({"run_id": "theirs"}))
+    (store_folder / "run.json").write_text(json.dumps({"run_id": "theirs", "config": {}}))
     with pytest.raises(UserError, match="ckpt.resume=never would start another run over it"):
         Mirror.open(config(url, resume="never"), tmp_path / "run", None, (0, 0), never_stopped)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours", "config": {}}))
     with pytest.raises(UserError, match="holds run theirs, but run.dir=.* holds run ours"):
         Mirror.open(config(url), tmp_path / "run", None, (0, 0), never_stopped)
 
@@ -155,30 +160,30 @@ def test_a_store_holding_another_run_is_refused(tmp_path):
 def test_an_unreachable_store_stops_only_a_start_that_may_need_it(tmp_path, caplog):
     (tmp_path / "not-a-folder").write_text("")
     url = f"file://{tmp_path}/not-a-folder/store"  # every write fails, as a store that cannot be reached
-    with pytest.raises(LauncherError, match="cannot be reached .* does not start it over"):
+    with pytest.raises(LauncherError, match="cannot be read .* does not start it over"):
         Mirror.open(config(url), tmp_path / "empty", None, (0, 0), never_stopped)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours", "config": {}}))
     Mirror.open(config(url), tmp_path / "run", None, (0, 0), never_stopped).close()
     assert "training goes on" in caplog.text
 
 
 def test_a_missing_object_is_a_corrupt_checkpoint_and_another_runs_is_never_replaced(tmp_path, checkpoints):
     store = RemoteStore(f"file://{tmp_path}/store")
-    store.upload_checkpoint(checkpoints / "step_000000005.pt", "run-1")
+    store.upload_checkpoint(checkpoints / "step_000000005.pt", RUN_1)
     (tmp_path / "store" / "checkpoints" / "step_000000005.pt").unlink()
     with pytest.raises(BadCheckpoint, match="is missing from the store"):
         store.download_checkpoint("step_000000005.pt", tmp_path / "restored")
     with pytest.raises(StoreHoldsAnotherRun, match="of run run-1, not this run"):
-        store.upload_checkpoint(checkpoints / "step_000000005.pt", "run-2")
+        store.upload_checkpoint(checkpoints / "step_000000005.pt", {**RUN_1, "run_id": "run-2"})
 
 
 def begun(tmp_path, run_id: str = "ours") -> Mirror:
     (tmp_path / "run").mkdir(exist_ok=True)
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": run_id}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": run_id, "config": {}}))
     (tmp_path / "run" / "history.jsonl").write_text('{"event": "start"}\n')
     mirror = Mirror.open(config(f"file://{tmp_path}/store"), tmp_path / "run", None, (0, 0), never_stopped)
-    mirror.begin(run_id, None)
+    mirror.begin(None)
     return mirror
 
 
@@ -200,7 +205,7 @@ def test_the_ledger_asked_for_during_its_own_upload_is_uploaded_again(tmp_path, 
     closing = threading.Thread(target=mirror.close)  # which asks for the ledger again
     closing.start()
     wait_until = time.monotonic() + 10
-    while mirror._closing_since is None and time.monotonic() < wait_until:
+    while mirror._ending_since is None and time.monotonic() < wait_until:  # asked for the ledger again
         time.sleep(0.01)
     go_on.set()
     closing.join(30)
@@ -209,13 +214,14 @@ def test_the_ledger_asked_for_during_its_own_upload_is_uploaded_again(tmp_path, 
 
 def test_a_store_reached_late_that_holds_another_run_is_never_written(tmp_path):
     (tmp_path / "store").mkdir()
-    (tmp_path / "store" / "run.json").write_text(json.dumps({"run_id": "theirs"}))
+    (tmp_path / "store" / "run.json").write_text(json.dumps({"run_id": "theirs", "config": {}}))
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours"}))
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"run_id": "ours", "config": {}}))
     mirror = Mirror(RemoteStore(f"file://{tmp_path}/store"), tmp_path / "run", Holder.this_process(None), 2)
-    with pytest.raises(Exception, match="holds run theirs, not this run"):  # the heartbeat's first beat
-        mirror._hold()
-    assert "holds run theirs" in mirror.lost and not (tmp_path / "store" / HOLDER).exists()
+    mirror.begin(None)  # as after a start that could not read the store: the run is checked before any upload
+    mirror.close()
+    assert "holds run theirs, but run.dir" in mirror.lost and not (tmp_path / "store" / HOLDER).exists()
+    assert json.loads((tmp_path / "store" / "run.json").read_text())["run_id"] == "theirs"
 
 
 def test_the_end_of_a_run_does_not_wait_forever_for_a_hung_store(tmp_path, monkeypatch):
@@ -227,3 +233,41 @@ def test_the_end_of_a_run_does_not_wait_forever_for_a_hung_store(tmp_path, monke
     mirror.close()
     assert time.monotonic() - began < 10
     hung.set()
+
+
+def test_a_run_ending_while_the_store_fails_waits_exit_wait_s_in_all_the_release_included(tmp_path, monkeypatch):
+    monkeypatch.setattr("launcher.run.mirror.EXIT_WAIT_S", 2.0)
+    mirror = begun(tmp_path)
+
+    def refused_slowly(*args, **kwargs):  # as a store that is down: each call fails after its retries
+        time.sleep(2.0)
+        raise OSError("connection refused")
+
+    for method in ("read", "write", "replace", "touch", "remove", "modified", "upload_checkpoint"):
+        monkeypatch.setattr(mirror.store, method, refused_slowly)
+    mirror.model_saved(tmp_path / "run" / "run.json")
+    began = time.monotonic()
+    mirror.drain()
+    mirror.close()
+    assert time.monotonic() - began < 2.0 + 1.0  # not another try of the store's to give the prefix back
+
+
+def test_malformed_manifests_are_corrupt_checkpoints_and_a_run_json_naming_no_run_is_one_line(tmp_path, checkpoints):
+    store = RemoteStore(f"file://{tmp_path}/store")
+    store.upload_checkpoint(checkpoints / "step_000000005.pt", RUN_1)
+    name = f"checkpoints/step_000000005.pt{MANIFEST_SUFFIX}"
+    good = json.loads(store.read(name))
+    for files, problem in [({"step_000000005.pt/x": [1, 2]}, "names files outside it"),
+                           ({"step_000000005.pt": None}, "gives step_000000005.pt null, not a size and a CRC-32"),
+                           ({"step_000000005.pt": [True, 1]}, "not a size and a CRC-32"), ({}, "names files outside")]:
+        store.write(name, json.dumps({**good, "files": files}).encode())
+        with pytest.raises(BadCheckpoint, match=problem):
+            store.download_checkpoint("step_000000005.pt", tmp_path / "restored")
+    store.write(name, b"{")
+    with pytest.raises(BadCheckpoint, match="its manifest is missing or does not parse"):
+        store.download_checkpoint("step_000000005.pt", tmp_path / "restored")
+    store.remove(name)
+    store.write("run.json", b"\x00garbage")  # and no checkpoint to tell its run by: one line, nothing written
+    with pytest.raises(UserError, match="its run.json does not parse, and no checkpoint's manifest names its run"):
+        Mirror.open(config(f"file://{tmp_path}/store"), tmp_path / "empty", None, (0, 0), never_stopped)
+    assert not (tmp_path / "empty").exists() and store.read(HOLDER) is None

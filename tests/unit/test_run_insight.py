@@ -1,15 +1,24 @@
 """Seeing inside a run, in one process: FLOPs against the analytic counts, the peak table, the straggler and memory
-reports, and a hang's diagnosis from the ranks' answers."""
+reports, a hang's diagnosis from the ranks' answers (and a real DataLoader worker's), and links planted in the
+stacks folder never followed."""
 
+import contextlib
+import logging
+import shutil
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import wait_for
+from torch.utils.data import DataLoader, Dataset
 
 from launcher.cli.main import load_validated
+from launcher.cli.stacks import main as show_stacks
 from launcher.distributed.env import DistEnv
-from launcher.distributed.stacks import StackWatch, ask, gather
+from launcher.distributed.stacks import StackWatch, answer_text, ask, gather
+from launcher.engine.data import start_loader_worker
 from launcher.engine.flops import Throughput, flops_per_sample, peak_tflops
 from launcher.engine.rank_stats import GIB, RankReport, state_bytes
 from launcher.errors import UserError
@@ -140,3 +149,112 @@ def test_askers_at_once_each_get_every_answer(tmp_path):
     finally:
         for watch in watches:
             watch.stop()
+
+
+def busy_until(release: Path) -> None:
+    while not release.exists():  # a worker busy in Python for ever (until the test is done)
+        pass
+
+
+class BusyUntilReleased(Dataset):
+    def __init__(self, release: Path):
+        self.release = release
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        busy_until(self.release)
+        return index
+
+
+def main_thread_waits_for_a_batch() -> bool:
+    frame = sys._current_frames()[threading.main_thread().ident]
+    while frame is not None and frame.f_code.co_name != "_try_get_data":  # torch's DataLoader iterator, waiting
+        frame = frame.f_back
+    return frame is not None
+
+
+def test_a_rank_waiting_for_its_loader_names_the_line_its_worker_is_in(tmp_path):
+    watch = StackWatch(0, 1)
+    watch.start(tmp_path)  # before the loader's workers are forked, as in a run
+    release = tmp_path / "release"
+    loader = DataLoader(BusyUntilReleased(release), batch_size=2, num_workers=1, worker_init_fn=start_loader_worker)
+    asked = {}
+
+    def ask_then_release() -> None:
+        try:
+            wait_for(main_thread_waits_for_a_batch, "the main thread to wait for its worker", 60)
+            request = ask(tmp_path / "stacks")
+            asked["header"] = gather(tmp_path / "stacks", request, 1)[0]
+            asked["text"] = answer_text(tmp_path / "stacks", request, 0)
+        finally:
+            release.touch()
+
+    asker = threading.Thread(target=ask_then_release)
+    asker.start()
+    try:
+        assert [batch.tolist() for batch in loader] == [[0, 1]]  # this (main) thread waits here until released
+    finally:
+        asker.join()
+        watch.stop()
+    loop = range(busy_until.__code__.co_firstlineno + 1, busy_until.__code__.co_firstlineno + 3)  # either line
+    assert asked["header"]["at"] in [f"busy_until (test_run_insight.py:{line}) of its DataLoader worker 0"
+                                     for line in loop]
+    worker = asked["text"].partition("Thread MainThread of DataLoader worker 0 (pid ")[2]
+    assert "in __getitem__" in worker and "in busy_until" in worker
+    assert "in _try_get_data" in asked["text"]  # the rank's own main thread, waiting for it
+    request = asked["header"]["request"]  # the request and its answers stay until forgotten; the worker's is read
+    assert sorted(path.name for path in (tmp_path / "stacks").iterdir()) == [request, f"request_{request}"]
+
+
+@contextlib.contextmanager
+def warnings_said():
+    """The warnings the stacks module logs, whatever the launcher's logging was set to by earlier tests."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("launcher.distributed.stacks")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_links_planted_under_stacks_are_never_followed_and_said_once(tmp_path, capsys):
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    stacks = run / "stacks"
+    (stacks / "planted").mkdir(parents=True)
+    outside.mkdir()
+    (stacks / "linked").symlink_to(outside)  # a request's folder
+    (stacks / "planted" / "rank_0.txt").symlink_to(outside / "rank_0.txt")  # an answer
+    watch = StackWatch(0, 1)
+    with warnings_said() as said:
+        watch.start(run)
+        try:
+            for request in ("linked", "planted"):
+                (stacks / f"request_{request}").write_text(request)
+            wait_for(lambda: len(said) == 2, "both requests refused", 60)
+            assert sorted(said) == [f"stack request {request} not answered: {stacks / request / name} is a symbolic "
+                                    "link, which stack requests never follow out of the run directory: remove it"
+                                    for request, name in (("linked", ""), ("planted", "rank_0.txt"))]
+            assert said[0].count(str(stacks)) == 1
+            # stacks/ itself, with a request beyond it that a rank following the link would answer there.
+            shutil.move(stacks, tmp_path / "moved")
+            stacks.symlink_to(outside)
+            (outside / "request_beyond").write_text("beyond")
+            refused = f"{stacks} is a symbolic link, which stack requests never follow out of the run directory"
+            wait_for(lambda: len(said) == 3, "stacks/ refused", 60)
+            assert said[2] == f"stack requests not answered: {refused}: remove it"
+            assert watch.diagnose(20) is None and said[3] == f"the ranks' stacks not asked for: {refused}: remove it"
+            (run / "history.jsonl").touch()
+            assert show_stacks([str(run)]) == 1
+            assert capsys.readouterr().err == f"launcher.stacks: error: {refused}: remove it\n"
+        finally:
+            watch.stop()
+    assert len(said) == 4  # each said once, though the watch looked twice a second
+    assert [path.name for path in outside.iterdir()] == ["request_beyond"]  # nothing written outside, temporaries too

@@ -97,16 +97,19 @@ def test_the_same_attempt_of_the_job_on_another_host_is_judged_by_its_heartbeat(
     lock.release()
 
 
-@pytest.mark.parametrize("content", [b"", b'{"host": "vm", "pid": 12', b'{"owner": "someone", "pid": 1}'],
-                         ids=["empty", "truncated", "foreign"])
+NO_PROCESS = b'{"host": "vm", "pid": 1e999, "started": "1", "job": null, "token": "t", "since": "then"}'
+
+
+@pytest.mark.parametrize("content", [b"", b'{"host": "vm", "pid": 12', b'{"owner": "someone", "pid": 1}', NO_PROCESS],
+                         ids=["empty", "truncated", "foreign", "pid-overflowing"])
 def test_a_lock_naming_no_holder_is_refused_in_seconds_then_taken_over_once_stale(tmp_path, monkeypatch, caplog,
                                                                                    content):
     caplog.set_level("INFO")
     monkeypatch.setattr(run_lock, "WRITE_GRACE_S", 0.3)
     (tmp_path / ".lock").write_bytes(content)
     started = time.monotonic()
-    refusal = (r"its lock file .*\.lock (is empty|names no holder this version can read) \(a start killed while "
-               r"writing it.* If no job uses this directory, delete it")
+    refusal = (r"run.dir=.*: .*\.lock (is empty|names no holder this version can read) \(a start killed while "
+               r"writing it.* If no job uses it, delete it")
     with pytest.raises(UserError, match=refusal):
         RunLock(tmp_path, job="a").acquire()
     assert time.monotonic() - started < run_lock.WRITE_GRACE_S + 2
