@@ -3,8 +3,8 @@
 A recipe is a plain module. It must define ``build_model(cfg)`` and ``build_datasets(cfg)``; it may define
 ``DEFAULTS`` (a nested dict: engine keys it changes and keys of its own, typed by their default values),
 ``param_groups(model, cfg)``, ``loss(outputs, targets)`` and ``predictions(outputs)`` (multi-output models), and the
-hooks below (``collate``, ``step``, ``metrics``, ``augment``, ``tokens_per_sample``, ``flops_per_sample``,
-``blocks``, ``tp_plan``).
+hooks below (``collate``, ``step``, ``metrics``, ``samples``, ``augment``, ``tokens_per_sample``,
+``flops_per_sample``, ``blocks``, ``tp_plan``).
 It never touches ranks, devices, samplers or process groups: the engine owns those.
 """
 
@@ -126,6 +126,27 @@ class Recipe:
         if scores.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
             return {}
         return {"accuracy": ((scores.argmax(dim=1) == targets).sum(), len(targets))}
+
+    def samples(self, model: nn.Module, eval_set, cfg) -> list[str]:
+        """A few lines the model writes after an evaluation, for a person to read (the recipe's, else none).
+
+        The recipe's ``samples(model, eval_set, cfg)``: a language model's generated text, say. Called with the model
+        in eval mode and without gradients, on the random streams the engine puts back after it; on every rank under
+        fsdp (every forward is a collective: each rank must run as many), else on rank 0.
+        """
+        if not hasattr(self.module, "samples"):
+            return []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                lines = self.module.samples(model, eval_set, cfg)
+        finally:
+            model.train(was_training)
+        if not (isinstance(lines, (list, tuple)) and all(isinstance(line, str) for line in lines)):
+            raise UserError(f"recipe {self.name}: samples(model, eval_set, cfg) returned {type(lines).__name__}: it "
+                            "must return a list of str (the lines to show)")
+        return list(lines)
 
     @property
     def augment(self) -> Callable | None:

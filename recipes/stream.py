@@ -24,6 +24,7 @@ from launcher.recipes.gpt import (  # noqa: F401
     build_model,
     metrics,
     param_groups,
+    samples,
     step,
     tokens_per_sample,
     tp_plan,

@@ -1,9 +1,10 @@
 """The two kinds of checkpoint, each an object that names, verifies, loads, lists, copies and removes its own.
 
-A run writes one kind, the one its strategy names (``FORMATS``, distributed/strategy.py): a single file, ``step_<N>.pt``, in which
-rank 0 writes every rank's state (ddp), or a folder of shards, ``step_<N>/``, in which every rank writes its own with
-torch.distributed.checkpoint and rank 0 adds ``launcher.pt`` (fsdp: checkpoint/sharded.py). A checkpoint found on
-disk or named by the user is of the kind its path shows (``format_of``, the one place that looks).
+A run writes one kind, the one its strategy names (``FORMATS``, distributed/strategy.py): a single file,
+``step_<N>.pt``, in which rank 0 writes every rank's state (ddp), or a folder of shards, ``step_<N>/``, in which
+every rank writes its own with torch.distributed.checkpoint and rank 0 adds ``launcher.pt`` (fsdp:
+checkpoint/sharded.py). A checkpoint found on disk or named by the user is of the kind its path shows
+(``format_of``, the one place that looks).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-from launcher.config.keys import DEFAULTS, KEYS, RECIPE_SECTIONS, leaves
+from launcher.config.keys import DEFAULTS, KEYS, RECIPE_SECTIONS, SINK_LIBRARIES, leaves
 from launcher.config.machine import check_backend, check_compile_buckets
 from launcher.errors import UserError
 
@@ -192,6 +193,7 @@ def validate(cfg: DictConfig, world_size: int, procs_per_node: int, local_gpus: 
         raise UserError(f"ckpt.resume={cfg.ckpt.resume}: no such file or folder; use auto, never, or a checkpoint's "
                         "path")
     _check_mesh(cfg, world_size)
+    check_sink_libraries(cfg.log.to)
     groups = world_size // cfg.dist.tp  # tensor-parallel peers compute one part of each batch together
     parts = groups * cfg.train.grad_accum
     if cfg.train.batch_size % parts:
@@ -216,6 +218,27 @@ def _check_mesh(cfg: DictConfig, world_size: int) -> None:
     if world_size % tp:
         raise UserError(f"dist.tp={tp} does not divide the {world_size} processes into tensor-parallel groups: use a "
                         f"divisor of {world_size}, or {tp} x N processes")
+
+
+def check_sink_libraries(names: Iterable[str]) -> None:
+    """Each of ``log.to``'s sinks has its library installed (found, not imported: that is rank 0's, as it starts)."""
+    for name in names:
+        if SINK_LIBRARIES[name] is None:
+            continue
+        module = SINK_LIBRARIES[name][0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as error:  # a finder that refuses it, a module without a spec
+            raise sink_library_missing(name, f"{type(error).__name__}: {error}") from None
+        if not found:
+            raise sink_library_missing(name, "not installed")
+
+
+def sink_library_missing(name: str, why: str) -> UserError:
+    """The one line for a ``log.to`` sink whose library cannot be had, saying what would work."""
+    module, package = SINK_LIBRARIES[name] or (name, name)
+    return UserError(f"log.to names {name}, but its library {module} cannot be used ({why}): pip install {package}, "
+                     f"or leave {name} out of log.to", same_on_all_ranks=True)
 
 
 def freeze(cfg: DictConfig) -> DictConfig:

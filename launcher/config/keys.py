@@ -74,6 +74,13 @@ def _storage_url(value: str) -> bool:
     return not userinfo or protocol in _CONTAINER_SCHEMES and bool(re.fullmatch(r"[a-z0-9-]+", userinfo))
 
 
+# log.to's names: where rank 0's records go besides metrics.jsonl, each one class in launcher/tracking/sinks.py (its
+# SINKS). Here, the module each imports and the package that brings it, so a missing one fails before a process
+# starts; None for wandb, a dependency of the launcher (its process warns if it cannot start, and training goes on).
+SINK_LIBRARIES: dict[str, tuple[str, str] | None] = {"wandb": None, "tensorboard": ("tensorboard", "tensorboard"),
+                                                     "mlflow": ("mlflow", "mlflow-skinny")}
+
+
 KEYS: dict[str, Key] = {
     "recipe": Key("", "the recipe: a short name from recipes/, a dotted module path, or a .py file (required)"),
     # run: where the run lives
@@ -187,6 +194,11 @@ KEYS: dict[str, Key] = {
                        resume=FREE, echoed=False,
                        details="A start whose run.dir holds no run continues from the newest checkpoint there that "
                                "verifies. One run per prefix (reliability.md, \"Checkpoints in object storage\")."),
+    "ckpt.remote_wait_s": Key(30.0, "how long a run's end waits for a ckpt.remote that fails, giving it back included",
+                              valid=above(0), resume=FREE,
+                              details="What is not uploaded by then waits in run.dir for the next start. Keep it "
+                                      "below the grace a scheduler gives a stopped job (Slurm's KillWait, "
+                                      "Kubernetes' terminationGracePeriodSeconds: 30 s by default)."),
     "ckpt.best_metric": Key("", "also keep the best checkpoint by this eval metric as best.pt ('' : off)",
                             valid=((lambda value: value == "" or value.startswith("eval/")),
                                    "an eval metric such as eval/accuracy or eval/loss, or '' (off)"),
@@ -236,6 +248,14 @@ KEYS: dict[str, Key] = {
                                       details="false keeps them from forward to backward (less communication, more "
                                               "memory)."),
     # log and wandb: what the run tells
+    "log.to": Key(["wandb"], "where rank 0's records go besides metrics.jsonl (always written)",
+                  valid=((lambda names: all(name in SINK_LIBRARIES for name in names)),
+                         f"a list of: {', '.join(SINK_LIBRARIES)} (or [])"),
+                  resume=FREE,
+                  details="Each gets the config, the model summary, every metric at its step, the text records and "
+                          "model.pt; a resumed run continues the same run in each. wandb.mode=disabled leaves wandb "
+                          "out. tensorboard writes to run.dir/tensorboard; mlflow to MLFLOW_TRACKING_URI, else "
+                          "run.dir/mlruns (tracking.md)."),
     "log.level": Key("info", "rank 0's log level (--quiet: warning); other ranks print only errors",
                      choices=("debug", "info", "warning", "error"), resume=FREE),
     "log.straggler_share": Key(0.2, "warn when a rank's own time exceeds the median rank's by this share of the "

@@ -11,6 +11,10 @@ shards ``p, p + parts, ...`` of each epoch, in order, and then goes on with the 
 or skipped within an epoch. A batch carries its part's place after it (epoch, shard, sample); the place after the
 last batch trained on is saved with the checkpoint, so a resume reads on from exactly there. Each sample's random
 numbers are seeded by its place, as for map-style data (data/sampler.py).
+
+``read`` may return an iterator with a ``state_dict()`` of its own (a ``datasets`` pipeline's place,
+data/hf_datasets.py): the engine keeps it with the place, and a resume hands it back as ``read(shard, start, state)``.
+A ``datasets.IterableDataset`` is read through that adapter.
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ def is_stream(dataset) -> bool:
     return isinstance(dataset, IterableDataset)
 
 
+def as_stream(dataset):
+    """``dataset`` as the engine reads a stream: a ``datasets.IterableDataset`` adapted, any other as it is."""
+    from launcher.data.hf_datasets import DatasetsStream, is_iterable_dataset
+
+    return DatasetsStream(dataset) if is_iterable_dataset(dataset) else dataset
+
+
 def first_sample(dataset):
     """A data set's first sample (a stream's: the first of its epoch-1 shards that holds one), for the model summary.
 
@@ -49,6 +60,7 @@ def first_sample(dataset):
     """
     if not is_stream(dataset):
         return dataset[0]
+    dataset = as_stream(dataset)
     for shard in dataset.shards(1):
         for sample in dataset.read(shard, 0):
             return sample
@@ -58,6 +70,9 @@ def first_sample(dataset):
 
 def check_stream(dataset, parts: int) -> None:
     """Fail in one line when ``dataset`` is not a stream the engine can split over ``parts`` parts."""
+    from launcher.data.hf_datasets import DatasetsStream
+
+    dataset = as_stream(dataset)
     missing = [name for name in ("shards", "read") if not callable(getattr(dataset, name, None))]
     if missing:
         raise UserError(f"the recipe's training set is an IterableDataset without {' and '.join(missing)}: a stream "
@@ -68,8 +83,10 @@ def check_stream(dataset, parts: int) -> None:
         raise UserError("the recipe's stream has no shards: shards(1) is empty (is data.root right?)",
                         same_on_all_ranks=True)
     if count < parts:
+        hint = (" (a datasets.IterableDataset's are its files: reshard() splits parquet files by row group)"
+                if isinstance(dataset, DatasetsStream) else "")
         raise UserError(f"the stream has {count} shards for {parts} parts (processes x data.num_workers, at least 1 "
-                        "each): give it at least as many shards, or use fewer workers", same_on_all_ranks=True)
+                        f"each): give it at least as many shards{hint}, or use fewer workers", same_on_all_ranks=True)
 
 
 class _Part(IterableDataset):
@@ -81,7 +98,7 @@ class _Part(IterableDataset):
     """
 
     def __init__(self, stream, rank: int, world_size: int, workers: int, batch_size: int, collate, seed: int):
-        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.stream, self.rank, self.world_size = as_stream(stream), rank, world_size
         self.per_rank = max(1, workers)
         self.batch_size, self.collate, self.seed = batch_size, collate or default_collate, seed
         # The job's part -> (epoch, shard in the part's list, sample): the places a checkpoint keeps.
@@ -92,8 +109,8 @@ class _Part(IterableDataset):
         info = get_worker_info()
         mine = ((info.id if info else 0) + self.rotation) % self.per_rank  # which of the rank's parts
         parts, part = self.world_size * self.per_rank, self.rank * self.per_rank + mine
-        epoch, shard_number, start = self.places.get(part, (1, 0, 0))
-        samples = iter(self._samples(part, parts, epoch, shard_number, start))
+        epoch, shard_number, start, *state = self.places.get(part, (1, 0, 0))
+        samples = iter(self._samples(part, parts, epoch, shard_number, start, *state))
         while True:
             with globals_kept():  # in the training process the generators are the model's
                 batch, place = [], None
@@ -104,17 +121,20 @@ class _Part(IterableDataset):
                 collated = self.collate(batch)
             yield collated, part, place
 
-    def _samples(self, part: int, parts: int, epoch: int, shard_number: int, start: int):
+    def _samples(self, part: int, parts: int, epoch: int, shard_number: int, start: int, state=None):
         """(sample, its place after it) for ever: this part's shards of each epoch, from the given place on.
 
         Each sample is read with the generators seeded by its place (before ``read`` makes it: a transform inside
-        ``read`` draws its own numbers, wherever the part is read and whatever was read before).
+        ``read`` draws its own numbers, wherever the part is read and whatever was read before). A reader with a
+        ``state_dict`` adds it to the place, and ``state`` (the saved one) resumes the first shard from it.
         """
         while True:
             shards, found = self.stream.shards(epoch), False
             for number in range(shard_number, len(shards[part::parts])):
                 place_in_epoch = part + number * parts  # the shard's place in the epoch's list, whatever the split
-                samples, offset = iter(self.stream.read(shards[place_in_epoch], start)), start
+                resumed = () if state is None else (state,)
+                reader = self.stream.read(shards[place_in_epoch], start, *resumed)
+                samples, offset, own_place = iter(reader), start, getattr(reader, "state_dict", None)
                 while True:
                     seed_globals(sample_seed(self.seed, epoch, place_in_epoch * 2**32 + offset))
                     try:
@@ -122,8 +142,8 @@ class _Part(IterableDataset):
                     except StopIteration:
                         break
                     found, offset = True, offset + 1
-                    yield sample, (epoch, number, offset)
-                start = 0
+                    yield sample, (epoch, number, offset) if own_place is None else (epoch, number, offset, own_place())
+                start, state = 0, None
             if not found and shard_number == 0:  # a whole epoch without a sample: every later one may be alike
                 raise UserError(f"part {part} of the stream's {parts} (processes x workers) found no sample in its "
                                 f"shards of epoch {epoch} (numbers {part}, {part + parts}, ... of shards(epoch)): give "

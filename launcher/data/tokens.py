@@ -1,8 +1,15 @@
 """Token corpora bigger than memory: flat files of token ids read as fixed windows, a batch at a time.
 
 A corpus is a folder of shards, each a flat array of ``uint16`` (or ``uint32``, for vocabularies past 65,536) token
-ids with no header, as nanoGPT and torchtitan write them, and ``tokens.json`` naming the shards, their lengths, the
-dtype and the tokenizer. ``python -m launcher.tokens`` writes one from text files.
+ids with no header, as nanoGPT and torchtitan write them, and ``tokens.json``:
+
+- ``dtype``: ``uint16`` or ``uint32``; ``vocab``: the number of token ids (the model's embedding);
+- ``tokenizer``: ``"bytes"``, or ``{"file": "tokenizer.json", "vocab": N, "sha256": HEX}`` (its copy beside the
+  shards, data/tokenizer.py);
+- ``documents``: how many documents it holds; ``shards``: ``[{"file": NAME, "tokens": N}, ...]`` in order.
+
+``python -m launcher.tokens`` writes one from text files or tables (data/documents.py). A corpus written before
+tokenizers were recorded (``"tokenizer": "bytes"``, no ``documents``) reads as it did.
 
 A batch's windows are cut from memory maps opened for that batch and closed after it, so the process keeps none of
 the corpus mapped: its resident memory stays flat however large the corpus (bench/tokens.py). A corpus that fits
@@ -11,6 +18,7 @@ within ``data.resident_share`` of a GPU's memory is read onto the device once in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -20,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from launcher.data.tokenizer import ByteTokenizer, corpus_tokenizer, sha256
 from launcher.errors import UserError
 
 META = "tokens.json"
@@ -27,47 +36,78 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _SIGNED = {"uint16": np.int16, "uint32": np.int32}
 
 
-def byte_tokens(text: bytes) -> np.ndarray:
-    """The byte tokenizer: each byte is its own token (a vocabulary of 256)."""
-    return np.frombuffer(text, dtype=np.uint8)
+def dtype_for(vocab: int) -> str:
+    """The narrowest shard dtype that holds every id of a vocabulary of ``vocab`` tokens."""
+    return "uint16" if vocab <= 2**16 else "uint32"
 
 
-def write_shards(files: Iterable[Path], out: Path, shard_tokens: int, tokenizer: str = "bytes") -> dict:
-    """Write the files' tokens, in order, into shards of ``shard_tokens`` tokens (the last may be shorter).
-
-    ``tokens.json`` is written last, through a temporary name: a folder without it is a corpus still being written.
-    Returns what it holds.
-    """
-    if tokenizer != "bytes":
-        raise UserError(f"tokenizer {tokenizer}: only 'bytes' is built in")
+def check_shard_tokens(shard_tokens: int) -> None:
     if shard_tokens < 1:
         raise UserError(f"{shard_tokens} tokens a shard: give 1 or more")
-    vocab, dtype = 256, "uint16"
-    out.mkdir(parents=True, exist_ok=True)
-    shards, buffer, filled = [], np.empty(shard_tokens, dtype=DTYPES[dtype]), 0
 
-    def flush() -> None:
-        nonlocal filled
-        if filled:
-            name = f"shard_{len(shards):05d}.bin"
-            buffer[:filled].tofile(out / name)
-            shards.append({"file": name, "tokens": filled})
-            filled = 0
 
-    for path in files:
-        tokens = byte_tokens(Path(path).read_bytes())
+class ShardWriter:
+    """A corpus written as its documents' tokens arrive: shards of ``shard_tokens`` tokens (the last may be shorter).
+
+    ``finish`` writes ``tokens.json`` last, through a temporary name: a folder without it is a corpus still being
+    written. With the tokenizer's ``end_of_text``, each document is followed by it (as GPT-2's corpora are), so a
+    window that spans two documents says where one ends.
+    """
+
+    def __init__(self, out: Path, tokenizer, shard_tokens: int):
+        check_shard_tokens(shard_tokens)
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.tokenizer, self.dtype = out, tokenizer, dtype_for(tokenizer.vocab)
+        self.buffer, self.filled = np.empty(shard_tokens, dtype=DTYPES[self.dtype]), 0
+        self.shards: list[dict] = []
+        self.documents = 0
+        self.separator = None if tokenizer.end_of_text is None else np.array([tokenizer.end_of_text])
+
+    def add(self, tokens: np.ndarray) -> None:
+        """One document's tokens."""
+        self.documents += 1
+        if self.separator is not None:
+            tokens = np.concatenate([tokens, self.separator])
         while len(tokens):
-            taken = min(len(tokens), shard_tokens - filled)
-            buffer[filled:filled + taken] = tokens[:taken]
-            filled, tokens = filled + taken, tokens[taken:]
-            if filled == shard_tokens:
-                flush()
-    flush()
-    meta = {"dtype": dtype, "vocab": vocab, "tokenizer": tokenizer, "shards": shards}
-    tmp = out / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out / META)
-    return meta
+            taken = min(len(tokens), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + taken] = tokens[:taken]
+            self.filled, tokens = self.filled + taken, tokens[taken:]
+            if self.filled == len(self.buffer):
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.filled:
+            name = f"shard_{len(self.shards):05d}.bin"
+            self.buffer[:self.filled].tofile(self.out / name)
+            self.shards.append({"file": name, "tokens": self.filled})
+            self.filled = 0
+
+    def discard(self) -> None:
+        """Remove the shards written so far (a corpus given up on)."""
+        for shard in self.shards:
+            (self.out / shard["file"]).unlink(missing_ok=True)
+
+    def finish(self) -> dict:
+        """The last shard, the tokenizer's copy and ``tokens.json``; returns what it holds."""
+        self._flush()
+        meta = {"dtype": self.dtype, "vocab": self.tokenizer.vocab, "tokenizer": self.tokenizer.record(self.out),
+                "documents": self.documents, "shards": self.shards}
+        tmp = self.out / f".{META}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, self.out / META)
+        return meta
+
+
+def write_shards(files: Iterable[Path], out: Path, shard_tokens: int, tokenizer=None) -> dict:
+    """Write the files' tokens, in order, into a corpus; returns its ``tokens.json``.
+
+    One document a file, in ``tokenizer``'s tokens (by default bytes).
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    writer = ShardWriter(out, tokenizer, shard_tokens)
+    for path in files:
+        writer.add(tokenizer.encode_batch([Path(path).read_bytes()])[0])
+    return writer.finish()
 
 
 def read_meta(folder: Path) -> dict:
@@ -87,12 +127,30 @@ def read_meta(folder: Path) -> dict:
         expected = shard["tokens"] * np.dtype(DTYPES[meta["dtype"]]).itemsize
         if not path.is_file() or path.stat().st_size != expected:
             raise UserError(f"{path} is missing or not {expected} bytes as {META} says: write the corpus again")
+    _check_tokenizer(folder, meta.get("tokenizer", "bytes"))
     return meta
 
 
+def _check_tokenizer(folder: Path, recorded) -> None:
+    """The tokenizer file ``tokens.json`` names is beside it, and the one the corpus was written with."""
+    if not isinstance(recorded, dict):
+        return
+    path = folder / recorded["file"]
+    if not path.is_file():
+        raise UserError(f"{folder / META} names the tokenizer {recorded['file']}, which is not beside it: copy the "
+                        f"corpus's tokenizer.json to {path}, or write the corpus again with python -m launcher.tokens")
+    if sha256(path) != recorded["sha256"]:
+        raise UserError(f"{path} is not the tokenizer {META} was written with (another SHA-256): put that one back, "
+                        "or write the corpus again with python -m launcher.tokens")
+
+
 def _well_formed(meta) -> bool:
-    shards = meta.get("shards") if isinstance(meta, dict) else None
-    return (meta.get("dtype") in DTYPES and isinstance(meta.get("vocab"), int) and isinstance(shards, list)
+    if not isinstance(meta, dict):
+        return False
+    shards, tokenizer = meta.get("shards"), meta.get("tokenizer", "bytes")
+    named = not isinstance(tokenizer, dict) or (isinstance(tokenizer.get("file"), str) and
+                                                isinstance(tokenizer.get("sha256"), str))
+    return (meta.get("dtype") in DTYPES and isinstance(meta.get("vocab"), int) and isinstance(shards, list) and named
             and all(isinstance(shard, dict) and isinstance(shard.get("file"), str) and
                     isinstance(shard.get("tokens"), int) and shard["tokens"] >= 0 for shard in shards))
 
@@ -116,6 +174,11 @@ class TokenWindows(Dataset):
     @property
     def vocab(self) -> int:
         return self.meta["vocab"]
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The corpus's tokenizer (``decode``, ``encode_batch``), or None where ``tokens.json`` names none known."""
+        return corpus_tokenizer(self.folder, self.meta.get("tokenizer", "bytes"))
 
     @property
     def nbytes(self) -> int:

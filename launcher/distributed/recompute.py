@@ -18,6 +18,7 @@ import functools
 import torch
 from torch import nn
 
+
 def checkpoint_blocks(blocks: list[nn.Module], mode: str) -> int:
     """Wrap the forward of ``blocks`` (every one, or every N-th) as ``mode`` asks; returns how many were wrapped."""
     if mode == "off":

@@ -175,10 +175,9 @@ class Trainer:
                      where.step_in_epoch, where.global_step)
             for line in start.describe_changes(self.streamed):
                 log.info("%s", line)
-        self.attempt.begin(start)
+        records = self.attempt.begin(start)
         write_summary(summary, self.attempt.run_dir)
-        if self.attempt.wandb_run:
-            self.attempt.wandb_run.save_summary(*parameter_counts(self.model), summary)
+        records.save_summary(*parameter_counts(self.model), summary)
 
     @property
     def position(self) -> Position:
@@ -440,10 +439,27 @@ class Trainer:
         if self.eval_set is not None and (on_every_rank(cfg, self.strategy) or self.dist_env.is_main):
             with random_streams_kept(self.device):
                 metrics = evaluate(self.model, self.eval_set, self.recipe, cfg, self.strategy)
+        if self.eval_set is not None:
+            self._write_samples()
         improved = self._new_best(metrics) if cfg.ckpt.best_metric else None
         if improved is not None:
             self.position.best = improved
         return metrics, improved is not None
+
+    def _write_samples(self) -> None:
+        """The recipe's ``samples`` after an evaluation (what a language model writes), in the log and the trackers.
+
+        Rank 0 writes them; under fsdp every rank generates (every forward gathers from all), else rank 0 alone.
+        """
+        if not (self.strategy.sharded or self.dist_env.is_main):
+            return
+        with random_streams_kept(self.device):
+            lines = self.recipe.samples(self.model, self.eval_set, self.cfg)
+        if self.dist_env.is_main and lines:
+            step = self.position.global_step
+            for number, line in enumerate(lines, 1):
+                log.info("step %d | sample %d: %r", step, number, line)
+            self.attempt.records.write_text(step, "eval/samples", "\n".join(lines))
 
     def _new_best(self, record: dict) -> float | None:
         """Rank 0 judges the new eval metric against the best so far.

@@ -1,15 +1,15 @@
 """One attempt at the run in a run directory.
 
-Rank 0 holds the directory's lock, the wandb process and the records for the attempt, and writes nothing into the
-directory until the start has passed every check: a start that fails leaves no trace (not even the directory, if it made
-it) and no wandb run. Nor does a new run that fails before its first checkpoint (a recipe's error at the first step, a
-loss that is NaN from the start): nothing in it could be continued from.
+Rank 0 holds the directory's lock and the records for the attempt (metrics.jsonl and log.to's sinks: wandb's process,
+TensorBoard, MLflow), and writes nothing into the directory until the start has passed every check: a start that fails
+leaves no trace (not even the directory, if it made it) and no wandb or MLflow run. Nor does a new run that fails
+before its first checkpoint (a recipe's error at the first step, a loss that is NaN from the start): nothing in it could
+be continued from.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from launcher.checkpoint.checkpointer import Publisher
@@ -25,7 +25,7 @@ from launcher.run.lock import RunLock, check_shared
 from launcher.run.mirror import Mirror
 from launcher.run.start import Start
 from launcher.tracking.metrics import Records
-from launcher.tracking.wandb import WandbRun, begin_wandb, spawn_wandb
+from launcher.tracking.sinks import open_sinks
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ class Attempt(Publisher):
     """
 
     def __init__(self, cfg, run_dir: Path, dist_env: DistEnv, lock: RunLock | None, mirror: Mirror | None,
-                 wandb_run: WandbRun | None):
+                 records: Records | None):
         self.cfg, self.run_dir, self.dist_env = cfg, run_dir, dist_env
-        self.lock, self.mirror, self.wandb_run = lock, mirror, wandb_run
+        self.lock, self.mirror = lock, mirror
         self.ledger = Ledger(run_dir)
-        self.records: Records | None = None  # rank 0, once begun
+        self.records = records  # rank 0's; its sinks start once begun
         self.number = 0  # this attempt's number in the run's history
         self.started: Start | None = None  # once begun
 
@@ -53,34 +53,39 @@ class Attempt(Publisher):
 
         A directory in use, or one that is not shared by every node, fails every rank, in one line. A stop signal ends a
         wait for the lock. With ``ckpt.remote``, rank 0 also holds the store's prefix, and fills an empty run
-        directory from it.
+        directory from it. Rank 0 also opens log.to's sinks: a library that cannot be imported fails every rank.
         """
         run_dir = run_dir_for(cfg, recipe)
+        resolved = with_run_dir(cfg, str(run_dir))
         lock = RunLock(run_dir, dist_env.job_id, dist_env.attempt) if dist_env.is_main else None
         token = on_main(dist_env, lambda: lock.acquire(signals.check))
-        opened: list[Mirror | None] = [None]
+        opened: list = [None, None]  # the mirror, the records
 
         def open_mirror() -> None:
             opened[0] = Mirror.open(cfg, run_dir, dist_env.job_id, dist_env.attempt, signals.check)
 
+        def open_records() -> None:
+            # wandb's process starts here, importing wandb while the model and data are built.
+            opened[1] = Records(run_dir / "metrics.jsonl", open_sinks(resolved, run_dir, dist_env.job_group))
+
         try:
             if dist_env.is_distributed:
                 run_agreed(dist_env, lambda: check_shared(run_dir, token))
+            run_agreed(dist_env, open_records if dist_env.is_main else None, name_rank=False)
             run_agreed(dist_env, open_mirror if dist_env.is_main else None, name_rank=False)
         except BaseException:
+            if opened[1]:
+                opened[1].close("failed")
             if lock:
                 lock.release(keep_dirs=Ledger(run_dir).holds_run())
             raise
-        cfg = with_run_dir(cfg, str(run_dir))
-        # wandb takes about a second to import, in its own process: while the model and data are built.
-        wandb_run = spawn_wandb(cfg) if dist_env.is_main else None
-        return cls(cfg, run_dir, dist_env, lock, opened[0], wandb_run)
+        return cls(resolved, run_dir, dist_env, lock, opened[0], opened[1])
 
     def begin(self, start: Start) -> Records:
         """Rank 0, once every check passed: begin the attempt.
 
         It writes the ledger (a new run's identity, this attempt's start and changes) and config.yaml, and starts the
-        records and the wandb run.
+        records: metrics.jsonl from the resume step on, and each sink's run (a new one, or the one it continues).
         """
         self.started = start
         for stale in self.run_dir.glob(".*.tmp"):  # a killed attempt's half-written model.pt or ledger; ours now
@@ -94,11 +99,7 @@ class Attempt(Publisher):
                                                 resumed_from, changes, restored)
         if self.mirror:
             self.mirror.begin(Path(start.checkpoint) if start.checkpoint else None)
-        self.records = Records(self.run_dir / "metrics.jsonl", self.wandb_run)
-        logged_through = self.records.last_step()  # by an earlier attempt: wandb has those steps already
-        self.records.drop_after(start.step)
-        if self.wandb_run:
-            begin_wandb(self.wandb_run, self.cfg, self.run_dir, self.dist_env.job_group, logged_through)
+        self.records.start(start.step)
         return self.records
 
     def complete(self, start: Start, saved: dict) -> None:
@@ -120,15 +121,15 @@ class Attempt(Publisher):
         self.abandon()
 
     def abandon(self) -> None:
-        """The start failed: no wandb run, and the directory as it was.
+        """The start failed: no wandb or MLflow run, and the directory as it was.
 
         The directory is gone if this attempt made it; after ``begin``, the attempt ends as failed.
         """
         if self.started is not None:
             self.end("failed", self.started.step, "the start failed", checkpointed=False)
             return
-        if self.wandb_run:
-            self.wandb_run.finish()
+        if self.records:
+            self.records.close("failed")  # never started: nothing of them is left
         if self.mirror:
             self.mirror.close(upload=self.mirror.identity is not None)  # a complete run's model.pt
         if self.lock:
@@ -146,6 +147,8 @@ class Attempt(Publisher):
 
     def model_saved(self, path: Path) -> None:
         """Rank 0: model.pt is in place."""
+        if self.records:
+            self.records.model_saved(path)
         if self.mirror:
             self.mirror.model_saved(path)
 
@@ -155,20 +158,19 @@ class Attempt(Publisher):
             self.mirror.drain()
 
     def end(self, outcome: str, step: int, detail: str = "", checkpointed: bool = True) -> None:
-        """Rank 0: record how the attempt ended, let wandb finish, give the directory back.
+        """Rank 0: record how the attempt ended, close the sinks (wandb finishes), give the directory back.
 
         The attempt ended finished, stopped or failed. A new run that failed before its first checkpoint (not
         ``checkpointed``) is taken away instead.
         """
         discard = outcome == "failed" and not checkpointed and self.started is not None and self.started.new_run
-        if self.wandb_run:
-            self.wandb_run.finish(wait=discard)  # its files go too: after it wrote them
+        if self.records:
+            self.records.close(outcome, discard)  # a discarded run's sinks take their folders (wandb/...) with them
         if not self.lock:
             return
         if discard:
             for name in RECORD_FILES:
                 (self.run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "wandb", ignore_errors=True)
             try:
                 (self.run_dir / "checkpoints").rmdir()  # made by a save that failed; never another's checkpoints
             except OSError:

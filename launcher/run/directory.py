@@ -21,8 +21,10 @@ from launcher.recipe import Recipe
 from launcher.storage import write_atomic
 
 # What a run's start writes into its directory besides checkpoints and model.pt (the ledger, config.yaml, the records,
-# the summary, the wandb run's id): what a new run that never checkpointed takes away again, and what ckpt.remote holds.
-RECORD_FILES = ("run.json", "history.jsonl", "config.yaml", "metrics.jsonl", "summary.txt", "wandb_id")
+# the summary, the wandb and MLflow runs' ids): what a new run that never checkpointed takes away again, and what
+# ckpt.remote holds. The sinks' folders (wandb/, tensorboard/, mlruns/) are theirs to take away (tracking/sinks.py).
+RECORD_FILES = ("run.json", "history.jsonl", "config.yaml", "metrics.jsonl", "summary.txt", "wandb_id",
+                "mlflow_run.json")
 
 
 def new_run_id() -> str:

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 HOLDER = "holder.json"
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # between tries while the store fails; the last repeats
-EXIT_WAIT_S = 30.0  # how long a run's end waits for a store that fails, giving the prefix back included
 STALL_S = 600.0  # how long a run's end waits for an upload that completes nothing (a hung mount, a dead network)
 _KINDS = ("checkpoint", "best", "model", "ledger")  # the order of uploads: the ledger after what it speaks of
 
@@ -42,8 +41,9 @@ _KINDS = ("checkpoint", "best", "model", "ledger")  # the order of uploads: the 
 class Mirror:
     """Rank 0's copy of one run directory in ``ckpt.remote``."""
 
-    def __init__(self, store: RemoteStore, run_dir: Path, me: Holder, keep: int):
+    def __init__(self, store: RemoteStore, run_dir: Path, me: Holder, keep: int, end_wait_s: float = 30.0):
         self.store, self.run_dir, self.keep = store, run_dir, keep
+        self.end_wait_s = end_wait_s  # ckpt.remote_wait_s: a run's end waits for a failing store this long in all
         self.lease = Lease(store, HOLDER, me, f"ckpt.remote={store.url}", "its own ckpt.remote")
         self.identity: dict | None = Ledger(run_dir).identity()  # the run's id and config (a new run's once begun)
         self.restored: dict | None = None  # what a start in an empty run directory took from the store
@@ -74,7 +74,8 @@ class Mirror:
         """
         if not cfg.ckpt.remote:
             return None
-        mirror = cls(RemoteStore(cfg.ckpt.remote), run_dir, Holder.this_process(job, attempt), cfg.ckpt.keep)
+        mirror = cls(RemoteStore(cfg.ckpt.remote), run_dir, Holder.this_process(job, attempt), cfg.ckpt.keep,
+                     cfg.ckpt.remote_wait_s)
         empty = mirror.identity is None and not step_files(run_dir / "checkpoints")
         try:
             mirror.lease.acquire(check_stop)
@@ -197,7 +198,7 @@ class Mirror:
     def drain(self) -> None:
         """Wait for what waits to be uploaded, as a run ends (a stop's checkpoint before exit 75 included).
 
-        The wait ends early when the store fails for ``EXIT_WAIT_S``, or no upload ends for ``STALL_S``: what is left
+        The wait ends early when the store fails for ``end_wait_s``, or no upload ends for ``STALL_S``: what is left
         waits in the run directory for the next start.
         """
         with self._wake:
@@ -207,17 +208,17 @@ class Mirror:
             time.sleep(POLL_S)  # one try of the store's may take long
             if self._failing and not said:
                 log.warning("ckpt.remote=%s fails: the run's end waits for it %.0f s at most", self.store.url,
-                            EXIT_WAIT_S)
+                            self.end_wait_s)
                 said = True
             now = time.monotonic()
-            if (self._failing and now > self._ending_since + EXIT_WAIT_S
+            if (self._failing and now > self._ending_since + self.end_wait_s
                     or now > max(self._ending_since, self._progress) + STALL_S):
                 return
 
     def close(self, upload: bool = True) -> None:
         """Upload the ledger and what waits (as ``drain`` does), then give the prefix back.
 
-        While the store fails, all within ``EXIT_WAIT_S`` of the end. Without ``upload`` (a failed start), nothing more
+        While the store fails, all within ``end_wait_s`` of the end. Without ``upload`` (a failed start), nothing more
         is uploaded.
         """
         if upload:
@@ -233,7 +234,7 @@ class Mirror:
             log.warning("ckpt.remote=%s: not uploaded (%s); they are in run.dir %s, and the next start with this "
                         "ckpt.remote uploads them", self.store.url, ", ".join(waiting), self.run_dir)
         ending = self._ending_since or time.monotonic()
-        self.lease.release(max(0.0, ending + EXIT_WAIT_S - time.monotonic()) if self._failing else EXIT_WAIT_S)
+        self.lease.release(max(0.0, ending + self.end_wait_s - time.monotonic()) if self._failing else self.end_wait_s)
 
     def _upload_until_closed(self) -> None:
         tries = 0
@@ -269,7 +270,7 @@ class Mirror:
         with self._wake:
             self._wake.wait(seconds if self._ending_since is None else min(seconds, BACKOFF_S[1]))
             ending = self._ending_since
-        return not self._closed and (ending is None or time.monotonic() < ending + EXIT_WAIT_S)
+        return not self._closed and (ending is None or time.monotonic() < ending + self.end_wait_s)
 
     def _ready(self) -> None:
         """Before uploads: the prefix held, its run this one (checked once), run.json there before any checkpoint.

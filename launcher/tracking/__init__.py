@@ -1,1 +1,1 @@
-"""What a run reports: metrics.jsonl, the terminal, the model summary, and wandb (in its own process)."""
+"""What a run reports: metrics.jsonl, log.to's sinks (wandb, TensorBoard, MLflow), the terminal, the summary."""

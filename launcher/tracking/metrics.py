@@ -1,9 +1,12 @@
-"""Metrics: one JSON object per line in <run.dir>/metrics.jsonl, passed on to wandb as they are written."""
+"""Metrics: one JSON object per line in <run.dir>/metrics.jsonl, and the records handed to every sink as they come."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
+
+from launcher.tracking.sinks import Sink, dropped
 
 
 def read_records(path: Path) -> list[dict]:
@@ -13,11 +16,18 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class Records:
-    """Rank 0's records of a run: appended to ``metrics.jsonl``, and logged to the wandb run when there is one."""
+class MetricsFile(Sink):
+    """``metrics.jsonl``, always written: a record per line, ``{"step": N, ...}``, numbers only.
 
-    def __init__(self, path: Path, wandb_run=None):
-        self.path, self.wandb_run = path, wandb_run
+    Its last step is what an earlier attempt logged through; on resume, the records past the resume step are dropped
+    and written again. Text records stay out (the log has them): its readers (``launcher.plot``, the tests) take
+    every value for a number and every step once per kind of record.
+    """
+
+    name = "metrics.jsonl"
+
+    def __init__(self, path: Path):
+        self.path = path
 
     def last_step(self) -> int:
         """The step of the newest record (0 for none): what an earlier attempt of this run logged through."""
@@ -28,8 +38,57 @@ class Records:
         kept = [record for record in read_records(self.path) if record["step"] <= step]
         self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
-    def write(self, record: dict) -> None:
+    def start(self, step: int, logged_through: int) -> None:
+        self.drop_after(step)
+
+    def metrics(self, step: int, values: dict) -> None:
         with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.wandb_run:
-            self.wandb_run.log(record)
+            file.write(json.dumps({"step": step, **values}) + "\n")
+
+
+class Records:
+    """Rank 0's records of a run, handed to each sink: metrics.jsonl first, then ``log.to``'s.
+
+    A sink that raises is dropped after one warning, and training goes on. Not metrics.jsonl: the run's own record,
+    which resumes and ckpt.remote read, fails the run when it cannot be written, as the ledger does.
+    """
+
+    def __init__(self, path: Path, sinks: Iterable[Sink] = ()):
+        self.file = MetricsFile(path)
+        self.sinks: list[Sink] = [self.file, *sinks]
+
+    def start(self, step: int) -> None:
+        """Begin this attempt's records at ``step``, where it resumes (0: a new run): each sink starts, or continues."""
+        logged_through = self.file.last_step()  # by an earlier attempt: what wandb and MLflow have already
+        self._each("start", step, logged_through)
+
+    def write(self, record: dict) -> None:
+        """A record, ``{"step": N, ...}``: the values at step N."""
+        self._each("metrics", record["step"], {key: value for key, value in record.items() if key != "step"})
+
+    def write_text(self, step: int, key: str, text: str) -> None:
+        """A text record at ``step`` (a recipe's samples after an evaluation), for the sinks that show text."""
+        self._each("text", step, key, text)
+
+    def save_summary(self, parameters: int, trainable: int, text: str) -> None:
+        """The model summary and the parameter counts."""
+        self._each("summary", text, parameters, trainable)
+
+    def model_saved(self, path: Path) -> None:
+        """model.pt is in place at ``path``."""
+        self._each("model", path)
+
+    def close(self, outcome: str, discard: bool = False) -> None:
+        """The attempt ended (finished, stopped or failed); ``discard``: the run is taken away, each sink's with it."""
+        self._each("close", outcome, discard)
+
+    def _each(self, method: str, *args) -> None:
+        for sink in list(self.sinks):
+            if sink is self.file:
+                getattr(sink, method)(*args)
+                continue
+            try:
+                getattr(sink, method)(*args)
+            except Exception as error:
+                self.sinks.remove(sink)
+                dropped(sink.name, error)

@@ -61,6 +61,15 @@ class WandbRun:
             return
         self._send({"log": {key: value for key, value in record.items() if key != "step"}, "step": record["step"]})
 
+    def text(self, step: int, key: str, text: str) -> None:
+        """A text record at ``step`` (a recipe's samples), shown as preformatted HTML."""
+        if step > self.logged_through:
+            self._send({"text": {key: text}, "step": step})
+
+    def save_model_path(self, path: Path) -> None:
+        """Where model.pt is, in the run's summary (``model``)."""
+        self._send({"summary": {"model": str(path.resolve())}})
+
     def save_summary(self, parameters: int, trainable: int, summary_text: str | None) -> None:
         """The parameter counts and the torchsummary table, in the run's summary."""
         values = {"parameters": parameters, "parameters_trainable": trainable}
@@ -132,11 +141,6 @@ def wandb_mode(cfg) -> str:
     if cfg.wandb.mode != "auto":
         return cfg.wandb.mode
     return _WANDB_MODE_ENV.get(os.environ.get("WANDB_MODE", "").lower(), "auto")
-
-
-def spawn_wandb(cfg) -> WandbRun | None:
-    """Rank 0: the wandb process, importing wandb while the run is set up; None when wandb is disabled."""
-    return None if wandb_mode(cfg) == "disabled" else WandbRun()
 
 
 def begin_wandb(wandb_run: WandbRun, cfg, run_dir: Path, job_group: str | None, logged_through: int) -> None:

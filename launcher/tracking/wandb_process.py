@@ -6,7 +6,8 @@ for wandb to import and start before its first step. Here the training process p
 its own time, at nice 10.
 
     python -m launcher.tracking.wandb_process   # stdin: {"start": {...}} (or {"finish": true}: no run),
-                                       # then {"log": ..., "step": N} / {"summary": ...},
+                                       # then {"log": ..., "step": N} / {"text": {key: text}, "step": N} /
+                                       # {"summary": ...},
                                        # then {"finish": true}
 
 It finishes the run and ends on the finish message, or when its stdin closes (the training process died); it is
@@ -16,6 +17,7 @@ data-loader workers forked from the training process hold copies of the pipe, so
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -130,6 +132,11 @@ def apply(run, message: dict) -> None:
     """One message from the training process, done to the run."""
     if "log" in message:
         run.log(message["log"], step=message["step"])
+    elif "text" in message:
+        import wandb
+
+        run.log({key: wandb.Html(f"<pre>{html.escape(text)}</pre>") for key, text in message["text"].items()},
+                step=message["step"])
     elif "summary" in message:
         run.summary.update(message["summary"])
     else:

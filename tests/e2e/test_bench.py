@@ -121,3 +121,15 @@ def test_fsdp_holds_half_of_ddps_training_state_per_rank_on_two_processes(tmp_pa
         for kind in ("parameters", "gradients", "optimizer_state"):
             assert rank[kind] * 2 == whole[kind] > 0, kind
         assert whole["optimizer_state"] == 2 * whole["parameters"]  # AdamW: two moments per parameter
+
+
+def test_activation_checkpointing_bench_keeps_less_for_each_stronger_mode():
+    """What a forward leaves for the backward is an allocation count, not a time: the same on any machine."""
+    output = subprocess.run([sys.executable, str(BENCH / "activations.py"), "--rounds", "1", "--steps", "1",
+                             "model.layers=4", "model.width=32", "model.context=32", "train.batch_size=8",
+                             "data.train_bytes=20000"], capture_output=True, text=True, timeout=300)
+    assert output.returncode == 0, f"exit {output.returncode}\nSTDERR:\n{output.stderr}"
+    modes = json.loads(output.stdout.splitlines()[-1])["modes"]
+    kept = {mode: result["activation_bytes"] for mode, result in modes.items()}
+    assert kept["off"] == kept["off (A/A)"] > kept["op"] > kept["2"] > kept["full"] > 0, kept
+    assert all(result["step_s"] > 0 for result in modes.values())

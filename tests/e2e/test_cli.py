@@ -149,8 +149,8 @@ def test_quiet_says_where_the_model_went_in_the_directory_cfg_names_and_convert_
     assert (tmp_path / "threads.0").read_text() == "2"  # dist.threads, over OMP_NUM_THREADS=1, before the model
     (checkpoint,) = (tmp_path / run_dir / "checkpoints").glob("step_*.pt")  # a DDP run's: one file
     step = int(checkpoint.stem.removeprefix("step_"))
-    converted = check_ok(subprocess.run([sys.executable, "-m", "launcher.convert", f"{run_dir}/checkpoints/step_{step}"],
-                                        cwd=tmp_path, capture_output=True, text=True, check=False))
+    convert = [sys.executable, "-m", "launcher.convert", f"{run_dir}/checkpoints/step_{step}"]
+    converted = check_ok(subprocess.run(convert, cwd=tmp_path, capture_output=True, text=True, check=False))
     assert f"wrote {run_dir}/model_{checkpoint.stem}.pt" in converted.stdout
     assert_identical(load_weights(tmp_path / run_dir), torch.load(tmp_path / run_dir / f"model_{checkpoint.stem}.pt",
                                                                   weights_only=True))

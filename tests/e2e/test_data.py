@@ -1,17 +1,24 @@
 """Data that resumes exactly on every path, in real processes: DataLoader workers with per-sample random transforms,
-evaluation that never moves training's random streams, a stream split over ranks and workers, token shards."""
+evaluation that never moves training's random streams, a stream split over ranks and workers, token shards (bytes,
+and a BPE trained on the standard library), Hugging Face datasets (map-style and streamed)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import (
     GPT_RECIPE,
     INTERRUPT_ON_CALL,
     assert_identical,
+    assert_user_error,
     check_ok,
     launch,
     launcher_command,
@@ -215,3 +222,107 @@ def test_gpt_trains_from_token_shards_and_resumes_bitwise(tmp_path):
 
 def launch_tokens(args: list[str], cwd):
     return subprocess.run([sys.executable, "-m", "launcher.tokens", *args], cwd=cwd, capture_output=True, text=True)
+
+
+# The gpt recipe made small, with INTERRUPT (counted in steps) and the samples it writes after each evaluation.
+SAMPLING_GPT = textwrap.dedent(INTERRUPT_ON_CALL + """
+    from launcher.recipes import gpt
+    from launcher.recipes.gpt import build_datasets, build_model, metrics, param_groups, samples, tokens_per_sample
+
+    DEFAULTS = {**gpt.DEFAULTS, "train": {**gpt.DEFAULTS["train"], "log_every": 5},
+                "model": {**gpt.DEFAULTS["model"], "layers": 2, "width": 32, "context": 32, "dropout": 0.1}}
+
+    def step(model, batch):
+        interrupt_on_call()
+        return gpt.step(model, batch)
+""")
+
+
+def test_gpt_trains_on_a_bpe_trained_on_the_standard_library_resumes_bitwise_and_shows_what_it_writes(tmp_path):
+    """A parquet table of the standard library's email package (a row per file, as datasets writes text), a
+    byte-level BPE of 512 tokens trained on it, and 24 steps of gpt on its shards, stopped at step 13: the resumed run
+    ends bitwise as the uninterrupted one, samples written all along."""
+    (tmp_path / "small_gpt.py").write_text(SAMPLING_GPT)
+    files = sorted((Path(os.__file__).parent / "email").rglob("*.py"))
+    pq.write_table(pa.table({"text": [file.read_text() for file in files]}), tmp_path / "email.parquet")
+    made = check_ok(launch_tokens(["--out", "corpus", "--train-tokenizer", "512", "email.parquet"], tmp_path))
+    assert "trained a byte-level BPE of 512 tokens" in made.stdout and "(uint16, a vocabulary of 512)" in made.stdout
+    args = ["recipe=small_gpt.py", "wandb.mode=disabled", "data.tokens=corpus", "ckpt.every_steps=8",
+            "eval.every_steps=8", "train.max_steps=24", "train.limit_eval_batches=2"]
+    reference = check_ok(launch([*args, "run.dir=reference"], tmp_path))
+    assert load_weights(tmp_path / "reference")["tokens.weight"].shape == (512, 32)  # the corpus's vocabulary
+    written = re.findall(r"\bstep (\d+) \| sample (\d+): (.*)", reference.stdout)
+    # After each evaluation (step 24's twice: eval.every_steps', then the end's), 3 lines.
+    assert {(int(step), int(number)) for step, number, _ in written} == {
+        (step, number) for step in (8, 16, 24) for number in (1, 2, 3)}, written
+    assert all(" → " in line for _, _, line in written)  # a prompt from the eval corpus, what the model wrote after it
+    stopped = launch([*args, "run.dir=stopped"], tmp_path, env={"INTERRUPT": "0:13:SIGTERM"})
+    assert stopped.returncode == 75, stopped.stderr
+    check_ok(launch([*args, "run.dir=stopped"], tmp_path))
+    assert_identical(load_weights(tmp_path / "stopped"), load_weights(tmp_path / "reference"))
+
+
+def test_a_corpus_whose_tokenizer_is_missing_is_one_line(tmp_path):
+    stdlib = os.path.dirname(os.__file__)
+    check_ok(launch_tokens(["--out", "corpus", "--train-tokenizer", "300", f"{stdlib}/json"], tmp_path))
+    (tmp_path / "corpus" / "train" / "tokenizer.json").unlink()
+    result = launch(["recipe=gpt", "data.tokens=corpus", "wandb.mode=disabled"], tmp_path)
+    assert_user_error(result, "corpus/train/tokens.json names the tokenizer tokenizer.json, which is not beside it")
+
+
+# A classifier of rows in parquet files, through Hugging Face datasets: a map-style Dataset, or (data.streaming)
+# an IterableDataset of the training files, mapped, read by 2 DataLoader workers (a file each).
+DATASETS_RECIPE = textwrap.dedent(INTERRUPT_ON_CALL + """
+    import datasets
+    import torch.nn.functional as F
+    from torch import nn
+
+    DEFAULTS = {"train": {"epochs": 2, "batch_size": 16, "log_every": 4}, "optim": {"lr": 0.05, "momentum": 0.9},
+                "ckpt": {"every_steps": 4}, "data": {"streaming": False}}
+    FILES = {"train": ["train0.parquet", "train1.parquet"], "eval": ["eval.parquet"]}
+
+    def build_datasets(cfg):
+        rows = datasets.load_dataset("parquet", data_files=FILES, cache_dir="hf-cache")
+        evaluation = rows["eval"].with_format("torch")
+        if not cfg.data.streaming:
+            return rows["train"].with_format("torch"), evaluation
+        stream = datasets.load_dataset("parquet", data_files=FILES["train"], split="train", streaming=True)
+        stream = stream.map(lambda row: {"features": [value * 2 for value in row["features"]]})
+        return stream.with_format("torch"), evaluation
+
+    def build_model(cfg):
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
+
+    def step(model, batch):
+        interrupt_on_call()
+        return F.cross_entropy(model(batch["features"]), batch["label"])
+""")
+
+
+def write_rows(folder, name: str, count: int, seed: int) -> None:
+    """``count`` rows of 8 noisy features whose label (of 3) shifts some of them, as a parquet file."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (count,), generator=generator)
+    features = torch.randn(count, 8, generator=generator) + torch.nn.functional.one_hot(labels, 8)
+    pq.write_table(pa.table({"features": features.tolist(), "label": labels.tolist()}), folder / name,
+                   row_group_size=32)
+
+
+@pytest.mark.parametrize("kind, extra", [("map", ()),
+                                         ("stream", ("data.streaming=true", "data.num_workers=2",
+                                                     "train.max_steps=20", "eval.every_steps=12"))])
+def test_a_recipe_of_hugging_face_datasets_trains_and_resumes_bitwise(tmp_path, kind, extra):
+    """A map-style Dataset (2 epochs of 12 steps), or an IterableDataset whose places are the library's own state
+    (20 steps, read ahead by 2 workers): stopped after step 10 and resumed, it ends bitwise as the uninterrupted run."""
+    (tmp_path / "rows.py").write_text(DATASETS_RECIPE)
+    for number in (0, 1):
+        write_rows(tmp_path, f"train{number}.parquet", 96, seed=number)
+    write_rows(tmp_path, "eval.parquet", 48, seed=2)
+    args = ["recipe=rows.py", "wandb.mode=disabled", *extra]
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    reference = check_ok(launch([*args, "run.dir=reference"], tmp_path, env=env))
+    assert ("a stream in 2 parts" if kind == "stream" else "through a DataLoader") in reference.stdout
+    stopped = launch([*args, "run.dir=stopped"], tmp_path, env={**env, "INTERRUPT": "0:10:SIGTERM"})
+    assert stopped.returncode == 75, stopped.stderr
+    check_ok(launch([*args, "run.dir=stopped"], tmp_path, env=env))
+    assert_identical(load_weights(tmp_path / "stopped"), load_weights(tmp_path / "reference"))

@@ -61,15 +61,17 @@ def exit_trials(trials: int, workdir: Path, args: list[str]) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-# 1. No false failures at exit. 36 two-process starts catch a 1-in-30 rate with probability 1 - (29/30)**36 = 0.70
-# (every CI run adds its own 36: a rate that slips past one run meets the next).
+# 1. No false failures at exit. A worker ends with os._exit (cli/main.py's exit_process), so gloo's threads never meet
+# a finalizing interpreter: the abort (1 start in 30 before it) cannot happen by construction. These starts run both
+# ends for real through the interpreter's own end; 12 catch a 1-in-10 regression with probability 0.72, and every CI
+# run adds its own.
 def test_two_process_starts_end_without_an_abort(tmp_path):
     check_ok(launch([*DIGITS, "run.dir=used", "train.epochs=1"], tmp_path))
-    finished = exit_trials(12, tmp_path, [*DIGITS, "run.dir=ok{trial}", "train.max_steps=4", "ckpt.every_steps=2",
-                                          "dist.stop_check_every=1", "train.log_every=1"])
-    refused = exit_trials(24, tmp_path, [*DIGITS, "run.dir=used", "model.channels=16"])  # an error after collectives
+    finished = exit_trials(4, tmp_path, [*DIGITS, "run.dir=ok{trial}", "train.max_steps=4", "ckpt.every_steps=2",
+                                         "dist.stop_check_every=1", "train.log_every=1"])
+    refused = exit_trials(8, tmp_path, [*DIGITS, "run.dir=used", "model.channels=16"])  # an error after collectives
     assert finished["abnormal"] == [] and refused["abnormal"] == [], finished["abnormal"] + refused["abnormal"]
-    assert all((tmp_path / f"ok{trial}" / "model.pt").exists() for trial in range(12))
+    assert all((tmp_path / f"ok{trial}" / "model.pt").exists() for trial in range(4))
 
 
 # 2. Signals.

@@ -1,9 +1,12 @@
-"""README is the manual: its install and test commands are what CI runs, and its recipe example works."""
+"""README is the manual: its install and test commands are what CI runs, and its recipe examples work."""
 
 import math
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from helpers import REPO, check_ok, epoch_records, launch
 
@@ -38,6 +41,21 @@ def test_the_readme_hooks_example_trains_on_dict_batches_of_padded_sequences(tmp
                     nproc=2))
     last = epoch_records(tmp_path / "out")[-1]
     assert last["eval/accuracy"] > 0.8 and last["eval/perplexity"] == pytest.approx(math.exp(last["eval/loss"]))
+
+
+def test_the_readme_datasets_example_trains_on_parquet_files_through_hugging_face_datasets(tmp_path):
+    example = next(block for block in code_blocks("python") if block.startswith("# rows.py"))
+    (tmp_path / "rows.py").write_text(example)
+    generator = torch.Generator().manual_seed(0)
+    for name, count in (("train0", 256), ("train1", 256), ("eval", 128)):
+        labels = torch.randint(0, 3, (count,), generator=generator)
+        features = torch.randn(count, 8, generator=generator) + 3 * torch.nn.functional.one_hot(labels, 8)
+        table = pa.table({"features": features.tolist(), "label": labels.tolist()})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    check_ok(launch(["recipe=rows.py", "run.dir=out", "wandb.mode=disabled"], tmp_path, nproc=2,
+                    env=env))
+    assert epoch_records(tmp_path / "out")[-1]["eval/accuracy"] > 0.9
 
 
 def test_the_cpu_only_install_takes_the_pinned_pair_from_pytorchs_cpu_index_then_installs_as_ci_does():

@@ -12,8 +12,8 @@ from torch import nn
 from launcher.checkpoint.formats import newest_good
 from launcher.cli.main import load_validated
 from launcher.distributed.env import DistEnv
-from launcher.distributed.strategy import repeated_blocks
 from launcher.distributed.group import destroy_process_group, init_process_group
+from launcher.distributed.strategy import repeated_blocks
 from launcher.errors import LauncherError, UserError
 from launcher.recipes import gpt, mlp
 

@@ -79,8 +79,10 @@ def recipe_with(**hooks) -> Recipe:
     ({"loss": lambda outputs, targets: None}, "loss(outputs, targets) returned None"),
     ({"step": lambda model, batch: None}, "step(model, batch) returned None"),
     ({"step": lambda model, batch: 0.5}, "step(model, batch) returned a float"),
-    ({"step": lambda model, batch: model(batch[0])}, "step(model, batch) returned a tensor of dtype float32 and shape (4, 3)"),
-    ({"step": lambda model, batch: (batch[1].sum(), None)}, "step(model, batch) returned a tensor of dtype int64 and shape ()"),
+    ({"step": lambda model, batch: model(batch[0])},
+     "step(model, batch) returned a tensor of dtype float32 and shape (4, 3)"),
+    ({"step": lambda model, batch: (batch[1].sum(), None)},
+     "step(model, batch) returned a tensor of dtype int64 and shape ()"),
     ({"step": lambda model, batch: (model(batch[0]).mean(),)}, "step(model, batch) returned a tuple of 1"),
 ])
 def test_a_step_or_loss_that_returns_no_scalar_loss_is_named_with_what_it_returned(hooks, said):

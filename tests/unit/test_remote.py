@@ -16,12 +16,11 @@ from launcher.errors import LauncherError, UserError
 from launcher.run.lock import Holder
 from launcher.run.mirror import HOLDER, Mirror
 
-
 RUN_1 = {"run_id": "run-1", "config": {}}
 
 
 def config(remote: str, resume: str = "auto"):
-    return OmegaConf.create({"ckpt": {"remote": remote, "keep": 2, "resume": resume}})
+    return OmegaConf.create({"ckpt": {"remote": remote, "keep": 2, "resume": resume, "remote_wait_s": 30.0}})
 
 
 @pytest.fixture
@@ -236,8 +235,8 @@ def test_the_end_of_a_run_does_not_wait_forever_for_a_hung_store(tmp_path, monke
 
 
 def test_a_run_ending_while_the_store_fails_waits_exit_wait_s_in_all_the_release_included(tmp_path, monkeypatch):
-    monkeypatch.setattr("launcher.run.mirror.EXIT_WAIT_S", 2.0)
     mirror = begun(tmp_path)
+    mirror.end_wait_s = 2.0
 
     def refused_slowly(*args, **kwargs):  # as a store that is down: each call fails after its retries
         time.sleep(2.0)
