@@ -183,6 +183,7 @@ def token_windows(folder: Path, context: int):
         if evaluation.meta.get("tokenizer") != train.meta.get("tokenizer"):
             raise ValueError(f"data.tokens={folder}: train/ and eval/ were written with other tokenizers (their "
                              "tokens.json say so): write both with one python -m launcher.tokens")
+        evaluation.tokenizer  # read now (``samples`` decodes with it): a missing library is said at the start
     if len(train) == 0:
         raise ValueError(f"data.tokens={folder}: its training corpus is shorter than one window of model.context + 1 "
                          f"= {context + 1} tokens")

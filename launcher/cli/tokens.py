@@ -24,6 +24,7 @@ from launcher.data.tokens import ShardWriter, check_shard_tokens
 from launcher.errors import LauncherError, UserError
 
 ENCODED_AT_ONCE = 256  # documents per encode_batch call (the tokenizers library encodes them on its threads)
+ENCODED_BYTES = 64 * 2**20  # and no more text than this at once: a text file is one document, of any size
 
 
 def text_files(paths: list[Path], pattern: str) -> list[Path]:
@@ -72,17 +73,32 @@ def write_corpus(files: list[Path], out: Path, tokenizer, args) -> dict[Path, di
     writers = {False: ShardWriter(out, tokenizer, args.shard_tokens)} if every <= 0 else {
         False: ShardWriter(out / "train", tokenizer, args.shard_tokens),
         True: ShardWriter(out / "eval", tokenizer, args.shard_tokens)}
-    numbered = enumerate(all_documents(files, args.column))
-    while chunk := list(itertools.islice(numbered, ENCODED_AT_ONCE)):
-        for (number, _), tokens in zip(chunk, tokenizer.encode_batch([document for _, document in chunk])):
-            writers[is_eval(number, every)].add(tokens)
-    if every > 0 and not all(writer.documents for writer in writers.values()):
-        count = sum(writer.documents for writer in writers.values())
+    try:
+        for chunk in chunks(enumerate(all_documents(files, args.column))):
+            for (number, _), tokens in zip(chunk, tokenizer.encode_batch([document for _, document in chunk])):
+                writers[is_eval(number, every)].add(tokens)
+        if every > 0 and not all(writer.documents for writer in writers.values()):
+            count = sum(writer.documents for writer in writers.values())
+            raise UserError(f"{count} document(s) cannot be split into train/ and eval/: give more, or write one "
+                            "corpus with --eval-every 0 (into --out itself, e.g. --out DIR/train)")
+        return {writer.out: writer.finish() for writer in writers.values()}
+    except BaseException:  # a bad row in a later file, Ctrl-C: no corpus, and no shards left of one
         for writer in writers.values():
             writer.discard()
-        raise UserError(f"{count} document(s) cannot be split into train/ and eval/: give more, or write one corpus "
-                        "with --eval-every 0 (into --out itself, e.g. --out DIR/train)")
-    return {writer.out: writer.finish() for writer in writers.values()}
+        raise
+
+
+def chunks(numbered, count: int = ENCODED_AT_ONCE, size: int = ENCODED_BYTES):
+    """Lists of (number, document) to encode at once: ``count`` of them, fewer where they pass ``size`` bytes."""
+    chunk, held = [], 0
+    for item in numbered:
+        chunk.append(item)
+        held += len(item[1])
+        if len(chunk) == count or held >= size:
+            yield chunk
+            chunk, held = [], 0
+    if chunk:
+        yield chunk
 
 
 def main(argv: list[str] | None = None) -> int:

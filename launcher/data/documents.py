@@ -28,13 +28,13 @@ def documents(path: Path, column: str) -> Iterator[str | bytes]:
 
 
 def _jsonl(path: Path, column: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as lines:
+    with path.open("rb") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except ValueError as error:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError as error:  # UnicodeDecodeError among them
                 raise UserError(f"{path}, line {number}: not JSON ({error})") from None
             if not isinstance(row, dict) or column not in row:
                 raise UserError(f"{path}, line {number}: no {column!r} in the row (name the text's column with "

@@ -57,6 +57,10 @@ class ShardWriter:
     def __init__(self, out: Path, tokenizer, shard_tokens: int):
         check_shard_tokens(shard_tokens)
         out.mkdir(parents=True, exist_ok=True)
+        # A corpus written here before is replaced, tokens.json first: a folder without it is no corpus.
+        (out / META).unlink(missing_ok=True)
+        for old in out.glob("shard_[0-9]*.bin"):
+            old.unlink()
         self.out, self.tokenizer, self.dtype = out, tokenizer, dtype_for(tokenizer.vocab)
         self.buffer, self.filled = np.empty(shard_tokens, dtype=DTYPES[self.dtype]), 0
         self.shards: list[dict] = []

@@ -56,6 +56,7 @@ class Records:
     def __init__(self, path: Path, sinks: Iterable[Sink] = ()):
         self.file = MetricsFile(path)
         self.sinks: list[Sink] = [self.file, *sinks]
+        self.dropped: list[Sink] = []  # closed with the rest as the attempt ends: files, a discarded run's folders
 
     def start(self, step: int) -> None:
         """Begin this attempt's records at ``step``, where it resumes (0: a new run): each sink starts, or continues."""
@@ -81,6 +82,11 @@ class Records:
     def close(self, outcome: str, discard: bool = False) -> None:
         """The attempt ended (finished, stopped or failed); ``discard``: the run is taken away, each sink's with it."""
         self._each("close", outcome, discard)
+        for sink in self.dropped:
+            try:
+                sink.close(outcome, discard)
+            except Exception:  # it failed once already, and said so
+                pass
 
     def _each(self, method: str, *args) -> None:
         for sink in list(self.sinks):
@@ -92,3 +98,5 @@ class Records:
             except Exception as error:
                 self.sinks.remove(sink)
                 dropped(sink.name, error)
+                if method != "close":
+                    self.dropped.append(sink)

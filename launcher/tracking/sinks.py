@@ -199,6 +199,7 @@ class MLflow(Sink):
         from mlflow import MlflowClient  # a broken MLflow fails the start here
 
         self._client_class, self.client, self.run_id, self.logged_through = MlflowClient, None, None, 0
+        self.model_path: Path | None = None
         self.uri = os.environ.get("MLFLOW_TRACKING_URI", "")  # '': the run's own local store
         # MLflow 3 refuses its file store (mlruns/) without this. Set here, on the main thread: setenv beside a
         # getenv on another thread is not safe.
@@ -208,12 +209,12 @@ class MLflow(Sink):
         from mlflow.entities import Param
 
         self.client = self._client_class(self.uri or (self.run_dir / self.LOCAL_STORE).resolve().as_uri())
-        self.run_id = self._kept_run()
+        self.run_id, logged = self._kept_run(), {}
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             logged = self.client.get_run(self.run_id).data.params
         else:
-            self.run_id, logged = self._new_run(), {}
+            self.run_id, logged_through = self._new_run(), 0  # a new MLflow run has none of the earlier steps
         config = OmegaConf.to_container(self.cfg)
         params = [Param(key, str(value)) for key, value in leaves(config) if key not in logged]
         self.client.log_batch(self.run_id, params=params)
@@ -229,6 +230,11 @@ class MLflow(Sink):
         if kept["tracking_uri"] != self.uri:
             log.info("mlflow: MLFLOW_TRACKING_URI is now %r, not %r where run %s is: a new MLflow run",
                      self.uri, kept["tracking_uri"], kept["run_id"])
+            return None
+        try:
+            self.client.get_run(kept["run_id"])
+        except Exception:  # not there: run.dir restored from ckpt.remote without mlruns/, or a server that lost it
+            log.info("mlflow: run %s is not in %s: a new MLflow run", kept["run_id"], self.uri or self.LOCAL_STORE)
             return None
         return kept["run_id"]
 
@@ -276,12 +282,14 @@ class MLflow(Sink):
 
     def model(self, path: Path) -> None:
         self.client.set_tag(self.run_id, "model_path", str(path.resolve()))
-        self.client.log_artifact(self.run_id, str(path))
+        self.model_path = path  # uploaded as the run ends, after its status: a long upload never leaves it RUNNING
 
     def close(self, outcome: str, discard: bool = False) -> None:
         if self.run_id is None:
             return
         self.client.set_terminated(self.run_id, self.STATUS[outcome])
+        if self.model_path is not None and not discard:
+            self.client.log_artifact(self.run_id, str(self.model_path))
         if discard and self.uri:
             self.client.delete_run(self.run_id)
         elif discard:
@@ -305,13 +313,14 @@ class OnThread(Sink):
         failed = False
         while (call := self._calls.get()) is not None:
             method, args = call
-            if failed:
+            if failed and method != "close":  # closed all the same: its files, a discarded run's folder
                 continue
             try:
                 getattr(self.sink, method)(*args)
             except Exception as error:
+                if not failed:
+                    dropped(self.name, error)
                 failed = True
-                dropped(self.name, error)
 
     def start(self, step: int, logged_through: int) -> None:
         self._calls.put(("start", (step, logged_through)))

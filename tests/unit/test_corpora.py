@@ -151,3 +151,16 @@ def test_the_gpt_recipes_samples_are_lines_it_writes_greedily_touching_no_random
     assert lines[0].startswith(evaluation.tokenizer.decode(prompts) + " → ")
     byte_lines = recipe.samples(gpt.GPT(256, 1, 4, 16, 16, 0.0), gpt.ByteWindows(b"x = 1\n" * 100, 16), cfg)
     assert byte_lines[0].startswith("x = 1\nx = 1\nx = ")  # bytes decoded as UTF-8
+
+
+def test_a_corpus_that_fails_part_way_leaves_no_corpus_and_a_jsonl_not_in_utf8_is_one_line(tmp_path, capsys):
+    """Written over an earlier corpus, then a bad row in the second file: neither corpus is left to be read."""
+    assert tokens_main(["--out", str(tmp_path / "c"), "--eval-every", "0", str(SOURCES[0])]) == 0
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(50)))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    args = ["--out", str(tmp_path / "c"), "--eval-every", "0", "--shard-tokens", "16"]
+    assert tokens_main([*args, str(tmp_path / "good.jsonl"), str(tmp_path / "latin1.jsonl")]) == 2
+    assert "latin1.jsonl, line 1: not JSON" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "tokens.json").exists() and not list((tmp_path / "c").glob("*.bin"))
+    with pytest.raises(UserError):
+        read_meta(tmp_path / "c")

@@ -4,6 +4,7 @@ validation, and the wandb process's text records."""
 
 import json
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_every_sink_gets_every_record_and_one_that_raises_is_dropped_with_one_wa
     assert healthy.calls == [("start", 0, 0), ("metrics", 10, {"epoch": 1, "train/loss": 0.1}),
                              ("metrics", 20, {"epoch": 1, "train/loss": 0.05}),
                              ("text", 20, "eval/samples", "one\ntwo"), ("close", "finished", False)]
-    assert len(failing.calls) == 2  # nothing more after it raised
+    assert failing.calls[2:] == [("close", "finished", False)]  # nothing more after it raised but its close
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert warnings == ["log.to: failing failed (OSError: failing broke); training goes on without it (metrics.jsonl "
                         "has every record)"]
@@ -110,7 +111,8 @@ def test_a_sink_on_its_own_thread_is_dropped_once_and_never_holds_the_caller(cap
     assert slow.calls == []
     release.set()
     queued.close("finished")
-    assert slow.calls == [("start", 0, 0), ("metrics", 10, {"train/loss": 1.0})]
+    # Nothing more after it raised but its close (its files; a discarded run's folder).
+    assert slow.calls == [("start", 0, 0), ("metrics", 10, {"train/loss": 1.0}), ("close", "finished", False)]
     assert [record.getMessage() for record in caplog.records] == [
         "log.to: slow failed (OSError: slow broke); training goes on without it (metrics.jsonl has every record)"]
 
@@ -207,3 +209,21 @@ def test_the_wandb_process_shows_a_text_record_as_preformatted_html():
     ((values, step),) = logged
     assert step == 44 and type(values["eval/samples"]).__name__ == "Html"
     assert "<pre>a &lt;b&gt;\nc</pre>" in values["eval/samples"].html
+
+def test_an_mlflow_run_the_store_no_longer_has_is_a_new_run_with_every_step(tmp_path, monkeypatch):
+    """As after a restore from ckpt.remote into an empty run.dir: mlflow_run.json came back, mlruns/ did not."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sinks-test")
+    cfg = config("log.to=[mlflow]", "wandb.mode=disabled")
+    first = MLflow(cfg, tmp_path / "first", None)
+    first.start(0, 0)
+    first.close("stopped")
+    (tmp_path / "restored").mkdir()
+    shutil.copy(tmp_path / "first" / "mlflow_run.json", tmp_path / "restored")
+    second = MLflow(cfg, tmp_path / "restored", None)
+    second.start(25, 30)
+    for step in (30, 40):
+        second.metrics(step, {"train/loss": float(step)})
+    second.close("finished")
+    assert second.run_id != first.run_id
+    history = second.client.get_metric_history(second.run_id, "train/loss")
+    assert [point.step for point in history] == [30, 40]  # the new run has none of the earlier steps: 30 again
