@@ -261,7 +261,9 @@ def test_a_run_that_ends_while_the_store_is_down_waits_for_it_as_documented_then
 
 
 def test_a_second_job_on_the_same_prefix_is_refused_while_the_first_writes(workdir, s3):
-    first = start([*ARGS, "run.dir=one", "ckpt.remote=s3://runs/d"], workdir, env={**s3.env, "STEP_SLEEP": "0.1"})
+    # Epochs enough that the first job is still training when the second is refused, however slow the machine.
+    first = start([*ARGS, "run.dir=one", "ckpt.remote=s3://runs/d", "train.epochs=1000"], workdir,
+                  env={**s3.env, "STEP_SLEEP": "0.1"})
     wait_for(lambda: s3.fs().exists("runs/d/holder.json"), "the first job's hold on the prefix", 120)
     second = launch([*ARGS, "run.dir=two", "ckpt.remote=s3://runs/d"], workdir, env=s3.env)
     first.send_signal(signal.SIGTERM)
