@@ -123,7 +123,9 @@ def failure_kind(error: BaseException) -> str:
 
 
 def first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else ""
+    """The first line of an exception's message ('' for none): a server's error may run to pages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def described(error: BaseException) -> str:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from launcher.errors import UserError
+from launcher.errors import UserError, first_line
 
 TABLES = (".parquet", ".jsonl", ".arrow")
 
@@ -66,7 +66,7 @@ def _record_batches(path: Path, column: str):
             _check_column(path, column, reader.schema, pyarrow)
             yield from (batch.select([column]) for batch in _ipc_batches(reader))
     except pyarrow.ArrowException as error:
-        raise UserError(f"{path} does not read as {path.suffix[1:]} ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path} does not read as {path.suffix[1:]} ({first_line(error)})") from None
 
 
 def _ipc_reader(file, pyarrow):

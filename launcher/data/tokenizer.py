@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from launcher.errors import UserError
+from launcher.errors import UserError, first_line
 
 FILE = "tokenizer.json"  # a corpus's copy of its tokenizer, beside its shards
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's separator of documents, and a trained BPE's
@@ -79,8 +79,8 @@ class FileTokenizer:
         try:
             return cls(library.Tokenizer.from_file(str(path)), path)
         except Exception as error:  # the library's own errors are plain Exceptions
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"{flag} {path} is not a tokenizer.json the tokenizers library reads ({first})") from None
+            raise UserError(f"{flag} {path} is not a tokenizer.json the tokenizers library reads "
+                            f"({first_line(error) or type(error).__name__})") from None
 
     def encode_batch(self, documents: list[str | bytes]) -> list[np.ndarray]:
         """Each document's token ids, without the special tokens a post-processor would add (BERT's [CLS])."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launcher.config.keys import leaves
+from launcher.errors import described
 from launcher.storage import write_atomic
 from launcher.tracking.wandb import WandbRun, begin_wandb, wandb_mode
 
@@ -77,13 +78,7 @@ class Sink:
 def dropped(name: str, error: BaseException) -> None:
     """The one warning for a sink that failed: it is dropped, and training goes on."""
     log.warning("log.to: %s failed (%s); training goes on without it (metrics.jsonl has every record)", name,
-                _one_line(error))
-
-
-def _one_line(error: BaseException) -> str:
-    """``Type: the first line of its message`` (a server's error may run to pages)."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+                described(error))
 
 
 def number(value) -> float | None:
@@ -366,6 +361,6 @@ def open_sinks(cfg, run_dir: Path, job_group: str | None) -> list[Sink]:
         except Exception as error:
             for made in sinks:
                 made.close("failed")
-            raise sink_library_missing(name, _one_line(error)) from None
+            raise sink_library_missing(name, described(error)) from None
         sinks.append(OnThread(sink) if sink.on_own_thread else sink)
     return sinks
