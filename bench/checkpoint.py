@@ -1,10 +1,12 @@
 """Checkpoint cost: how long the step loop is stalled per checkpoint, the whole write, load and peak extra memory.
 
     python bench/checkpoint.py [--params 100_000_000] [--fsdp-params 50_000_000] [--width 4096] [--dir /tmp]
+        [--cases torch.save launcher "launcher async" fsdp "fsdp async"]
 
 Cases: torch.save; the launcher's checkpoint written in the foreground and with ``ckpt.async`` (the loop waits only
-for a copy into host memory), for a 100M-parameter model in one process; and a sharded model under
-``dist.strategy=fsdp`` on 2 processes (gloo), foreground and background (torch's ``dcp.async_save``).
+for a copy into host memory), for a 100M-parameter model in one process, on the GPU where there is one (the copy is
+then into pinned host memory); and a sharded model under ``dist.strategy=fsdp`` on 2 processes (gloo, on the CPU),
+foreground and background (torch's ``dcp.async_save``).
 
 "load" is what a resume does: load the file, put it into the model and optimizer, and touch the optimizer state
 as the next step does. Each case runs in a fresh process (so one cannot inherit the other's memory), after one
@@ -60,12 +62,12 @@ def build(params: int, width: int = 4096):
     return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(max(1, round(params / width**2)))])
 
 
-def stepped(model):
+def stepped(model, device="cpu"):
     """Its optimizer after one SGD-with-momentum step (a momentum buffer as large as the model)."""
     import torch
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model(torch.randn(2, model[0].in_features)).sum().backward()
+    model(torch.randn(2, model[0].in_features, device=device)).sum().backward()
     optimizer.step()
     return optimizer
 
@@ -80,12 +82,12 @@ def checkpointer_for(folder: Path, strategy: str, in_background: bool, dist_env)
     return Checkpointer(folder, cfg, dist_env, "bench", "folder" if strategy == "fsdp" else "file"), cfg
 
 
-def training_state(optimizer):
+def training_state(optimizer, device):
     import torch
 
     from launcher.engine.state import TrainingState
 
-    state = TrainingState(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None, 1, torch.device("cpu"))
+    state = TrainingState(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), None, 1, device)
     state.position.global_step = 1
     return state
 
@@ -102,17 +104,19 @@ def stall_again(checkpointer, model, optimizer, state) -> float:
 
 def run_case(case: str, params: int, width: int, folder: Path) -> dict:
     """One case in this process: ``torch.save``, ``launcher`` (the step loop waits for the whole write) or
-    ``launcher async`` (``ckpt.async``: it waits for the copy into host memory; ``write_s`` is the whole write)."""
+    ``launcher async`` (``ckpt.async``: it waits for the copy into host memory; ``write_s`` is the whole write).
+    The model trains on the GPU where there is one: the copy the loop waits for is then device to pinned host."""
     import torch
 
     from launcher.checkpoint.formats import load_checkpoint
     from launcher.distributed.env import DistEnv
 
-    model = build(params, width)
-    optimizer = stepped(model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(params, width).to(device)
+    optimizer = stepped(model, device)
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     checkpointer, _ = checkpointer_for(folder, "ddp", case == "launcher async", DistEnv())
-    state = training_state(optimizer)
+    state = training_state(optimizer, device)
     start = time.perf_counter()
     with PeakRss() as memory:
         if case.startswith("launcher"):
@@ -135,6 +139,7 @@ def run_case(case: str, params: int, width: int, folder: Path) -> dict:
         value["momentum_buffer"].mul_(1)
     return {
         "case": case,
+        "device": str(device),
         "parameters": sum(p.numel() for p in model.parameters()),
         "state_mb": state_bytes / 2**20,
         "stall_s": stall_s,
@@ -149,6 +154,7 @@ def run_case(case: str, params: int, width: int, folder: Path) -> dict:
 def run_sharded_case(case: str, params: int, width: int, folder: Path) -> dict | None:
     """Under torchrun: one sharded save (``dist.strategy=fsdp``), in the foreground or the background, timed on every
     rank; rank 0 returns the slowest rank's stall and write."""
+    import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -162,7 +168,7 @@ def run_sharded_case(case: str, params: int, width: int, folder: Path) -> dict |
     fully_shard(model)
     optimizer = stepped(model)
     checkpointer, _ = checkpointer_for(folder, "fsdp", case == "fsdp async", dist_env)
-    state = training_state(optimizer)
+    state = training_state(optimizer, torch.device("cpu"))
     dist.barrier()
     start = time.perf_counter()
     checkpointer.save(model, optimizer, state)
@@ -181,6 +187,9 @@ def run_sharded_case(case: str, params: int, width: int, folder: Path) -> dict |
             "write_s": max(time[1] for time in times)}
 
 
+CASES = ["torch.save", "launcher", "launcher async", "fsdp", "fsdp async"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=100_000_000)
@@ -188,6 +197,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4096, help="of the layers (a test's small model: narrower)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--reps", type=int, default=2, help="runs of each case, alternating")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES,
+                        help="which cases (one GPU: the fsdp ones need 2 processes, which gloo runs on the CPU)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # in a folder of its own (the ranks of a sharded case share the one they are given)
@@ -199,7 +210,7 @@ def main() -> None:
             print(json.dumps(result))
         exit_process(0)  # a sharded case's gloo group outlives destroy_process_group: ended as a worker is
     results = []
-    for case in ("torch.save", "launcher", "launcher async", "fsdp", "fsdp async") * args.reps:
+    for case in args.cases * args.reps:
         sharded = case.startswith("fsdp")
         with tempfile.TemporaryDirectory(dir=args.dir) as folder:
             command = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -96,12 +96,14 @@ def main() -> None:
         run.batches = batches
         return run
 
-    sides = {"launcher": launcher_on(iter(loader)), "plain": plain_side(loader.dataset, cfg, device),
-             "plain_again": plain_side(loader.dataset, cfg, device)}
+    # The data set itself: a DataLoader's (data.resident=never) reads it through the launcher's seeded keys.
+    train_set = getattr(loader.dataset, "dataset", loader.dataset)
+    sides = {"launcher": launcher_on(iter(loader)), "plain": plain_side(train_set, cfg, device),
+             "plain_again": plain_side(train_set, cfg, device)}
     if args.unobserved:
         sides["launcher_unobserved"] = unobserved(trainer, launcher_on(sides["launcher"].batches))
     if args.limit:
-        sides["limit"] = limit_side(loader.dataset, cfg, device)
+        sides["limit"] = limit_side(train_set, cfg, device)
     if args.data_wait:
         inputs, targets = next(iter(loader))
         resident = itertools.repeat((trainer.precision.to_memory_format(inputs.to(device)), targets.to(device)))

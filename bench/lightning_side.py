@@ -1,10 +1,10 @@
 """Lightning's ``Trainer`` as a peer, on the launcher's benchmark workload: same model, data, global batch, optimizer
-groups, loss, bf16 and channels_last. Run under torchrun like the other sides (Lightning picks torchrun's
+groups, loss, bf16, channels_last and torch.compile. Run under torchrun like the other sides (Lightning picks torchrun's
 environment up and runs DDP in these processes); prints one JSON object on rank 0: steps/s over the steps after
 the warmup.
 
     torchrun --standalone --nproc_per_node 2 bench/lightning_side.py --arch mlp --steps 810 --warmup 100 \\
-        [train.amp=bf16 train.channels_last=true]
+        [train.amp=bf16 train.channels_last=true train.compile=true]
 
 Needs the ``bench`` extra (``pip install -e ".[dev,bench]"``). It runs in processes of its own, not interleaved with
 the launcher's loop: overhead.py runs it after each interleaved run and reads it against that run's plain loop.
@@ -38,6 +38,8 @@ class Workload(L.LightningModule):
         self.model = workload.build_model(cfg)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model, mode=cfg.train.compile_mode)
 
     def training_step(self, batch, batch_index):
         inputs, targets = batch

@@ -46,9 +46,11 @@ def run_interleaved(arch: str, procs: int, args, workdir: Path) -> dict:
     run = run_json([*torchrun, str(BENCH / "interleave.py"), f"--arch={arch}", f"--chunks={args.chunks}",
                     f"--chunk-steps={args.chunk_steps}", f"--warmup={args.warmup}",
                     *(["--data-wait"] if args.data_wait else []), *(["--limit"] if args.limit else []),
+                    *(["--unobserved"] if args.unobserved else []),
                     *args.launcher_args], workdir)
     if args.lightning:  # in processes of its own, right after: read against this run's plain loop
-        settings = [arg for arg in args.launcher_args if arg.startswith(("train.amp=", "train.channels_last="))]
+        settings = [arg for arg in args.launcher_args
+                    if arg.startswith(("train.amp=", "train.channels_last=", "train.compile=", "train.compile_mode="))]
         peer = run_json([*torchrun, str(BENCH / "lightning_side.py"), f"--arch={arch}",
                          f"--steps={args.chunks * args.chunk_steps}", f"--warmup={args.warmup}", *settings], workdir)
         run.update(lightning_steps_per_s=peer["lightning_steps_per_s"],
@@ -83,8 +85,8 @@ def summarize(runs: list[dict]) -> dict:
         **{key: first[key] for key in first if key.endswith(("host_reads_per_step", "collectives_per_step"))},
         "device": first["device"], "launcher_args": first["launcher_args"],
         **{key: statistics.median(run[key] for run in runs) for key in (
-            "data_wait_fraction", "ratio_to_limit", "limit_samples_per_s", "ratio_to_lightning", "lightning_to_plain",
-            "lightning_samples_per_s") if key in first},
+            "data_wait_fraction", "observability_cost", "ratio_to_limit", "limit_samples_per_s", "ratio_to_lightning",
+            "lightning_to_plain", "lightning_samples_per_s") if key in first},
     }
 
 
@@ -100,6 +102,8 @@ def main() -> None:
                         help="key=value overrides for the launcher's run (the plain loop follows train.amp, "
                              "train.channels_last, train.compile), e.g. wandb.mode=disabled")
     parser.add_argument("--data-wait", action="store_true", help="also measure the data wait fraction (GPU)")
+    parser.add_argument("--unobserved", action="store_true",
+                        help="also time the launcher's loop with its observability stubbed out: what it costs")
     parser.add_argument("--limit", action="store_true",
                         help="also time a plain loop on data resident on the device (compiled on a GPU)")
     parser.add_argument("--lightning", action="store_true",

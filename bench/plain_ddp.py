@@ -44,7 +44,7 @@ def plain_config(arch: str):
     """The workload's settings, shaped like the launcher's config (the keys the plain loop reads)."""
     return OmegaConf.create({**workload.DEFAULTS, "model": {**workload.DEFAULTS["model"], "arch": arch},
                              "train": {**workload.DEFAULTS["train"], "amp": "none", "channels_last": False,
-                                       "compile": False},
+                                       "compile": False, "compile_mode": "default"},
                              "optim": {**workload.DEFAULTS["optim"], "momentum": 0.0, "weight_decay": 0.0}})
 
 
@@ -62,7 +62,7 @@ def build_plain(train_set, cfg, device: torch.device) -> PlainLoop:
     o = cfg.optim
     optimizer = torch.optim.SGD(workload.param_groups(model, cfg), lr=o.lr, momentum=o.momentum,
                                 weight_decay=o.weight_decay)
-    model = torch.compile(model) if cfg.train.compile else model
+    model = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=0, drop_last=True)

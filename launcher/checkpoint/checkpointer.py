@@ -78,7 +78,7 @@ class Checkpointer:
         self._snapshots = Snapshots()
         # Sharded saves in the background gather on a gloo group of their own while training's collectives go on.
         self._group = dist.new_group(backend="gloo") if self.in_background and self.format.sharded else None
-        self._stager = _stager(torch.cuda.is_available()) if self._group is not None else None
+        self._stager = _Stager(torch.cuda.is_available()) if self._group is not None else None
 
     def path_for(self, global_step: int) -> Path:
         return self.format.path(self.folder, f"{STEP_PREFIX}{global_step:09d}")
@@ -236,7 +236,7 @@ class Checkpointer:
         written = self.folder / f".{path.name}.tmp"
         run_agreed(self.dist_env, self._clear_stale if self.dist_env.is_main else None, name_rank=False)  # first
         try:
-            files = save_shards_in_background(model, optimizer, written, self._group, self._stager)
+            files = save_shards_in_background(model, optimizer, written, self._group, self._stager.for_save())
         except Exception as error:
             needed = _bytes([model.state_dict(), optimizer.state_dict()]) * self.dist_env.world_size
             raise LauncherError(self._write_failed(path, needed, error), same_on_all_ranks=True) from None
@@ -296,12 +296,30 @@ class Checkpointer:
                 remove_checkpoint(old)
 
 
-def _stager(pinned: bool):
-    """DCP's stager into host memory, pinned on CUDA (one per run: it keeps its buffers for the next save)."""
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+class _Stager:
+    """DCP's stager into host memory, pinned on CUDA: one per run, which keeps its buffers for the next save.
 
-    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
-                                        use_non_blocking_copy=False))
+    torch 2.10 and 2.11's stager closes itself after each copy (pytorch#170431, a leak fixed by clearing what it
+    copies with), and one used again fails with ``KeyError: <class 'type'>``: there, each save gets a new one.
+    """
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.kept = self._new()
+        try:
+            for _ in range(2):
+                self.kept.stage({"probe": torch.zeros(1)})
+        except KeyError:
+            self.kept = None
+
+    def for_save(self):
+        return self.kept or self._new()
+
+    def _new(self):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        return DefaultStager(StagingOptions(use_pinned_memory=self.pinned, use_shared_memory=False,
+                                            use_async_staging=False, use_non_blocking_copy=False))
 
 
 def _bytes(tree) -> int:

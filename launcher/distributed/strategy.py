@@ -35,6 +35,7 @@ class Strategy:
 
     sharded = False  # True: state in shards (folder checkpoints), and every forward is a collective of every rank
     checkpoint_format = "file"  # rank 0 writes every rank's state in one file
+    channels_last_weights = True  # train.channels_last: the model's weights too, not only the batches
 
     def __init__(self, cfg, dist_env: DistEnv, device: torch.device):
         self.cfg, self.dist_env, self.device = cfg, dist_env, device
@@ -69,6 +70,8 @@ class Strategy:
 
     def prepare(self, model: nn.Module, recipe) -> nn.Module:
         """Before the optimizer: the model as its parameters will be trained (the same parameters, or their shards)."""
+        if self.cfg.train.channels_last and self.channels_last_weights:
+            model = model.to(memory_format=torch.channels_last)
         if self.cfg.dist.sync_batchnorm and self.dist_env.is_distributed:
             model = sync_batchnorm(model, self.device)
         self._recompute(recipe.blocks(model))
@@ -138,6 +141,10 @@ class FSDP(Strategy):
 
     sharded = True
     checkpoint_format = "folder"  # every rank writes its shards (torch.distributed.checkpoint)
+    # fully_shard takes contiguous parameters only; the batches are still channels_last, for which cuDNN picks its
+    # NHWC kernels (converting each convolution's weight as it runs).
+    channels_last_weights = False
+    casts_parameters = False  # train.amp=bf16 through the MixedPrecisionPolicy (bf16 weights), decided in prepare
 
     @property
     def build_device(self) -> torch.device:
@@ -145,7 +152,7 @@ class FSDP(Strategy):
 
     @property
     def autocast_amp(self) -> str:
-        return "none"  # FSDP's MixedPrecisionPolicy casts
+        return "none" if self.casts_parameters else self.cfg.train.amp  # else the MixedPrecisionPolicy casts
 
     @property
     def sync_phase(self) -> str:
@@ -162,7 +169,10 @@ class FSDP(Strategy):
         self._parallelize(model, recipe)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        bf16 = self.cfg.train.amp == "bf16"
+        # BatchNorm computes with its running statistics, which stay fp32: bf16 weights beside them fail ("expected
+        # scalar type BFloat16 but found Float"). A model with BatchNorm keeps fp32 weights and computes under autocast.
+        self.casts_parameters = self.cfg.train.amp == "bf16" and not _has_batchnorm(model)
+        bf16 = self.casts_parameters
         inside = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         outside = MixedPrecisionPolicy(torch.bfloat16, torch.float32, output_dtype=torch.float32) if bf16 else None
         for block in blocks or [model]:
@@ -307,8 +317,11 @@ def _refuse_rank_local_batchnorm(model: nn.Module, cfg, dist_env: DistEnv) -> No
     """
     if not dist_env.is_distributed or cfg.dist.sync_batchnorm:
         return
-    if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+    if _has_batchnorm(model):
         raise UserError("dist.strategy=fsdp with BatchNorm layers needs dist.sync_batchnorm=true: FSDP keeps each "
                         "rank's running statistics apart, where DDP copies rank 0's to every rank",
                         same_on_all_ranks=True)
 
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())

@@ -25,8 +25,6 @@ def build_model_and_data(cfg, recipe: Recipe, dist_env: DistEnv, device: torch.d
     """(model on ``device``, train set, eval set or None), seeded with ``train.seed`` alike on every rank."""
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and datasets
     model = run_agreed(dist_env, lambda: recipe.build_model(cfg)).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     train_set, eval_set = _build_datasets(cfg, recipe, dist_env)
     if is_stream(train_set):
         _check_stream_run(train_set, cfg, dist_env, device)

@@ -86,16 +86,21 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
 
 
 def test_the_gpu_benchmark_path_resnet18_bf16_channels_last_data_wait_runs_on_the_cpu(tmp_path):
-    # The GPU table's command (BENCHMARKS.md), on a CPU and a few tiny steps: both loops in bf16 and channels_last,
-    # the launcher also on a batch kept on the device. Only a GPU gives the numbers.
-    settings = ["train.amp=bf16", "train.channels_last=true", "train.batch_size=16", "wandb.mode=disabled"]
+    # The GPU table's command (BENCHMARKS.md, bench/gpu.sh), on a CPU and a few tiny steps: both loops in bf16 and
+    # channels_last, the launcher also on a batch kept on the device and with its observability stubbed out, on the
+    # plain loop's data path (a DataLoader: the launcher's reads the data set through its seeded keys, the plain
+    # loop's the data set itself). Only a GPU gives the numbers.
+    settings = ["train.amp=bf16", "train.channels_last=true", "train.batch_size=16", "data.resident=never",
+                "wandb.mode=disabled"]
     output = run_bench([str(BENCH / "overhead.py"), "--archs", "resnet18", "--procs", "1", "--reps", "1", "--chunks",
-                        "2", "--chunk-steps", "2", "--warmup", "1", "--data-wait", "--workdir", str(tmp_path),
-                        "--launcher-args", *settings], tmp_path, env={"BENCH_TRAIN_SAMPLES": "256"})
+                        "2", "--chunk-steps", "2", "--warmup", "1", "--data-wait", "--unobserved", "--workdir",
+                        str(tmp_path), "--launcher-args", *settings], tmp_path, env={"BENCH_TRAIN_SAMPLES": "256"})
     run, summary = (json.loads(line) for line in output.splitlines())
     assert run["device"] == "cpu" and run["launcher_args"] == settings
     resident_time = run["launcher_steps_per_s"] / run["launcher_resident_steps_per_s"]  # as a share of the loader's
     assert run["data_wait_fraction"] == pytest.approx(1 - resident_time)
+    unobserved_time = run["launcher_steps_per_s"] / run["launcher_unobserved_steps_per_s"]
+    assert summary["observability_cost"] == pytest.approx(1 / unobserved_time - 1)
     assert run["launcher_host_reads_per_step"] == 0 and run["plain_host_reads_per_step"] == 0  # no log in 5 steps
     # The report's GPU table, for the same summary as a GPU would label it.
     spec = importlib.util.spec_from_file_location("report", BENCH / "report.py")
