@@ -30,9 +30,11 @@ def launcher_command(args: list[str], nproc: int | None = None, torchrun_args: t
 
 
 def launcher_environ(env: dict | None) -> dict:
-    """This process's environment with ``env`` over it (None: unset), one thread, no W&B credentials: wandb.mode=auto
-    then logs offline, never to a server."""
-    merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, **(env or {})}
+    """This process's environment with ``env`` over it (None: unset), one thread, no W&B credentials, and wandb off
+    (WANDB_MODE=disabled, which wandb.mode=auto honours): a wandb run is a process of its own, about a second of CPU
+    per launch that a test not about it need not pay. ``WANDB_ON`` in ``env`` turns it on: wandb.mode=auto then logs
+    offline, never to a server."""
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_API_KEY": None, "WANDB_MODE": "disabled", **(env or {})}
     return {key: value for key, value in merged.items() if value is not None}
 
 
@@ -289,9 +291,12 @@ def run_id(records: list[dict]) -> str:
     return next(record["run"]["run_id"] for record in records if record["type"] == "run")
 
 
+WANDB_ON = {"WANDB_MODE": None}  # for launcher_environ: wandb.mode=auto logs offline (no credentials)
+
+
 def without_credentials(tmp_path: Path) -> dict:
     """No W&B API key anywhere (a fresh home), so wandb.mode=auto means offline."""
-    return {"HOME": str(tmp_path), "WANDB_API_KEY": None, "WANDB_MODE": None}
+    return {"HOME": str(tmp_path), "WANDB_API_KEY": None, **WANDB_ON}
 
 
 def launcher_lines(result) -> list[str]:

@@ -52,9 +52,10 @@ def test_benchmarks_run_emit_their_json_and_report_it(tmp_path):
     assert all(0 < line["first_step_s"] < line["exit_s"] for line in commands)
 
     checkpoint = run_bench([str(BENCH / "checkpoint.py"), "--params", "1000000", "--fsdp-params", "1000000",
-                            "--width", "256", "--reps", "1", "--dir", str(tmp_path)], tmp_path)
+                            "--width", "256", "--reps", "1", "--dir", str(tmp_path), "--cases", "launcher",
+                            "launcher async", "fsdp async"], tmp_path)  # torch.save and fsdp run as these do
     cases = json.loads(checkpoint)
-    assert [case["case"] for case in cases] == ["torch.save", "launcher", "launcher async", "fsdp", "fsdp async"]
+    assert [case["case"] for case in cases] == ["launcher", "launcher async", "fsdp async"]
     assert all(0 < case["stall_s"] <= case["write_s"] for case in cases)
 
     wandb_log = run_bench([str(BENCH / "wandb_log.py"), "--records", "3", "--every", "0"], tmp_path)

@@ -26,6 +26,7 @@ from helpers import (
     reference_weights,
     start,
     wait_for,
+    without_credentials,
 )
 
 DIGITS = ["recipe=digits", "wandb.mode=disabled"]
@@ -305,7 +306,7 @@ def test_an_empty_eval_set_fails_at_setup_and_leaves_nothing(tmp_path):
 def test_a_start_that_fails_leaves_no_run_directory_and_no_wandb_run(tmp_path, args):
     (tmp_path / "bad_model.py").write_text(
         "from launcher.recipes.digits import build_datasets\ndef build_model(cfg):\n    return 'not a model'\n")
-    result = launch(args, tmp_path, nproc=2, env={"HOME": str(tmp_path)})  # wandb.mode=auto: offline
+    result = launch(args, tmp_path, nproc=2, env=without_credentials(tmp_path))  # wandb.mode=auto: offline
     assert result.returncode != 0 and "launcher: error:" in result.stderr
     assert not (tmp_path / "runs").exists()
     assert "wandb" not in result.stdout + result.stderr.replace("wandb.mode", "")

@@ -3,7 +3,7 @@
 import textwrap
 
 import torch
-from helpers import check_ok, epoch_records, launch, load_weights, read_metrics
+from helpers import WANDB_ON, check_ok, epoch_records, launch, load_weights, read_metrics
 
 from launcher.config.build import build_config, parse_overrides
 from launcher.recipe import load_recipe
@@ -15,7 +15,7 @@ def fresh_model(recipe_name: str, overrides=()):
 
 
 def test_digits_on_two_processes_reaches_95_percent(tmp_path):
-    result = check_ok(launch(["recipe=digits", "run.dir=out"], tmp_path, nproc=2))
+    result = check_ok(launch(["recipe=digits", "run.dir=out"], tmp_path, nproc=2, env=WANDB_ON))
     run_dir = tmp_path / "out"
     epochs = epoch_records(run_dir)
     assert len(epochs) == 20 and epochs[-1]["eval/accuracy"] >= 0.95

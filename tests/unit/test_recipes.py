@@ -1,8 +1,12 @@
 """The shipped recipes build, and the recipe interface does what README promises."""
 
+import importlib.util
 import re
+import subprocess
+import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +101,22 @@ def test_a_step_may_return_the_loss_or_the_loss_and_outputs():
     assert loss.dim() == 0 and outputs.shape == (4, 3)
     assert recipe_with(step=lambda model, batch: loss).step(model, batch) == (loss, None)
     assert recipe_with(step=lambda model, batch: (loss, outputs)).step(model, batch) == (loss, outputs)
+
+
+def test_digits_reads_scikit_learns_shipped_file_as_load_digits_does_without_importing_it(monkeypatch):
+    from sklearn.datasets import load_digits as scikit_learns
+
+    from launcher.recipes import digits
+
+    images, labels = digits.load_digits()
+    shipped = scikit_learns()
+    assert np.array_equal(images, shipped.images) and np.array_equal(labels, shipped.target)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # not installed
+    with pytest.raises(UserError, match="recipe digits needs scikit-learn, which ships the data: pip install "):
+        digits.load_digits()
+
+
+def test_importing_the_digits_recipe_and_reading_its_data_imports_no_scikit_learn():
+    code = ("import sys; from launcher.recipes import digits; digits.load_digits(); "
+            "print(sorted(name for name in sys.modules if name.startswith(('sklearn', 'scipy', 'pandas'))))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
