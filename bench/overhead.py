@@ -99,8 +99,8 @@ def main() -> None:
     parser.add_argument("--chunk-steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--launcher-args", nargs="*", default=[],
-                        help="key=value overrides for the launcher's run (the plain loop follows train.amp, "
-                             "train.channels_last, train.compile), e.g. wandb.mode=disabled")
+                        help="key=value overrides for the launcher's run (the plain loop and Lightning follow "
+                             "train.amp, train.channels_last, train.compile and its mode), e.g. wandb.mode=disabled")
     parser.add_argument("--data-wait", action="store_true", help="also measure the data wait fraction (GPU)")
     parser.add_argument("--unobserved", action="store_true",
                         help="also time the launcher's loop with its observability stubbed out: what it costs")
