@@ -29,6 +29,9 @@ def launcher_command(args: list[str], nproc: int | None = None, torchrun_args: t
     return [*wrapper, *command]
 
 
+WANDB_ON = {"WANDB_MODE": None}  # for launcher_environ: wandb.mode=auto logs offline (no credentials)
+
+
 def launcher_environ(env: dict | None) -> dict:
     """This process's environment with ``env`` over it (None: unset), one thread, no W&B credentials, and wandb off
     (WANDB_MODE=disabled, which wandb.mode=auto honours): a wandb run is a process of its own, about a second of CPU
@@ -289,9 +292,6 @@ def history(records: list[dict]) -> list[dict]:
 
 def run_id(records: list[dict]) -> str:
     return next(record["run"]["run_id"] for record in records if record["type"] == "run")
-
-
-WANDB_ON = {"WANDB_MODE": None}  # for launcher_environ: wandb.mode=auto logs offline (no credentials)
 
 
 def without_credentials(tmp_path: Path) -> dict:
