@@ -299,6 +299,13 @@ def without_credentials(tmp_path: Path) -> dict:
     return {"HOME": str(tmp_path), "WANDB_API_KEY": None, **WANDB_ON}
 
 
+def assert_no_run_left(workdir, result) -> None:
+    """No run directory, and no wandb run though wandb.mode=auto would have logged offline."""
+    assert not (workdir / "runs").exists()
+    assert "wandb" not in result.stdout + result.stderr.replace("wandb.mode", "")
+    assert not list(workdir.rglob("wandb"))
+
+
 def launcher_lines(result) -> list[str]:
     """Every line the launcher printed in its own name (errors, stops, notes), on either stream; not the header."""
     return [line for line in (result.stdout + result.stderr).splitlines()

@@ -1,9 +1,9 @@
 """Many two-process starts of the launcher, cheaply: ``python tests/exit_trials.py TRIALS WORKDIR ARGS...``.
 
-torch and the launcher are imported once; each trial forks two workers that take the environment torchrun would give
-them and run ``python -m launcher ARGS`` as its ``__main__`` does, to the end of the process ("{trial}" in ARGS: the
-trial's number). Prints one JSON line:
-the trials, and for each abnormal end (a signal, or an abort message) the trial, rank, status and output's tail.
+torch and the launcher are imported once, with what a worker imports on its way to its first step; each trial forks
+two workers that take the environment torchrun would give them and run ``python -m launcher ARGS`` as its
+``__main__`` does, to the end of the process ("{trial}" in ARGS: the trial's number). Prints one JSON line: the
+trials, and for each abnormal end (a signal, or an abort message) the trial, rank, status and output's tail.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 import torch  # noqa: F401  (imported once, before forking)
+import torch._dynamo  # noqa: F401  (which every worker's optimizer imports, a second and more of CPU per start)
 
 import launcher.__main__  # noqa: F401
+import launcher.engine.worker  # noqa: F401
 
 
 def free_port() -> int:

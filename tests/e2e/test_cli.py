@@ -8,7 +8,17 @@ import textwrap
 import pytest
 import torch
 import yaml
-from helpers import TORCHRUN_BANNER, assert_identical, assert_user_error, check_ok, error_lines, launch, load_weights
+from helpers import (
+    TORCHRUN_BANNER,
+    assert_identical,
+    assert_no_run_left,
+    assert_user_error,
+    check_ok,
+    error_lines,
+    launch,
+    load_weights,
+    without_credentials,
+)
 
 from launcher.config.keys import KEYS
 
@@ -84,11 +94,13 @@ def test_config_error_under_torchrun_is_printed_once(tmp_path):
     assert_user_error(launch(["recipe=digits", "train.batch_size=63"], tmp_path, nproc=2), "split evenly over 2", True)
 
 
-def test_missing_data_is_reported_once_before_training(tmp_path):
-    result = launch(["recipe=lenet", f"data.root={tmp_path / 'nothing'}"], tmp_path, nproc=2)
+def test_missing_data_is_reported_once_before_training_and_leaves_no_run(tmp_path):
+    result = launch(["recipe=lenet", f"data.root={tmp_path / 'nothing'}"], tmp_path, nproc=2,
+                    env=without_credentials(tmp_path))
     assert_user_error(result, "Fashion-MNIST is not in data.root=", torchrun=True)
     assert "FashionMNIST/raw" in error_lines(result)[0] and "data.download=true" in error_lines(result)[0]
     assert "epoch 1" not in result.stdout
+    assert_no_run_left(tmp_path, result)
 
 
 def test_data_error_on_one_rank_only_fails_the_job_once(tmp_path):

@@ -26,13 +26,10 @@ def as_root():
         pytest.skip("not root: a new PID namespace needs root")
 
 
-@pytest.mark.parametrize("how", ["torchrun", "python"])
-def test_a_run_whose_torchrun_is_pid_1_trains_to_the_end(tmp_path, as_root, how):
-    """Past step 20, the first stop agreement: a worker whose parent is PID 1 once took that as its parent's death."""
-    args, nproc = [*DIGITS, "run.dir=x"], 2
-    if how == "python":
-        args, nproc = [*args, "dist.nproc_per_node=2"], None
-    result = check_ok(launch(args, tmp_path, nproc=nproc, wrapper=AS_PID_1))
+def test_a_run_whose_torchrun_is_pid_1_trains_to_the_end(tmp_path, as_root):
+    """Past step 20, the first stop agreement: a worker whose parent is PID 1 once took that as its parent's death.
+    (`python -m launcher` as PID 1: the next test's second run.)"""
+    result = check_ok(launch([*DIGITS, "run.dir=x"], tmp_path, nproc=2, wrapper=AS_PID_1))
     assert "done: 44 steps" in result.stdout and "SIGHUP" not in result.stderr
     assert (tmp_path / "x" / "model.pt").is_file()
 
@@ -47,8 +44,9 @@ def test_a_stop_signal_to_pid_1_stops_with_a_checkpoint_and_the_same_command_con
     os.kill(pid_1, signal.SIGTERM)
     assert job.wait(timeout=60) == 75, job.output.read_text()
     assert "stopped after step" in job.output.read_text()
-    resumed = check_ok(launch(args, tmp_path, wrapper=AS_PID_1))
+    resumed = check_ok(launch(args, tmp_path, wrapper=AS_PID_1))  # to the end, past every stop agreement
     assert "resumed from x/checkpoints/step_" in resumed.stdout and (tmp_path / "x" / "model.pt").is_file()
+    assert "done: 66 steps" in resumed.stdout and "SIGHUP" not in resumed.stderr
 
 
 def test_a_run_dir_on_node_local_disks_is_refused_in_one_line(tmp_path):

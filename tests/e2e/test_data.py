@@ -183,19 +183,21 @@ COUNTED_STREAM = textwrap.dedent(INTERRUPT_ON_CALL + """
 """)
 
 
-def numbers_read(folder) -> list[int]:
-    return sorted(int(number) for rank in (0, 1) for number in (folder / f"read-{rank}.txt").read_text().split())
+def numbers_read(folder, steps: slice) -> list[int]:
+    """The sample numbers both ranks read in ``steps`` (a line a step), sorted."""
+    return sorted(int(number) for rank in (0, 1)
+                  for line in (folder / f"read-{rank}.txt").read_text().splitlines()[steps] for number in line.split())
 
 
 def test_a_stream_over_two_ranks_and_two_workers_reads_every_sample_once_an_epoch_and_resumes_bitwise(tmp_path):
-    """24 steps of 8 samples are one epoch of the stream's 192: each read exactly once; then two epochs, stopped at
-    step 11 and continued, end as two uninterrupted epochs do (the samples' noise drawn inside read included)."""
+    """24 steps of 8 samples are one epoch of the stream's 192: each read exactly once in each of two epochs; two
+    epochs stopped at step 11 and continued end as two uninterrupted epochs do (the samples' noise drawn inside read
+    included)."""
     (tmp_path / "counted.py").write_text(COUNTED_STREAM)
     args = ["recipe=counted.py", "wandb.mode=disabled"]
-    one_epoch = check_ok(launch([*args, "run.dir=once"], tmp_path, nproc=2))
-    assert "data a stream in 4 parts (2 workers a process)" in one_epoch.stdout
-    assert numbers_read(tmp_path) == list(range(192))
-    check_ok(launch([*args, "run.dir=reference", "train.max_steps=48"], tmp_path, nproc=2))
+    reference = check_ok(launch([*args, "run.dir=reference", "train.max_steps=48"], tmp_path, nproc=2))
+    assert "data a stream in 4 parts (2 workers a process)" in reference.stdout
+    assert numbers_read(tmp_path, slice(0, 24)) == numbers_read(tmp_path, slice(24, 48)) == list(range(192))
     # Stopped at step 11 (an odd number of batches read: each rank's workers then read the other's part next).
     stopped = launch([*args, "run.dir=stopped", "train.max_steps=48", "dist.stop_check_every=1"], tmp_path, nproc=2,
                      env={"INTERRUPT": "1:10:SIGTERM"})

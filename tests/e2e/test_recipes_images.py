@@ -70,7 +70,7 @@ def test_a_multi_output_model_with_a_custom_loss_trains_and_is_summarised(tmp_pa
 
 def test_bf16_on_the_cpu_trains(tmp_path):
     check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=3", "train.amp=bf16", "wandb.mode=disabled"],
-                    tmp_path, nproc=2))
+                    tmp_path))
     losses = [r["train/loss"] for r in epoch_records(tmp_path / "run")]
     assert losses[2] < losses[1] < losses[0]
 

@@ -10,51 +10,16 @@ import sys
 import numpy as np
 import torch
 from helpers import (
-    ARGS,
-    RECIPE,
     check_ok,
-    epoch_records,
     history,
     launch,
     offline_runs,
     read_metrics,
-    run_id,
     wandb_records,
     without_credentials,
 )
 
 from launcher.tracking.wandb import WandbRun
-
-
-def test_two_processes_make_one_offline_wandb_run_with_config_and_eval_metrics(tmp_path):
-    result = check_ok(launch(["recipe=digits", "run.dir=run", "train.epochs=3", "train.log_every=10"], tmp_path,
-                             nproc=2, env=without_credentials(tmp_path)))
-    (offline,) = offline_runs(tmp_path / "run")  # one run, from rank 0 only
-    assert f"upload it with `wandb sync {offline.relative_to(tmp_path)}`" in result.stdout
-    records = wandb_records(offline)
-    config = next(record["run"]["config"]["update"] for record in records if record["type"] == "run")
-    assert config["recipe"] == "digits" and config["train"]["epochs"] == 3
-    rows = history(records)
-    epochs = [row for row in rows if "eval/accuracy" in row]
-    assert [row["_step"] for row in epochs] == [22, 44, 66]
-    assert epochs[-1]["eval/accuracy"] == epoch_records(tmp_path / "run")[-1]["eval/accuracy"]
-    assert any("lr/group0" in row and "throughput/samples_per_s" in row for row in rows)
-    summary = [record["summary"]["update"] for record in records if record["type"] == "summary"]
-    assert any(update.get("parameters") == 14_698 and "Total params" in update.get("model_summary", "")
-               for update in summary)
-    assert any(update.get("model") == str((tmp_path / "run" / "model.pt").resolve()) for update in summary)
-    assert (tmp_path / "run" / "wandb_id").read_text() == run_id(records)
-
-
-def test_an_elastic_restart_continues_the_same_wandb_run_with_steps_never_going_back(tmp_path):
-    (tmp_path / "interruptible.py").write_text(RECIPE)
-    env = {**without_credentials(tmp_path), "INTERRUPT": "1:30:SIGKILL"}
-    check_ok(launch([*ARGS, "run.dir=run"], tmp_path, nproc=2, env=env, torchrun_args=["--max-restarts=1"]))
-    first, second = (wandb_records(run) for run in offline_runs(tmp_path / "run"))  # one per attempt
-    assert run_id(first) == run_id(second)
-    steps = [row["_step"] for row in history(first) + history(second)]
-    assert steps == sorted(set(steps)) and steps[-1] == 66, steps
-    assert "eval/accuracy" in history(second)[-1]
 
 
 def test_wandb_finishes_while_data_loader_workers_hold_copies_of_its_pipe(tmp_path):
