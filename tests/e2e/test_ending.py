@@ -107,7 +107,8 @@ def show_live_stacks(job) -> None:
     assert shown.returncode == 0, shown.stderr
     for rank in (0, 1):
         assert f"== rank {rank} (" in shown.stdout
-    assert shown.stdout.count("Thread MainThread:") == 2 and "in train_steps" in shown.stdout
+    assert shown.stdout.count("Thread MainThread:") == 2
+    assert shown.stdout.count(", in fit\n") == 2  # each rank in the training loop: a step, or an evaluation
     assert shown.stdout.rstrip().endswith("2 rank(s) answered")
     assert not list((job.output.parent / "run" / "stacks").iterdir())  # the request and answers, once shown
     assert job.poll() is None  # still training
