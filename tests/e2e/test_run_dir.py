@@ -303,7 +303,8 @@ def test_an_empty_eval_set_fails_at_setup_and_leaves_nothing(tmp_path):
 
 # 9. No debris from failed starts; a finished run says it is finished.
 def test_a_start_that_fails_leaves_no_run_directory_and_no_wandb_run(tmp_path):
-    """In building the model (missing data: test_cli.py's test_missing_data_is_reported_once_before_training)."""
+    """In building the model (missing data: test_cli.py's
+    test_missing_data_is_reported_once_before_training_and_leaves_no_run)."""
     (tmp_path / "bad_model.py").write_text(
         "from launcher.recipes.digits import build_datasets\ndef build_model(cfg):\n    return 'not a model'\n")
     result = launch(["recipe=bad_model.py"], tmp_path, nproc=2, env=without_credentials(tmp_path))
