@@ -40,6 +40,7 @@ def test_digits_on_two_processes_reaches_95_percent_and_makes_one_offline_wandb_
     assert "Total params: 14,698" in (run_dir / "summary.txt").read_text()
     assert "2 process(es), backend gloo" in result.stdout
     assert result.stdout.count("epoch 20/20") == 1  # rank 1 prints nothing
+    assert "[rank 1]" not in result.stderr
 
     (offline,) = offline_runs(run_dir)  # one run, from rank 0 only
     assert f"upload it with `wandb sync {offline.relative_to(tmp_path)}`" in result.stdout
@@ -47,15 +48,15 @@ def test_digits_on_two_processes_reaches_95_percent_and_makes_one_offline_wandb_
     config = next(record["run"]["config"]["update"] for record in records if record["type"] == "run")
     assert config["recipe"] == "digits" and config["train"]["epochs"] == 20
     rows = history(records)
-    assert [row["_step"] for row in rows if "eval/accuracy" in row] == list(range(22, 441, 22))
-    assert [row for row in rows if "eval/accuracy" in row][-1]["eval/accuracy"] == epochs[-1]["eval/accuracy"]
+    evaluated = [row for row in rows if "eval/accuracy" in row]
+    assert [row["_step"] for row in evaluated] == list(range(22, 441, 22))
+    assert evaluated[-1]["eval/accuracy"] == epochs[-1]["eval/accuracy"]
     assert any("lr/group0" in row and "throughput/samples_per_s" in row for row in rows)
     summary = [record["summary"]["update"] for record in records if record["type"] == "summary"]
     assert any(update.get("parameters") == 14_698 and "Total params" in update.get("model_summary", "")
                for update in summary)
     assert any(update.get("model") == str((run_dir / "model.pt").resolve()) for update in summary)
     assert (run_dir / "wandb_id").read_text() == run_id(records)
-    assert "[rank 1]" not in result.stderr
 
 
 def test_lenet_on_one_and_two_processes_ends_with_the_same_weights(tmp_path, fashion_root):
@@ -96,7 +97,7 @@ def test_sharded_evaluation_equals_rank_zero_evaluation_exactly(tmp_path):
         assert plain["eval/accuracy"] == split["eval/accuracy"]
 
 
-FAILING_RECIPE = textwrap.dedent("""
+STUCK_RECIPE = textwrap.dedent("""
     import os, time
     from launcher.recipes.digits import build_model, DEFAULTS, build_datasets as digits_datasets
 
@@ -109,11 +110,11 @@ FAILING_RECIPE = textwrap.dedent("""
 
 
 def test_a_stuck_rank_ends_the_job_after_the_timeout(tmp_path):
-    (tmp_path / "failing.py").write_text(FAILING_RECIPE)
-    result = launch(["recipe=failing.py", "dist.timeout_s=3"], tmp_path, nproc=2, env={"STUCK_RANK": "1"}, timeout=90)
+    (tmp_path / "stuck.py").write_text(STUCK_RECIPE)
+    result = launch(["recipe=stuck.py", "dist.timeout_s=3"], tmp_path, nproc=2, env={"STUCK_RANK": "1"}, timeout=90)
     assert result.returncode != 0
     assert ("rank 1 did not reach the collective in the setup's model and data within dist.timeout_s=3 s; it was in "
-            "build_datasets (failing.py:8)") in result.stderr
+            "build_datasets (stuck.py:8)") in result.stderr
 
 
 def test_a_model_torchsummary_cannot_handle_gets_a_parameter_table_as_its_summary(tmp_path):
